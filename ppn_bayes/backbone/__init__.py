@@ -1,0 +1,11 @@
+"""Gated views of ``transformers`` causal LMs: unit inventory, costs, family adapters, slicing."""
+
+from ppn_bayes.backbone.family import Family, SliceRule, family_for, supported_model_types
+from ppn_bayes.backbone.gated import GatedLM, gate
+from ppn_bayes.backbone.slicing import LayerCut, cut_tensor, kv_plan, layer_cut
+from ppn_bayes.backbone.units import ALL_KINDS, Dims, KeepSet, UnitInventory
+
+__all__ = [
+    "ALL_KINDS", "Dims", "Family", "GatedLM", "KeepSet", "LayerCut", "SliceRule", "UnitInventory",
+    "cut_tensor", "family_for", "gate", "kv_plan", "layer_cut", "supported_model_types",
+]

@@ -1,0 +1,144 @@
+"""What a model family must tell ppn-bayes, and the registry of supported families.
+
+A family adapter is a small, explicit description of where the gateable pieces of one architecture
+live inside a ``transformers`` model. It never copies weights: it only names modules and parameters.
+
+Four module handles per layer carry all the gates (see :mod:`ppn_bayes.backbone.gated`):
+
+* ``heads_input(layer)``: the attention output projection; its *input* is ``[..., H * head_dim]``,
+  so multiplying head ``h``'s slice by 0 removes exactly that head's contribution.
+* ``channels_input(layer)``: the MLP down projection; its input is ``[..., d_ff]``.
+* ``attn_branch(layer)`` / ``mlp_branch(layer)``: the module whose *output* is the residual branch
+  added back to the stream (the output projection in pre-norm blocks, the post-norm in OLMo-2).
+  Multiplying it by the layer gate makes gate 0 an exact skip, biases included.
+
+``slice_rules`` say how each per-layer tensor is cut when heads/channels are removed, so that the
+resize step and the equivalence tests share one source of truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from ppn_bayes.backbone.units import Dims
+from ppn_bayes.errors import ModelError
+
+
+@dataclass(frozen=True)
+class SliceRule:
+    """How to cut one per-layer tensor.
+
+    ``name`` is relative to the layer prefix (e.g. ``self_attn.q_proj.weight``); ``axis`` is the axis
+    cut; ``unit`` is ``"q"`` (query heads, ``head_dim`` wide each), ``"kv"`` (key/value heads) or
+    ``"ch"`` (MLP channels). ``segments`` > 1 describes fused tensors (GPT-2's ``c_attn`` holds q, k, v
+    side by side along ``axis``: each segment is cut the same way).
+    """
+
+    name: str
+    axis: int
+    unit: Literal["q", "kv", "ch"]
+    segments: int = 1
+
+
+class Family:
+    """Base adapter; subclasses fill in the names for one architecture."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    supports_heads: bool = True
+
+    def dims(self, config) -> Dims:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The module that owns the layer list (``model.model`` for Llama, ``model.transformer`` for GPT-2)."""
+        raise NotImplementedError
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        raise NotImplementedError
+
+    def layer_prefix(self, i: int) -> str:
+        """State-dict prefix of layer ``i`` in the *CausalLM* model (e.g. ``model.layers.3.``)."""
+        raise NotImplementedError
+
+    def heads_input(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def channels_input(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def attn_branch(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def mlp_branch(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def slice_rules(self, config) -> list[SliceRule]:
+        raise NotImplementedError
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        """The attention module of a layer (replaced by a zero branch when a cut keeps no head)."""
+        raise NotImplementedError
+
+    def set_attention(self, layer: nn.Module, module: nn.Module) -> None:
+        raise NotImplementedError
+
+    def set_mlp(self, layer: nn.Module, module: nn.Module) -> None:
+        raise NotImplementedError
+
+    def update_counts(self, layer: nn.Module, num_heads: int, kv_group: int, head_dim: int) -> None:
+        """Fix the attention module's head bookkeeping after its weights were cut."""
+        raise NotImplementedError
+
+    def layer_idx_holders(self, layer: nn.Module) -> list[nn.Module]:
+        """Modules with a ``layer_idx`` attribute (KV-cache slot) to renumber when layers are dropped."""
+        return [m for m in layer.modules() if hasattr(m, "layer_idx")]
+
+    def embedding_params(self, model: nn.Module) -> int:
+        """Parameters outside the decoder stack (embeddings, final norm, untied LM head)."""
+        layer_ids = {id(p) for p in self.layers(model).parameters()}
+        seen: set[int] = set()
+        total = 0
+        for p in model.parameters():
+            if id(p) in layer_ids or id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    for mt in family.model_types:
+        _REGISTRY[mt] = family
+    return family
+
+
+def supported_model_types() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def family_for(config) -> Family:
+    """The adapter for a ``transformers`` config, or a one-line error listing what is supported."""
+    _load_builtin()
+    mt = getattr(config, "model_type", None)
+    if mt not in _REGISTRY:
+        raise ModelError(
+            f"unsupported architecture {mt!r}; ppn-bayes supports {', '.join(supported_model_types())} "
+            "(add a family adapter in ppn_bayes/backbone/ to support more)"
+        )
+    return _REGISTRY[mt]
+
+
+def _load_builtin() -> None:
+    if not _REGISTRY:
+        from ppn_bayes.backbone import gpt2, llama  # noqa: F401  (registers on import)
