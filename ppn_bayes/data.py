@@ -1,0 +1,279 @@
+"""Corpora -> documents -> fixed-length token blocks, split by document, cached on disk.
+
+Every number ppn-bayes reports (perplexity, the likelihood in training, calibration for baselines)
+is computed on blocks from here, so the rules live in one place:
+
+* **Splits are by document** (a whole novel or book), never by shuffling lines, so test text is
+  truly unseen.  The bundled ``austen`` corpus trains on *Sense and Sensibility*, *Pride and
+  Prejudice*, *Mansfield Park* and *Emma*, validates on *Northanger Abbey* and tests on
+  *Persuasion*; ``kjv`` (a second domain) trains on Genesis + Exodus, validates on Ruth, tests on Mark.
+* **Packing**: a split's documents are tokenized without special tokens, joined with the EOS token
+  between them, and cut into non-overlapping blocks of ``block_size`` tokens (the tail that does not
+  fill a block is dropped).  A block never spans two splits because each split is packed alone.
+* **Caching**: packed blocks are stored under ``$PPN_HOME/cache/blocks/`` keyed by the tokenizer's
+  identity, the corpus files' hashes, the split, the block size and the stride, so a hit can never
+  return blocks of another tokenizer or an edited corpus.
+
+A corpus (``data``) is ``"bundled"`` (= ``austen``), ``"kjv"``, a local directory holding
+``train``/``validation``/``test`` files (``.jsonl[.gz]`` with a ``text`` field, or ``.txt[.gz]``, one
+document per file), a single local file (then it is the whole corpus, whatever split is asked), or a
+Hugging Face dataset name ``org/name[:config]`` for users with a network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppn_bayes.errors import DataError
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "data"
+BUNDLED = {"bundled": "austen", "austen": "austen", "kjv": "kjv"}
+SPLITS = ("train", "validation", "test")
+_EXTS = (".jsonl.gz", ".jsonl", ".json.gz", ".json", ".txt.gz", ".txt")
+_FORMAT = 1  # bump when the packing rule changes, to invalidate old cache entries
+
+
+# --------------------------------------------------------------------------------------------- corpora
+
+
+def _ppn_home() -> Path:
+    from ppn_bayes.zoo import ppn_home
+
+    return ppn_home()
+
+
+def _split_files(data: str, split: str) -> list[Path] | None:
+    """Local files holding ``split`` of corpus ``data``; None when ``data`` is not local."""
+    if data in BUNDLED:
+        root = BUNDLED_DIR / BUNDLED[data]
+    else:
+        root = Path(data).expanduser()
+        if not root.exists():
+            if data.startswith((".", "/", "~")) or data.endswith(_EXTS):
+                raise DataError(f"corpus path {data} does not exist; pass an existing file or directory, "
+                                "'bundled', or a Hugging Face dataset name")
+            return None
+        if root.is_file():
+            return [root]
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    files = [root / f"{split}{ext}" for ext in _EXTS if (root / f"{split}{ext}").is_file()]
+    if not files:
+        raise DataError(f"corpus directory {root} has no file for split {split!r}; expected one of "
+                        f"{', '.join(split + e for e in _EXTS)}")
+    return files
+
+
+def _load_local(files: list[Path]) -> list[str]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    is_text = files[0].name.endswith((".txt", ".txt.gz"))
+    kind = "text" if is_text else "json"
+    kwargs: dict[str, Any] = {"sample_by": "document"} if is_text else {}
+    try:
+        ds = datasets.load_dataset(kind, data_files={"x": [str(f) for f in files]}, split="x",
+                                   cache_dir=str(_ppn_home() / "cache" / "datasets"), **kwargs)
+    except Exception as err:  # noqa: BLE001 - parser errors are many; the user needs one line
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"cannot read corpus file(s) {', '.join(map(str, files))} ({reason[:160]}); "
+                        "use JSONL with a 'text' field per document, or plain text") from None
+    return _texts(ds, ", ".join(map(str, files)))
+
+
+def _load_hub(data: str, split: str) -> list[str]:
+    import datasets
+
+    name, _, config = data.partition(":")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as err:  # noqa: BLE001
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"cannot load corpus {data!r} split {split!r} ({type(err).__name__}: {reason[:160]}); "
+                        "use 'bundled', a local file or directory, or check the dataset name and network") from None
+    return _texts(ds, f"{data}:{split}")
+
+
+def _texts(ds: Any, where: str) -> list[str]:
+    if "text" not in ds.column_names:
+        raise DataError(f"corpus {where} has no 'text' field (fields: {', '.join(ds.column_names)}); "
+                        "each document needs its text under 'text'")
+    return [t for t in ds["text"] if isinstance(t, str) and t.strip()]
+
+
+def check_corpus(name_or_path: str = "bundled", split: str = "test") -> None:
+    """Fail fast (before a model is loaded) on a missing local corpus or an unknown split."""
+    _split_files(str(name_or_path), split)
+
+
+def load_corpus(name_or_path: str = "bundled", split: str = "test") -> list[str]:
+    """The documents (non-empty strings) of one split of a corpus."""
+    data = str(name_or_path)
+    files = _split_files(data, split)
+    docs = _load_local(files) if files is not None else _load_hub(data, split)
+    if not docs:
+        raise DataError(f"split {split!r} of corpus {data!r} is empty; give it at least one non-empty document")
+    return docs
+
+
+# --------------------------------------------------------------------------------------------- identity
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything that decides how text becomes ids (vocab, merges, normalizer, EOS)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    digest = hashlib.sha256()
+    for part in (type(tokenizer).__name__, str(tokenizer.eos_token_id), payload):
+        digest.update(part.encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def _corpus_fingerprint(data: str, split: str) -> str:
+    """Local corpora are keyed by their files' contents; a hub dataset by its name and split."""
+    files = _split_files(data, split)
+    if files is None:
+        return f"hub:{data}:{split}"
+    return "files:" + ",".join(_sha256_file(f) for f in files)
+
+
+# --------------------------------------------------------------------------------------------- blocks
+
+
+def pack_blocks(docs: list[list[int]], eos_id: int, block_size: int, stride: int | None = None) -> torch.Tensor:
+    """Join token lists with ``eos_id`` between them and cut ``[N, block_size]`` blocks.
+
+    With ``stride == block_size`` (the default) blocks do not overlap; a smaller stride gives
+    overlapping windows (useful for calibration, not for perplexity, where tokens would count twice).
+    """
+    stride = block_size if stride is None else stride
+    flat: list[int] = []
+    for k, ids in enumerate(docs):
+        if k:
+            flat.append(eos_id)
+        flat.extend(ids)
+    ids_t = torch.tensor(flat, dtype=torch.long)
+    if ids_t.numel() < block_size:
+        return torch.empty(0, block_size, dtype=torch.long)
+    return ids_t.unfold(0, block_size, stride).contiguous()
+
+
+def _validate(block_size: int, stride: int | None, max_blocks: int | None, max_context: int | None) -> None:
+    if block_size < 2:
+        raise DataError(f"block size {block_size} is too small; use at least 2 tokens (one to predict)")
+    if max_context is not None and block_size > max_context:
+        raise DataError(f"block size {block_size} exceeds the model's context of {max_context} tokens; "
+                        f"use --block-size {max_context} or less")
+    if stride is not None and stride < 1:
+        raise DataError(f"stride {stride} must be a positive number of tokens")
+    if max_blocks is not None and max_blocks < 1:
+        raise DataError(f"max_blocks {max_blocks} must be at least 1")
+
+
+def _cache_path(cache_dir: Path, key: dict[str, Any]) -> Path:
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_dir / f"{name}.safetensors"
+
+
+def _read_cache(path: Path, block_size: int) -> torch.Tensor | None:
+    from safetensors.torch import load_file
+
+    try:
+        blocks = load_file(str(path))["blocks"]
+    except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, never fatal
+        return None
+    return blocks if blocks.ndim == 2 and blocks.shape[1] == block_size else None
+
+
+def _write_cache(path: Path, blocks: torch.Tensor, key: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".blocks-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"blocks": blocks}, tmp, metadata={"key": json.dumps(key, sort_keys=True)})
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is shared like the model cache
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def token_blocks(
+    tokenizer: Any,
+    split: str = "test",
+    block_size: int = 256,
+    data: str = "bundled",
+    max_blocks: int | None = None,
+    stride: int | None = None,
+    *,
+    max_context: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """A ``LongTensor [N, block_size]`` of one split, packed as described in the module docstring.
+
+    ``max_blocks`` keeps the first N blocks (the cache always holds the full split, so asking for
+    more later costs nothing).  ``max_context`` is the model's ``max_position_embeddings``; a block
+    longer than that is an error rather than a silently wrong evaluation.
+    """
+    _validate(block_size, stride, max_blocks, max_context)
+    data = str(data)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to separate documents; set tokenizer.eos_token")
+    corpus_id = _corpus_fingerprint(data, split)
+    key = {"format": _FORMAT, "tokenizer": tokenizer_fingerprint(tokenizer), "corpus": corpus_id,
+           "split": split, "block_size": block_size, "stride": stride or block_size}
+    path = _cache_path(Path(cache_dir) if cache_dir else _ppn_home() / "cache" / "blocks", key)
+    blocks = _read_cache(path, block_size) if use_cache and path.is_file() else None
+    if blocks is None:
+        docs = load_corpus(data, split)
+        ids = [tokenizer(d, add_special_tokens=False, verbose=False)["input_ids"] for d in docs]
+        blocks = pack_blocks(ids, eos, block_size, stride)
+        if blocks.shape[0] == 0:
+            total = sum(map(len, ids)) + len(ids) - 1
+            raise DataError(f"split {split!r} of corpus {data!r} has {total} tokens, fewer than one block of "
+                            f"{block_size}; use a smaller block size or a larger corpus")
+        if use_cache:
+            _write_cache(path, blocks, key)
+    return blocks[:max_blocks] if max_blocks is not None else blocks
+
+
+def calibration_blocks(
+    tokenizer: Any,
+    n: int,
+    block_size: int = 256,
+    seed: int = 0,
+    data: str = "bundled",
+    *,
+    max_context: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> torch.Tensor:
+    """``n`` blocks drawn without replacement from the *train* split, deterministically from ``seed``.
+
+    The draw is a prefix of one seeded permutation, so the calibration set for ``n`` is contained in
+    the one for any larger ``n`` with the same seed: results stay comparable across sample sizes.
+    """
+    blocks = token_blocks(tokenizer, "train", block_size, data, max_context=max_context, cache_dir=cache_dir)
+    if not 1 <= n <= blocks.shape[0]:
+        raise DataError(f"asked for {n} calibration blocks but the train split of {data!r} has "
+                        f"{blocks.shape[0]} blocks of {block_size}; use between 1 and {blocks.shape[0]}")
+    order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))
+    return blocks[order[:n]]
