@@ -1,0 +1,275 @@
+"""Typed recipes: the YAML files that ``ppn fit`` takes, validated into dataclasses.
+
+A recipe has four sections (``model``, ``units``, ``prior``, ``push``, ``guide``, ``data``, ``train``);
+every key has a type and a default. Unknown keys, wrong types and out-of-range values are errors that
+name the key (``train.lr_guide: expected a number, got 'fast'``), never a traceback. YAML is read with
+the safe loader only.
+
+The ``preset`` key chooses defaults: ``ours`` (the Bayesian PPN) or ``paper`` (the published method:
+norm scores without latent offsets, neurons and heads gated, lambda ~ Exp(0.3) with 1/3 dense steps,
+T = 0.5, 10 spline control points, amplitude corrections, AdamW (0.9, 0.95), weight decay 0.1, cosine
+decay). Keys given in the recipe override the preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ppn_bayes.errors import ConfigError
+
+
+@dataclass
+class UnitsConfig:
+    """Which units are gated and how MLP channels are grouped."""
+
+    kinds: list[str] = field(default_factory=lambda: ["layers", "heads", "groups"])
+    group_size: int = 64  # MLP channels per group; 1 = single neurons (the paper)
+
+
+@dataclass
+class PriorConfig:
+    """The hierarchical shrinkage prior over score offsets (see docs/method.md)."""
+
+    kind: Literal["horseshoe", "normal", "none"] = "horseshoe"  # none = the paper: no latent offsets
+    global_scale: float = 0.1  # tau0 ~ HalfCauchy(global_scale)
+    slab_scale: float = 2.0  # regularized horseshoe slab width c
+    slab_df: float = 4.0  # slab degrees of freedom
+    child_scale: float = 0.5  # heads/groups pool toward their layer with sd ~ HalfNormal(child_scale)
+
+
+@dataclass
+class PushConfig:
+    """The paper's push: lambda draws, spline thresholds, temperature, amplitude corrections."""
+
+    rate: float = 0.3  # lambda ~ Exponential(rate) on non-dense steps
+    p_dense: float = 1.0 / 3.0  # probability of a dense (lambda = 0) step
+    temperature: float = 0.5  # T in sigmoid((a - tau) / T)
+    control_points: int = 10  # of each monotone cubic B-spline
+    threshold_max: float = 3.0  # initial threshold at lambda -> infinity
+    amplitude: bool = True  # amplitude corrections exp(s * u(lambda))
+    mask: Literal["sample", "expected"] = "sample"  # straight-through Bernoulli, or rho itself
+
+
+@dataclass
+class GuideConfig:
+    kind: Literal["mean_field", "low_rank"] = "mean_field"
+    rank: int = 8  # low_rank only
+    init_scale: float = 0.05  # initial posterior sd of every latent
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # bundled alias, hub id or local directory
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "bundled"  # bundled, a local file/dir of text/JSONL, or a hub dataset name
+    block_size: int = 256
+    train_blocks: int | None = None  # None = all training blocks
+    val_blocks: int = 16
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    weights: Literal["frozen", "lora", "full"] = "frozen"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lr_guide: float = 0.02
+    lr_push: float = 0.01  # splines, amplitude scales, score offsets c_kind
+    lr_weights: float = 1e-4
+    weight_decay: float = 0.0  # weights only; guide/push groups never decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    clip_grad: float = 1.0
+    tempering: float = 1.0  # likelihood tempering factor (recorded in the run)
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    grad_checkpointing: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 50
+    eval_every: int = 0  # 0 = only at the end
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    preset: Literal["ours", "paper"] = "ours"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    units: UnitsConfig = field(default_factory=UnitsConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    push: PushConfig = field(default_factory=PushConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The paper's choices, applied before the recipe's own keys.
+PAPER_PRESET: dict[str, dict[str, Any]] = {
+    "units": {"kinds": ["heads", "groups"], "group_size": 1},
+    "prior": {"kind": "none"},
+    "push": {"rate": 0.3, "p_dense": 1.0 / 3.0, "temperature": 0.5, "control_points": 10, "amplitude": True},
+    "train": {"betas": [0.9, 0.95], "weight_decay": 0.1, "schedule": "cosine"},
+}
+
+_UNIT_KINDS = ("layers", "heads", "groups")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Range checks that types alone cannot express; each names its key."""
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    u, p, pu, t, d, g = recipe.units, recipe.prior, recipe.push, recipe.train, recipe.data, recipe.guide
+    need(bool(u.kinds) and all(k in _UNIT_KINDS for k in u.kinds), "units.kinds",
+         f"choose one or more of {list(_UNIT_KINDS)}, got {u.kinds}")
+    need(u.group_size >= 1, "units.group_size", "must be >= 1 (1 = single neurons)")
+    for key, val in (("prior.global_scale", p.global_scale), ("prior.slab_scale", p.slab_scale),
+                     ("prior.slab_df", p.slab_df), ("prior.child_scale", p.child_scale),
+                     ("push.rate", pu.rate), ("push.temperature", pu.temperature),
+                     ("push.threshold_max", pu.threshold_max), ("train.tempering", t.tempering),
+                     ("guide.init_scale", g.init_scale)):
+        need(val > 0, key, f"must be > 0, got {val}")
+    need(0.0 <= pu.p_dense < 1.0, "push.p_dense", f"must be in [0, 1), got {pu.p_dense}")
+    need(pu.control_points >= 4, "push.control_points", "a cubic B-spline needs >= 4 control points")
+    need(g.rank >= 1, "guide.rank", "must be >= 1")
+    need(d.block_size >= 8, "data.block_size", f"must be >= 8 tokens, got {d.block_size}")
+    need(d.train_blocks is None or d.train_blocks >= 1, "data.train_blocks", "must be >= 1 or null")
+    need(d.val_blocks >= 1, "data.val_blocks", "must be >= 1")
+    for key, val in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+                     ("train.lora_rank", t.lora_rank), ("train.log_every", t.log_every),
+                     ("train.checkpoint_every", t.checkpoint_every)):
+        need(val >= 1, key, f"must be >= 1, got {val}")
+    for key, val in (("train.lr_guide", t.lr_guide), ("train.lr_push", t.lr_push), ("train.lr_weights", t.lr_weights)):
+        need(val > 0, key, f"must be > 0, got {val}")
+    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)")
+    need(t.weight_decay >= 0 and t.clip_grad >= 0 and t.warmup_steps >= 0 and t.eval_every >= 0,
+         "train", "weight_decay, clip_grad, warmup_steps and eval_every must be >= 0")
+    need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
+         f"use auto, cpu, cuda or cuda:N, got {t.device!r}")
+    return recipe
+
+
+def recipe_from_dict(data: Any) -> Recipe:
+    """Validate a parsed YAML mapping into a :class:`Recipe` (preset defaults first, then the keys)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a recipe must be a mapping of sections (model, units, ...), got {type(data).__name__}")
+    preset = data.get("preset", "ours")
+    if preset not in ("ours", "paper"):
+        raise ConfigError(f"preset: expected one of 'ours', 'paper', got {preset!r}")
+    merged = _merge(PAPER_PRESET, data) if preset == "paper" else data
+    return validate(_build(Recipe, merged, ""))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe (safe loader only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} not found; pass a YAML file such as inference/smollm2-demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"recipe {path} is not valid YAML{where}; fix the syntax there") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not UTF-8 text; save it as UTF-8 YAML") from None
+    return recipe_from_dict(data)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
