@@ -1,0 +1,171 @@
+"""The posterior as a small, model-free object: guide + push + unit norms, saved and loaded as files.
+
+Everything after training (keep-sets, inclusion probabilities, reports, diagnostics) needs only
+these few kilobytes, never the language model. :func:`save_posterior` writes them into a run
+directory; :class:`Posterior` rebuilds the score prior, the guide and the push from them.
+
+Files (all written atomically):
+
+* ``posterior.json``: the unit inventory, the prior/push/guide configs, the tempering factor.
+* ``units.safetensors``: the unit weight norms (score anchors), ``norm_layers`` etc.
+* ``guide.safetensors``: the guide's parameters (``guide_state``).
+* ``push.safetensors``: the push's splines and amplitude scales and the prior's score levels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import Predictive
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ppn_bayes.backbone.units import UnitInventory
+from ppn_bayes.config import GuideConfig, PriorConfig, PushConfig
+from ppn_bayes.errors import RunError
+from ppn_bayes.guides import guide_state, make_guide
+from ppn_bayes.prior import ScorePrior
+from ppn_bayes.push import Push
+
+FILES = ("posterior.json", "units.safetensors", "guide.safetensors", "push.safetensors")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise RunError(f"{path} is missing; the run directory is incomplete (re-run or --resume `ppn fit`)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RunError(f"{path} is unreadable ({str(err).splitlines()[0]}); resume the run to rewrite it") from None
+
+
+def save_posterior(run_dir: Path, prior: ScorePrior, push: Push, guide, prior_cfg: PriorConfig,
+                   push_cfg: PushConfig, guide_cfg: GuideConfig, tempering: float = 1.0) -> None:
+    """Write the four posterior files of a run."""
+    run_dir = Path(run_dir)
+    meta = {
+        "inventory": prior.inventory.to_dict(),
+        "prior": dataclasses.asdict(prior_cfg),
+        "push": dataclasses.asdict(push_cfg),
+        "guide": dataclasses.asdict(guide_cfg),
+        "tempering": tempering,
+    }
+    atomic_save_tensors({f"norm_{k}": getattr(prior, f"z_{k}") for k in prior.kinds}, run_dir / "units.safetensors")
+    atomic_save_tensors(guide_state(guide) or {"_empty": torch.zeros(0)}, run_dir / "guide.safetensors")
+    state = {f"push.{k}": v for k, v in push.state_dict().items() if not k.startswith("cost_")}
+    state["prior.level"] = prior.level.detach()
+    atomic_save_tensors(state, run_dir / "push.safetensors")
+    atomic_write_bytes(run_dir / "posterior.json", json.dumps(meta, indent=2).encode())
+
+
+class Posterior:
+    """Posterior over unit scores and the push's thresholds, rebuilt from a run's small files.
+
+    ``draws(k)`` gives ``k`` joint posterior draws of every unit score (joint, not per-unit
+    marginals: correlated gates stay correlated); ``thresholds(lam)`` and ``inclusion(scores, lam)``
+    are the push's; the inventory knows every unit's cost.
+    """
+
+    def __init__(self, inventory: UnitInventory, prior: ScorePrior, push: Push, guide, tempering: float = 1.0):
+        self.inventory = inventory
+        self.prior = prior
+        self.push = push
+        self.guide = guide
+        self.tempering = tempering
+
+    @classmethod
+    def from_dir(cls, run_dir: str | Path) -> "Posterior":
+        run_dir = Path(run_dir)
+        meta_path = run_dir / "posterior.json"
+        if not meta_path.is_file():
+            raise RunError(f"{run_dir} has no posterior.json; pass a run directory written by `ppn fit`")
+        try:
+            meta = json.loads(meta_path.read_text())
+            inventory = UnitInventory.from_dict(meta["inventory"])
+            prior_cfg, push_cfg = PriorConfig(**meta["prior"]), PushConfig(**meta["push"])
+            guide_cfg = GuideConfig(**meta["guide"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise RunError(f"{meta_path} is malformed ({err}); re-run `ppn fit` to rewrite it") from None
+        units = _load_tensors(run_dir / "units.safetensors")
+        # The prior re-centres log norms; z is already centred, so exp(z) round-trips exactly.
+        norms = {k: units[f"norm_{k}"].exp() for k in inventory.kinds}
+        prior = ScorePrior(inventory, norms, prior_cfg)
+        push = Push(inventory, push_cfg)
+        state = _load_tensors(run_dir / "push.safetensors")
+        push_state = {k[len("push."):]: v for k, v in state.items() if k.startswith("push.")}
+        push.load_state_dict({**push.state_dict(), **push_state})
+        with torch.no_grad():
+            prior.level.copy_(state["prior.level"])
+        guide = make_guide(prior, guide_cfg)
+        gstate = _load_tensors(run_dir / "guide.safetensors")
+        gstate.pop("_empty", None)
+        if gstate:
+            guide.load_state_dict(gstate)
+        return cls(inventory, prior, push, guide, float(meta.get("tempering", 1.0)))
+
+    @torch.no_grad()
+    def draws(self, num_samples: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """``num_samples`` joint posterior draws: ``{"layers": [K, L], "heads": [K, L, H], "groups": [K, L, G]}``
+        plus every latent site (``e_layers``, ``tau0``, ...)."""
+        pyro.set_rng_seed(seed)
+        sites = [f"score_{k}" for k in self.inventory.kinds] + self.prior.latent_names()
+        pred = Predictive(self.prior, guide=self.guide, num_samples=num_samples, return_sites=sites)
+        out = pred()
+        inv = self.inventory
+        shapes = {"layers": (inv.num_layers,), "heads": (inv.num_layers, inv.num_heads),
+                  "groups": (inv.num_layers, inv.num_groups)}
+        draws = {k: v for k, v in out.items() if not k.startswith("score_")}
+        for kind in inv.kinds:
+            draws[kind] = out[f"score_{kind}"].reshape(num_samples, *shapes[kind])
+        return draws
+
+    @torch.no_grad()
+    def median_scores(self) -> dict[str, torch.Tensor]:
+        """Scores at the guide's median (the point estimate used when no quantile is asked for)."""
+        med = self.guide.median()
+        tr = pyro.poutine.trace(pyro.poutine.condition(self.prior, data=med)).get_trace()
+        return {k: tr.nodes[f"score_{k}"]["value"] for k in self.inventory.kinds}
+
+    def thresholds(self, lam: float) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return self.push.thresholds(lam)
+
+    def inclusion(self, scores: dict[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return self.push.inclusion(scores, lam)
