@@ -74,7 +74,8 @@ def _split_files(data: str, split: str) -> list[Path] | None:
 def _load_local(files: list[Path]) -> list[str]:
     import datasets
 
-    datasets.disable_progress_bars()
+    quiet_before = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # small local files: a bar per load is noise on stderr
     is_text = files[0].name.endswith((".txt", ".txt.gz"))
     kind = "text" if is_text else "json"
     kwargs: dict[str, Any] = {"sample_by": "document"} if is_text else {}
@@ -85,6 +86,9 @@ def _load_local(files: list[Path]) -> list[str]:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise DataError(f"cannot read corpus file(s) {', '.join(map(str, files))} ({reason[:160]}); "
                         "use JSONL with a 'text' field per document, or plain text") from None
+    finally:
+        if not quiet_before:
+            datasets.enable_progress_bars()
     return _texts(ds, ", ".join(map(str, files)))
 
 

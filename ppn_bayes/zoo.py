@@ -382,7 +382,7 @@ def load_model(
 
     from ppn_bayes.device import resolve_device
 
-    target = resolve_device(device) if isinstance(device, str) else device
+    target = resolve_device(device)
     path = resolve_model(name_or_path)
     check_checkpoint(path)
     try:
