@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
 
 import torch
 
@@ -36,7 +35,7 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     raise ConfigError(f"unknown device {name!r}; choose one of {', '.join(_CHOICES)} (or cuda:N)")
 
 
-def autocast_context(device: torch.device | str, dtype: torch.dtype | None = torch.bfloat16) -> ContextManager:
+def autocast_context(device: torch.device | str, dtype: torch.dtype | None = torch.bfloat16) -> contextlib.AbstractContextManager:
     """bf16 (or ``dtype``) autocast on CUDA; a no-op on CPU, where autocast is slower than float32."""
     device = torch.device(device)
     if device.type == "cuda" and dtype is not None:

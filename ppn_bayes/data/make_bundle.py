@@ -108,8 +108,10 @@ def write(corpus: str, docs: list[dict], root: Path = HERE) -> None:
 
 def main(src: str, root: Path = HERE) -> None:
     src_dir = Path(src)
-    write("austen", split_austen(gzip.open(src_dir / "austen.txt.gz", "rt", encoding="utf-8").read()), root)
-    write("kjv", split_kjv(gzip.open(src_dir / "kjv.txt.gz", "rt", encoding="utf-8").read()), root)
+    with gzip.open(src_dir / "austen.txt.gz", "rt", encoding="utf-8") as fh:
+        write("austen", split_austen(fh.read()), root)
+    with gzip.open(src_dir / "kjv.txt.gz", "rt", encoding="utf-8") as fh:
+        write("kjv", split_kjv(fh.read()), root)
 
 
 if __name__ == "__main__":
