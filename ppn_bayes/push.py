@@ -113,7 +113,9 @@ def straight_through_bernoulli(rho: torch.Tensor, generator: torch.Generator | N
     """Hard 0/1 sample in the forward pass, gradient of ``rho`` in the backward pass."""
     u = torch.rand(rho.shape, generator=generator, dtype=rho.dtype, device="cpu").to(rho.device)
     hard = (u < rho.detach()).to(rho.dtype)
-    return hard + rho - rho.detach()
+    # Parenthesized so the forward value is exactly ``hard + 0``: ``(hard + rho) - rho`` rounds and
+    # would leave masks like 1 - 6e-8 (about 1 entry in 8 in float32), not the hard 0/1 of the paper.
+    return hard + (rho - rho.detach())
 
 
 class Push(nn.Module):
@@ -189,9 +191,11 @@ class Push(nn.Module):
         Nesting needs no extra work in the network: a layer gate of 0 silences the layer's heads and
         groups. ``rho`` here is the nested one; dividing out the parent recovers the own probability.
         """
-        if self.config.mask == "expected":
-            return dict(rho)
         own = self.unnest(rho)
+        if self.config.mask == "expected":
+            # The network multiplies a head's gate by its layer's, so the gates must be the *own*
+            # probabilities for the effective gate to be the nested rho (E of the sampled product).
+            return own
         return {k: straight_through_bernoulli(v, generator) for k, v in own.items()}
 
     def unnest(self, rho: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
