@@ -75,7 +75,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
     ``H`` is ``(2/n) X^T X`` without damping (see :class:`Hessian`).
     """
     dtype = W.dtype
-    W = W.detach().double().clone()
+    W = W.detach().double().clone(memory_format=torch.contiguous_format)
     H = H.double().clone()
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
     H[dead, dead] = 1.0

@@ -17,6 +17,9 @@ from ppn_bayes.errors import PPNError
 COMMANDS = [
     "models",
     "eval",
+    "compare",
+    "bench",
+    "speculate",
 ]
 
 

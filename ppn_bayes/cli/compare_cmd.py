@@ -1,0 +1,104 @@
+"""``ppn compare``: PPN and its peers on the same model, calibration and test data (one table).
+
+Thin: parses flags, loads the model and the blocks, calls :func:`ppn_bayes.compare.compare` and
+writes/prints what it returns. See ``docs/compare.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+HELP = "compare PPN with GISP, ShortGPT, PrunePath, Wanda, SparseGPT and random pruning"
+
+
+def _floats(text: str) -> list[float]:
+    from ppn_bayes.errors import ConfigError
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--sizes {text!r} is not a comma-separated list of numbers; e.g. 0.9,0.75,0.5") from None
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("compare", help=HELP, description=HELP)
+    p.add_argument("--model", default="smollm2-135m", help="alias, local directory or HF id (default: smollm2-135m)")
+    p.add_argument("--data", default="bundled", help="corpus for calibration (train split) and test (default: bundled)")
+    p.add_argument("--sizes", default="0.9,0.75,0.6,0.5,0.4",
+                   help="fractions of decoder parameters to keep (default: 0.9,0.75,0.6,0.5,0.4)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated, from ppn,ppn-paper,gisp,shortgpt,prunepath,wanda,sparsegpt,random "
+                        "(default: the six peers, plus ppn when --run and ppn-paper when --paper-run is given)")
+    p.add_argument("--run", default=None, help="finished PPN run directory for the ppn rows")
+    p.add_argument("--paper-run", default=None, help="finished run of the paper preset for the ppn-paper rows")
+    p.add_argument("--calib-blocks", type=int, default=16, help="calibration blocks from the train split (default 16)")
+    p.add_argument("--test-blocks", type=int, default=16, help="held-out test blocks (default 16)")
+    p.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
+    p.add_argument("--heal-tokens", type=int, default=0,
+                   help="fine-tune every peer on this many train tokens, disjoint from calibration (default 0)")
+    p.add_argument("--seeds", type=int, default=3, help="random keep-sets: number of seeds averaged (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
+    p.add_argument("--group-size", type=int, default=1, help="MLP channels per unit for gisp/random (default 1)")
+    p.add_argument("--gisp-step", type=float, default=0.1, help="GISP: params fraction removed per iteration")
+    p.add_argument("--experts", type=int, default=16, help="PrunePath: experts per MLP (default 16)")
+    p.add_argument("--decode-tokens", type=int, default=16,
+                   help="batch-1 decode steps timed for the speedup column; 0 skips timing (default 16)")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass in evaluation (default 8)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--out", default="compare-out", help="directory for compare.json/.md/.png (default compare-out)")
+    p.add_argument("--json", action="store_true", help="print {\"results\": [...]} as JSON on stdout")
+    p.set_defaults(func=run)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from ppn_bayes.errors import ConfigError
+
+    for flag in ("calib_blocks", "test_blocks", "seeds", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
+    for flag in ("heal_tokens", "decode_tokens"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be 0 or more")
+
+
+def _methods(args: argparse.Namespace) -> list[str]:
+    from ppn_bayes.compare import PEERS, check_methods
+
+    if args.methods:
+        return check_methods(args.methods.split(","))
+    return (["ppn"] if args.run else []) + (["ppn-paper"] if args.paper_run else []) + list(PEERS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ppn_bayes.baselines import check_sizes
+    from ppn_bayes.compare import compare, markdown_table, write_outputs
+    from ppn_bayes.data import calibration_blocks, token_blocks
+    from ppn_bayes.device import resolve_device
+    from ppn_bayes.zoo import load_model
+
+    _validate(args)
+    sizes = check_sizes(_floats(args.sizes))
+    methods = _methods(args)
+    device = resolve_device(args.device)
+    model, tok = load_model(args.model, device=device)
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    heal_n = -(-args.heal_tokens // args.block_size) if args.heal_tokens else 0
+    drawn = calibration_blocks(tok, args.calib_blocks + heal_n, args.block_size, args.seed, args.data,
+                               max_context=ctx)
+    calib, heal_blocks = drawn[:args.calib_blocks], (drawn[args.calib_blocks:] if heal_n else None)
+    test = token_blocks(tok, "test", args.block_size, args.data, max_blocks=args.test_blocks, max_context=ctx)
+    result = compare(model, calib, test, sizes, methods, heal_blocks=heal_blocks, run_dir=args.run,
+                     paper_run_dir=args.paper_run, seeds=tuple(range(args.seeds)), group_size=args.group_size,
+                     gisp_step=args.gisp_step, prunepath_experts=args.experts, decode_tokens=args.decode_tokens,
+                     batch_size=args.batch_size, progress=not args.json)
+    result["config"].update(model=args.model, data=args.data, seed=args.seed, device=str(device))
+    paths = write_outputs(result, args.out)
+    if args.json:
+        print(json.dumps({"results": result["results"], "dense": result["dense"], "costs": result["costs"],
+                          "config": result["config"], "files": paths}, sort_keys=True))
+    else:
+        print(markdown_table(result), end="")
+        print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    return 0

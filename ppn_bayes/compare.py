@@ -1,0 +1,380 @@
+"""Every method on the same model, calibration and test data, in one table (``ppn compare``).
+
+Fairness, by construction:
+
+* **Same tokens.** Every peer is calibrated on the same calibration blocks (a seeded draw from the
+  train split), and every row is evaluated on the same held-out test blocks with the same
+  :func:`ppn_bayes.evaluate.perplexity`.
+* **Same currency.** A size is the fraction of *decoder* parameters kept
+  (:meth:`UnitInventory.size_of`); embeddings and the LM head are never pruned and not counted. Each
+  row reports the size it *achieved* (``param_fraction``, ``<=`` the request for every method but
+  PrunePath, whose per-token active fraction is measured on the test blocks) and its FLOPs fraction.
+* **As published, optionally healed.** Peers run as their papers describe, without retraining;
+  ``heal_tokens > 0`` fine-tunes every pruned model on the same number of held-out *train* tokens
+  (disjoint from the calibration blocks), keeping its sparsity, where a comparison needs it.
+* **Cost counted.** ``cost_seconds`` is the wall time that produced a row's model. GISP, ShortGPT,
+  random and PrunePath produce every size in one run (``one_run_for_all_sizes``), Wanda and
+  SparseGPT run once per size; ``costs`` sums what each method spent for all sizes. PPN: one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ppn_bayes.backbone.materialize import materialize
+from ppn_bayes.baselines import NestedKeepSets, UnstructuredResult, check_blocks, check_sizes
+from ppn_bayes.errors import ConfigError, RunError
+from ppn_bayes.evaluate import perplexity
+
+PEERS = ("gisp", "shortgpt", "prunepath", "wanda", "sparsegpt", "random")
+PPN_METHODS = ("ppn", "ppn-paper")
+METHODS = PPN_METHODS + PEERS
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    out = [m.strip() for m in methods if m.strip()]
+    bad = [m for m in out if m not in METHODS]
+    if bad or not out:
+        raise ConfigError(f"unknown method(s) {bad or '(none)'}; choose from {','.join(METHODS)}")
+    return list(dict.fromkeys(out))
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+@torch.inference_mode()
+def decode_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int, trials: int = 3) -> float:
+    """Best-of-``trials`` seconds for ``new_tokens`` greedy batch-1 decode steps with a KV cache."""
+    best = float("inf")
+    for _ in range(trials):
+        out = model(input_ids=prompt, use_cache=True)
+        cache, tok = out["cache"], out.logits[:, -1:].argmax(-1)  # transformers 5: ``cache``, not past_key_values
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=tok, cache=cache, use_cache=True)
+            cache, tok = out["cache"], out.logits[:, -1:].argmax(-1)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def heal(model: nn.Module, blocks: torch.Tensor, lr: float = 5e-5, batch_size: int = 4) -> nn.Module:
+    """Fine-tune the decoder layers on ``blocks`` (one pass), keeping every zero weight zero.
+
+    Zeros are the pruned weights of Wanda/SparseGPT; re-applying the mask after each step keeps
+    the sparsity (structured models are already cut, so they have none to keep).
+    """
+    from ppn_bayes.backbone.family import family_for
+
+    layers = family_for(model.config).layers(model)
+    params = [p for p in layers.parameters() if p.dtype.is_floating_point]
+    masks = [(p != 0) for p in params]
+    saved = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    model.train()
+    try:
+        for s in range(0, blocks.shape[0], batch_size):
+            batch = blocks[s:s + batch_size].to(device)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for p, m in zip(params, masks):
+                    p.mul_(m)
+    finally:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(saved[id(p)])
+            p.grad = None
+    return model
+
+
+class Bench:
+    """Shared state of one comparison: data, the dense reference, decode timing."""
+
+    def __init__(self, model: nn.Module, test: torch.Tensor, heal_blocks: torch.Tensor | None,
+                 decode_tokens: int, batch_size: int):
+        self.model, self.test, self.heal_blocks = model, test, heal_blocks
+        self.decode_tokens, self.batch_size = decode_tokens, batch_size
+        self.prompt = test[:1, : min(32, test.shape[1])]
+        self.dense_decode = self._decode(model)
+        self.keepsets: dict[str, dict[str, dict]] = {}  # method -> size -> KeepSet JSON (first seed)
+
+    def _decode(self, model: nn.Module) -> float | None:
+        if self.decode_tokens <= 0:
+            return None
+        try:
+            return decode_seconds(model, self.prompt.to(next(model.parameters()).device), self.decode_tokens)
+        except Exception:  # noqa: BLE001 - a model whose cache cannot decode still gets a perplexity
+            return None
+
+    def speedup(self, model: nn.Module) -> float | None:
+        t = self._decode(model)
+        return None if t is None or self.dense_decode is None else self.dense_decode / t
+
+    def ppl(self, model: nn.Module) -> dict[str, float]:
+        r = perplexity(model, self.test, batch_size=self.batch_size)
+        return {"perplexity": r["perplexity"], "nll": r["nll"]}
+
+    def maybe_heal(self, model: nn.Module) -> tuple[nn.Module, int]:
+        if self.heal_blocks is None or self.heal_blocks.shape[0] == 0:
+            return model, 0
+        return heal(model, self.heal_blocks), int(self.heal_blocks.numel())
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def structured_rows(bench: Bench, res: NestedKeepSets, extra: dict | None = None) -> list[dict]:
+    rows = []
+    for size, keep in res.keepsets.items():
+        bench.keepsets.setdefault(res.method, {}).setdefault(str(size), keep.to_dict())
+        small = materialize(bench.model, keep, res.inventory)
+        small, healed = bench.maybe_heal(small)
+        rows.append({"method": res.method, "size": size, **bench.ppl(small),
+                     "param_fraction": res.inventory.size_of(keep, "params"),
+                     "flops_fraction": res.inventory.size_of(keep, "flops"),
+                     "decode_speedup": bench.speedup(small), "cost_seconds": res.seconds,
+                     "one_run_for_all_sizes": True, "healed_tokens": healed,
+                     "layers_kept": len(keep.layers), **(extra or {})})
+    return rows
+
+
+def unstructured_row(bench: Bench, res: UnstructuredResult, size: float) -> dict:
+    model, healed = bench.maybe_heal(res.model)
+    from ppn_bayes.baselines import decoder_param_fraction
+
+    frac = decoder_param_fraction(model)
+    name = res.method if res.pattern == "unstructured" else f"{res.method}-2:4"
+    return {"method": name, "size": size, "pattern": res.pattern, **bench.ppl(model), "param_fraction": frac,
+            "flops_fraction": frac, "cost_seconds": res.seconds, "one_run_for_all_sizes": False,
+            "healed_tokens": healed, "sparse_speedup": "none on dense kernels"}
+
+
+def random_rows(bench: Bench, sizes: list[float], seeds: Sequence[int], group_size: int) -> list[dict]:
+    from ppn_bayes.baselines.random import random_keepsets
+
+    per_seed = [structured_rows(bench, random_keepsets(bench.model, sizes, s, group_size)) for s in seeds]
+    rows = []
+    for i, size in enumerate(sizes):
+        runs = [r[i] for r in per_seed]
+        ppls = [r["perplexity"] for r in runs]
+        rows.append({**runs[0], "perplexity": statistics.mean(ppls),
+                     "perplexity_std": statistics.stdev(ppls) if len(ppls) > 1 else 0.0,
+                     "perplexities": ppls, "nll": statistics.mean(r["nll"] for r in runs),
+                     "param_fraction": statistics.mean(r["param_fraction"] for r in runs),
+                     "flops_fraction": statistics.mean(r["flops_fraction"] for r in runs),
+                     "decode_speedup": runs[0]["decode_speedup"], "seeds": list(seeds),
+                     "cost_seconds": sum(r["cost_seconds"] for r in runs) / len(runs)})
+    return rows
+
+
+def prunepath_rows(bench: Bench, calib: torch.Tensor, sizes: list[float], n_experts: int) -> list[dict]:
+    from ppn_bayes.baselines.prunepath import moefy
+    from ppn_bayes.errors import SizeError
+
+    pp = moefy(bench.model, calib, n_experts=n_experts)
+    rows = []
+    for size in sizes:
+        try:
+            tau = pp.tau_for(size)
+        except SizeError as err:
+            rows.append({"method": "prunepath", "size": size, "skipped": str(err)})
+            continue
+        pp.set_tau(tau)
+        pp.reset_stats()
+        ppl = bench.ppl(pp.model)
+        active = pp.mean_active_fraction()
+        rows.append({"method": "prunepath", "size": size, "tau": tau, **ppl, "active_fraction": active,
+                     "param_fraction": pp.param_fraction(active), "flops_fraction": pp.flops_fraction(active),
+                     "decode_speedup": bench.speedup(pp.model), "cost_seconds": pp.seconds,
+                     "one_run_for_all_sizes": True, "healed_tokens": 0, "dynamic": True})
+    return rows
+
+
+def ppn_rows(bench: Bench, method: str, run_dir: str | os.PathLike | None, sizes: list[float]) -> list[dict]:
+    """Rows of a finished PPN run: its keep-set per size, applied by cutting the model."""
+    try:
+        from ppn_bayes.run import load_run  # the Bayesian core's run directory API
+    except ImportError:
+        raise ConfigError(f"method {method} needs ppn_bayes.run (the PPN run API), which this install lacks; "
+                          "drop ppn,ppn-paper from --methods") from None
+    if run_dir is None:
+        flag = "--run" if method == "ppn" else "--paper-run"
+        raise RunError(f"method {method} needs a finished run; pass {flag} RUN_DIR (make one with `ppn fit`)")
+    run = load_run(run_dir)
+    inv = run.inventory
+    rows = []
+    seconds = float(getattr(run, "seconds", 0.0) or 0.0)
+    for size in sizes:
+        keep = run.keepset(size=size)
+        bench.keepsets.setdefault(method, {})[str(size)] = keep.to_dict()
+        small = materialize(bench.model, keep, inv)
+        rows.append({"method": method, "size": size, **bench.ppl(small),
+                     "param_fraction": inv.size_of(keep, "params"), "flops_fraction": inv.size_of(keep, "flops"),
+                     "decode_speedup": bench.speedup(small), "cost_seconds": seconds,
+                     "one_run_for_all_sizes": True, "healed_tokens": 0, "run": str(run_dir)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- the comparison
+
+
+def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Sequence[float],
+            methods: Sequence[str] = PEERS, *, heal_blocks: torch.Tensor | None = None,
+            run_dir: str | None = None, paper_run_dir: str | None = None, seeds: Sequence[int] = (0, 1, 2),
+            group_size: int = 1, gisp_step: float = 0.1, prunepath_experts: int = 16,
+            decode_tokens: int = 16, batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+    """Run ``methods`` at ``sizes`` on ``model``; ``{"dense", "results", "costs", "config"}``.
+
+    ``model`` is never modified (peers work on copies or cut copies). ``heal_blocks``: train blocks
+    for optional healing (see module docstring).
+    """
+    sizes = check_sizes(sizes)
+    methods = check_methods(methods)
+    calib, test = check_blocks(calib), check_blocks(test, "test")
+    bench = Bench(model, test, heal_blocks, decode_tokens, batch_size)
+    dense = {"method": "dense", "size": 1.0, **bench.ppl(model), "param_fraction": 1.0, "flops_fraction": 1.0,
+             "decode_speedup": 1.0 if bench.dense_decode else None, "cost_seconds": 0.0}
+    rows: list[dict] = []
+    for method in methods:
+        if progress:
+            print(f"ppn compare: {method}", flush=True, file=__import__("sys").stderr)
+        rows += _method_rows(bench, method, calib, sizes, seeds=seeds, group_size=group_size, gisp_step=gisp_step,
+                             prunepath_experts=prunepath_experts, run_dir=run_dir, paper_run_dir=paper_run_dir)
+    costs: dict[str, float] = {}
+    for r in rows:
+        if "cost_seconds" not in r:
+            continue
+        if r.get("one_run_for_all_sizes"):
+            costs[r["method"]] = r["cost_seconds"] * (len(seeds) if r["method"] == "random" else 1)
+        else:
+            costs[r["method"]] = costs.get(r["method"], 0.0) + r["cost_seconds"]
+    config = {"sizes": sizes, "methods": methods, "calib_blocks": int(calib.shape[0]),
+              "test_blocks": int(test.shape[0]), "block_size": int(test.shape[1]), "seeds": list(seeds),
+              "group_size": group_size, "gisp_step": gisp_step, "prunepath_experts": prunepath_experts,
+              "heal_tokens": int(heal_blocks.numel()) if heal_blocks is not None else 0,
+              "decode_tokens": decode_tokens}
+    return {"dense": dense, "results": rows, "costs": costs, "config": config, "keepsets": bench.keepsets}
+
+
+def _method_rows(bench: Bench, method: str, calib: torch.Tensor, sizes: list[float], **kw: Any) -> list[dict]:
+    model = bench.model
+    if method in PPN_METHODS:
+        return ppn_rows(bench, method, kw["run_dir"] if method == "ppn" else kw["paper_run_dir"], sizes)
+    if method == "gisp":
+        from ppn_bayes.baselines.gisp import gisp
+
+        return structured_rows(bench, gisp(model, calib, sizes, step=kw["gisp_step"], group_size=kw["group_size"]))
+    if method == "shortgpt":
+        from ppn_bayes.baselines.shortgpt import shortgpt
+
+        return structured_rows(bench, shortgpt(model, calib, sizes, group_size=kw["group_size"]))
+    if method == "random":
+        return random_rows(bench, sizes, kw["seeds"], kw["group_size"])
+    if method == "prunepath":
+        return prunepath_rows(bench, calib, sizes, kw["prunepath_experts"])
+    from ppn_bayes.baselines.sparsegpt import sparsegpt
+    from ppn_bayes.baselines.wanda import wanda
+
+    fn = wanda if method == "wanda" else sparsegpt
+    rows = [unstructured_row(bench, fn(model, calib, s, "unstructured"), s) for s in sizes]
+    rows.append(unstructured_row(bench, fn(model, calib, 0.5, "2:4"), 0.5))
+    return rows
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """A Markdown table: one row per method and size, the dense model first."""
+    head = ("| method | size | params kept | FLOPs kept | perplexity | decode speedup | cost s (all sizes) |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [head]
+    costs = result.get("costs", {})
+    for r in [result["dense"], *result["results"]]:
+        if "skipped" in r:
+            lines.append(f"| {r['method']} | {r['size']:.2f} | - | - | skipped: {r['skipped']} | - | - |")
+            continue
+        ppl = f"{r['perplexity']:.2f}" + (f" ± {r['perplexity_std']:.2f}" if "perplexity_std" in r else "")
+        sp = r.get("decode_speedup")
+        speed = f"{sp:.2f}x" if isinstance(sp, (int, float)) else "-"
+        name = r["method"] + (f" (tau={r['tau']:.3f})" if "tau" in r else "")
+        cost = costs.get(r["method"], r.get("cost_seconds", 0.0))
+        lines.append(f"| {name} | {r['size']:.2f} | {r['param_fraction']:.3f} | {r['flops_fraction']:.3f} | {ppl} "
+                     f"| {speed} | {cost:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """Held-out perplexity vs decoder-params kept (left) and vs FLOPs kept (right), log y."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    by_method: dict[str, list[dict]] = {}
+    for r in result["results"]:
+        if "skipped" not in r:
+            by_method.setdefault(r["method"], []).append(r)
+    for ax, key, label in ((axes[0], "param_fraction", "fraction of decoder parameters kept"),
+                           (axes[1], "flops_fraction", "fraction of decoder FLOPs per token")):
+        for method, rs in by_method.items():
+            rs = sorted(rs, key=lambda r: r[key])
+            name = method + (" (active per token)" if method == "prunepath" else "")
+            ax.plot([r[key] for r in rs], [r["perplexity"] for r in rs], marker="o", label=name)
+        ax.axhline(result["dense"]["perplexity"], color="k", ls="--", lw=1, label="dense")
+        ax.set_xlabel(label)
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("held-out perplexity")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    _atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
+    """``compare.json``, ``keepsets.json``, ``compare.md`` and ``compare.png`` in ``out_dir`` (atomic writes).
+
+    The structured methods' keep-sets go to their own file: with single-neuron groups they are large.
+    """
+    out = Path(out_dir)
+    paths = {"json": out / "compare.json", "keepsets": out / "keepsets.json", "markdown": out / "compare.md",
+             "plot": out / "compare.png"}
+    main = {k: v for k, v in result.items() if k != "keepsets"}
+    text = json.dumps(main, indent=2, sort_keys=True) + "\n"
+    _atomic(paths["json"], lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    ks = json.dumps(result.get("keepsets", {}), sort_keys=True) + "\n"
+    _atomic(paths["keepsets"], lambda tmp: Path(tmp).write_text(ks, encoding="utf-8"))
+    table = markdown_table(result)
+    _atomic(paths["markdown"], lambda tmp: Path(tmp).write_text(table, encoding="utf-8"))
+    plot(result, paths["plot"])
+    return {k: str(v) for k, v in paths.items()}

@@ -1,0 +1,114 @@
+"""``ppn compare`` on a tiny model: every non-PPN method, two sizes, the JSON schema, nesting and budgets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ppn_bayes.backbone.units import KeepSet
+from ppn_bayes.baselines import is_nested
+from ppn_bayes.cli import main
+from ppn_bayes.compare import PEERS, compare, markdown_table, write_outputs
+from ppn_bayes.errors import ConfigError, RunError
+from tiny_models import VOCAB, tiny_model
+
+SIZES = [0.8, 0.55]
+COMMON = {"method", "size", "perplexity", "nll", "param_fraction", "flops_fraction", "cost_seconds",
+          "one_run_for_all_sizes", "healed_tokens"}
+
+
+@pytest.fixture(scope="module")
+def result():
+    model = tiny_model("llama", intermediate_size=128)
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, VOCAB, (6, 24), generator=g)
+    test = torch.randint(0, VOCAB, (3, 24), generator=g)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = compare(model, calib, test, SIZES, PEERS, seeds=(0, 1), prunepath_experts=8, decode_tokens=2,
+                  heal_blocks=calib[:2])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # model never modified
+    return out
+
+
+def test_rows_cover_every_method_and_size(result):
+    seen = {(r["method"], r["size"]) for r in result["results"]}
+    for m in ("gisp", "shortgpt", "prunepath", "wanda", "sparsegpt", "random"):
+        for s in SIZES:
+            assert (m, s) in seen
+    assert ("wanda-2:4", 0.5) in seen and ("sparsegpt-2:4", 0.5) in seen
+    assert result["dense"]["method"] == "dense" and result["dense"]["param_fraction"] == 1.0
+
+
+def test_json_schema_and_budgets(result):
+    for r in result["results"]:
+        assert COMMON <= set(r), r["method"]
+        assert r["perplexity"] > 1.0 and r["perplexity"] == pytest.approx(torch.tensor(r["nll"]).exp().item())
+        assert 0.0 < r["flops_fraction"] <= 1.0 + 1e-9
+        if r["method"] in ("gisp", "shortgpt", "random", "wanda", "sparsegpt"):
+            assert r["param_fraction"] <= r["size"] + 1e-12  # never above the request
+        if r["method"] in ("gisp", "shortgpt", "random"):
+            assert "decode_speedup" in r and r["one_run_for_all_sizes"]
+        if r["method"] == "prunepath":
+            assert 0.0 < r["active_fraction"] <= 1.0 and 0.0 < r["tau"] <= 1.0
+        if r["method"] == "random":
+            assert len(r["perplexities"]) == 2 and r["perplexity"] == pytest.approx(sum(r["perplexities"]) / 2)
+        if r["method"] != "prunepath":
+            assert r["healed_tokens"] == 2 * 24
+    json.dumps(result)  # serializable as it stands
+    assert set(result["costs"]) >= {"gisp", "shortgpt", "prunepath", "wanda", "sparsegpt", "random"}
+
+
+def test_keepsets_nest_across_sizes(result):
+    for method in ("gisp", "shortgpt", "random"):
+        ks = {float(s): KeepSet.from_dict(k) for s, k in result["keepsets"][method].items()}
+        assert set(ks) == set(SIZES)
+        assert is_nested(ks)
+
+
+def test_outputs_written(result, tmp_path):
+    paths = write_outputs(result, tmp_path / "cmp")
+    data = json.loads(open(paths["json"]).read())
+    assert "keepsets" not in data and len(data["results"]) == len(result["results"])
+    assert json.loads(open(paths["keepsets"]).read())["gisp"]
+    table = open(paths["markdown"]).read()
+    assert table == markdown_table(result) and table.count("\n") == len(result["results"]) + 3
+    assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ppn_rows_need_a_run():
+    model = tiny_model("llama")
+    b = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    try:
+        import ppn_bayes.run  # noqa: F401
+        expected = RunError
+    except ImportError:
+        expected = ConfigError
+    with pytest.raises(expected, match="ppn"):
+        compare(model, b, b, [0.5], ["ppn"], decode_tokens=0)
+    with pytest.raises(ConfigError, match="unknown method"):
+        compare(model, b, b, [0.5], ["magic"], decode_tokens=0)
+
+
+def test_cli_json(tiny_llama_dir, tmp_path, capsys):
+    code = main(["compare", "--model", str(tiny_llama_dir), "--sizes", "0.7", "--methods", "shortgpt,wanda,random",
+                 "--calib-blocks", "2", "--test-blocks", "2", "--block-size", "16", "--seeds", "2",
+                 "--decode-tokens", "0", "--out", str(tmp_path / "o"), "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    methods = {r["method"] for r in out["results"]}
+    assert methods == {"shortgpt", "wanda", "wanda-2:4", "random"}
+    assert (tmp_path / "o" / "compare.png").is_file()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--sizes", "0.5,abc"], "--sizes"),
+    (["--sizes", "1.5"], "out of range"),
+    (["--methods", "gisp,nope"], "unknown method"),
+    (["--calib-blocks", "0"], "--calib-blocks"),
+])
+def test_cli_errors_are_one_line(argv, needle, tiny_llama_dir, tmp_path, capsys):
+    code = main(["compare", "--model", str(tiny_llama_dir), "--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1
