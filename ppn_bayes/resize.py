@@ -1,0 +1,605 @@
+"""Lazy export of a keep-set to a smaller checkpoint, reading only the kept tensors.
+
+:func:`resize` never loads the base model. It opens the base checkpoint's safetensors file(s) with
+``safe_open`` and, for every tensor of a *kept* layer, reads only the rows/columns of the kept query
+heads, KV heads and MLP channels (``get_slice`` over contiguous runs, so a run of adjacent heads is
+one read). Dropped layers are never touched, so the peak memory of a resize is proportional to the
+kept size, not the base size (``benchmarks/resize_memory.py`` measures it).
+
+Optional inputs from a trained run are folded into the written weights, in this order:
+
+1. ``weights``: full trained tensors keyed by the base model's parameter names replace the file's;
+2. ``lora``: ``{name: {"A": [r, in], "B": [out, r], "scale": s}}`` adds ``s * B @ A`` (``nn.Linear``
+   orientation; transposed for GPT-2's ``Conv1D``) to the named weight before it is cut;
+3. ``amplitudes``: ``{"attn_scale": [L, hidden], "mlp_scale": [L, hidden]}`` multiply each residual
+   branch's output per output dimension. A branch ending in a linear map ``y = W x + b`` gives
+   ``s * y = (diag(s) W) x + s * b``: the output rows of ``W`` (columns for ``Conv1D``) and the bias
+   are scaled; a branch ending in a norm (OLMo-2's post-norms) scales the norm's weight.
+
+Two output forms (see ``docs/resize.md`` for which engines serve which):
+
+* **standard**: every kept layer has the same head/KV-head/channel counts (always true for layer-only
+  keep-sets). ``config.json`` is an ordinary config with the new counts; plain
+  ``AutoModelForCausalLM.from_pretrained(out)`` loads it.
+* **ppn_layer_shapes**: per-layer counts differ. ``config.json`` keeps the base's per-layer sizes and
+  adds ``ppn_layer_shapes`` (for each new layer: the base query heads kept, the channel count);
+  :func:`load_resized` builds the model on the meta device, cuts every layer to shape with
+  :func:`ppn_bayes.backbone.materialize.cut_layer`, and loads the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ppn_bayes.backbone.family import Family, SliceRule, family_for
+from ppn_bayes.backbone.slicing import LayerCut, layer_cut, rule_indices
+from ppn_bayes.backbone.units import KeepSet, UnitInventory
+from ppn_bayes.errors import ConfigError, ModelError, RunError
+
+#: Files copied next to the weights when ``tokenizer=True`` (whatever of them the base has).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+SHAPES_KEY = "ppn_layer_shapes"
+MANIFEST = "ppn-resize.json"
+
+
+# ------------------------------------------------------------------------------------ checkpoint IO
+
+
+def weight_map(base: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, through ``model.safetensors.index.json`` when sharded."""
+    index = base / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            mapping = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as err:
+            raise ModelError(f"{index} is not a valid weights index ({err}); fetch the model again") from None
+        return {name: base / fname for name, fname in mapping.items()}
+    files = sorted(base.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"no safetensors weights in {base}; resize reads safetensors checkpoints only "
+                         "(convert with transformers' save_pretrained)")
+    from safetensors import safe_open
+
+    out: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                out[name] = f
+    return out
+
+
+def runs(indices: torch.Tensor) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive indices as ``[start, stop)`` pairs, in order (repeats start a new run).
+
+    Reading a run is one contiguous ``get_slice`` read; heads are ``head_dim`` wide and kept heads are
+    often adjacent, so a cut is a handful of reads rather than one per row.
+    """
+    out: list[tuple[int, int]] = []
+    for i in indices.tolist():
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+class LazyCheckpoint:
+    """Open safetensors file(s) and read whole tensors or index sets along one axis, counting bytes."""
+
+    def __init__(self, base: Path, stack: contextlib.ExitStack):
+        from safetensors import safe_open
+
+        self.where = weight_map(base)
+        self._handles = {f: stack.enter_context(safe_open(str(f), framework="pt"))
+                         for f in sorted(set(self.where.values()))}
+        self.bytes_read = 0
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handles[self.where[name]].get_slice(name).get_shape())
+
+    def read(self, name: str) -> torch.Tensor:
+        t = self._handles[self.where[name]].get_tensor(name)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def read_index(self, name: str, axis: int, indices: torch.Tensor) -> torch.Tensor:
+        """Only the entries ``indices`` along ``axis`` (contiguous runs read with ``get_slice``)."""
+        sl = self._handles[self.where[name]].get_slice(name)
+        ndim = len(sl.get_shape())
+        parts = []
+        for a, b in runs(indices):
+            key = tuple(slice(a, b) if d == axis else slice(None) for d in range(ndim))
+            part = sl[key]
+            self.bytes_read += part.numel() * part.element_size()
+            parts.append(part)
+        if not parts:
+            shape = list(sl.get_shape())
+            shape[axis] = 0
+            return torch.zeros(shape, dtype=self.read_dtype(name))
+        return torch.cat(parts, dim=axis) if len(parts) > 1 else parts[0]
+
+    def read_dtype(self, name: str) -> torch.dtype:
+        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        return names.get(self._handles[self.where[name]].get_slice(name).get_dtype(), torch.float32)
+
+
+# ------------------------------------------------------------------------------------ module layout
+
+
+@dataclass
+class LayerLayout:
+    """Names (relative to a layer prefix) of the modules a resize needs, read off a meta-device model."""
+
+    attention: str
+    mlp: str
+    heads_input: str
+    channels_input: str
+    attn_branch: str
+    mlp_branch: str
+    branch_kind: dict[str, str]  # branch name -> "linear" | "conv1d" | "norm"
+    conv1d: set[str]  # module names whose weight is stored [in, out]
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if hasattr(module, "nf"):  # transformers' Conv1D
+        return "conv1d"
+    return "norm"
+
+
+def meta_model(config) -> nn.Module:
+    """The architecture of ``config`` on the meta device: module names and shapes, no memory, no init."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def layer_layout(family: Family, config) -> LayerLayout:
+    model = meta_model(config)
+    layer = family.layers(model)[0]
+    names = {id(m): n for n, m in layer.named_modules()}
+    branches = {"attn": family.attn_branch(layer), "mlp": family.mlp_branch(layer)}
+    return LayerLayout(
+        attention=names[id(family.attention(layer))],
+        mlp=names[id(family.channels_input(layer))].rsplit(".", 1)[0],
+        heads_input=names[id(family.heads_input(layer))],
+        channels_input=names[id(family.channels_input(layer))],
+        attn_branch=names[id(branches["attn"])],
+        mlp_branch=names[id(branches["mlp"])],
+        branch_kind={names[id(m)]: _kind(m) for m in branches.values()},
+        conv1d={n for n, m in layer.named_modules() if _kind(m) == "conv1d"}
+        | {n for n, m in model.named_modules() if _kind(m) == "conv1d"},
+    )
+
+
+# ------------------------------------------------------------------------------------ the plan
+
+
+def _cuts(keep: KeepSet, inventory: UnitInventory) -> list[tuple[int, LayerCut]]:
+    dims = inventory.dims
+    out = []
+    for l in keep.layers:
+        channels = [c for g in keep.groups_of(l) for c in inventory.group_channels(g)]
+        out.append((l, layer_cut(keep.heads_of(l), channels, dims)))
+    return out
+
+
+def output_form(cuts: list[tuple[int, LayerCut]], inventory: UnitInventory, family: Family) -> str:
+    """``"standard"`` when one config can describe every kept layer, else ``"ppn_layer_shapes"``."""
+    dims = inventory.dims
+    shapes = {(len(c.q_heads), len(c.kv_heads), len(c.channels)) for _, c in cuts}
+    if len(shapes) > 1:
+        return SHAPES_KEY
+    if not shapes:
+        return "standard"
+    q, kv, ch = shapes.pop()
+    if q == 0 or ch == 0:
+        return SHAPES_KEY  # no config can say "this layer has no attention / no MLP"
+    if family.name == "gpt2" and q != dims.num_heads:
+        return SHAPES_KEY  # GPT-2 derives head_dim from n_embd / n_head
+    if dims.hidden % q != 0:
+        return SHAPES_KEY  # transformers' Llama-family configs refuse hidden_size % num_attention_heads != 0
+    return "standard"
+
+
+def standard_config(cfg: dict, cuts: list[tuple[int, LayerCut]], inventory: UnitInventory,
+                    family: Family) -> dict:
+    """Edit a base ``config.json`` dict to the kept layer count and (uniform) per-layer sizes."""
+    cfg = _with_layers(cfg, [l for l, _ in cuts])
+    if not cuts:
+        return cfg
+    cut = cuts[0][1]
+    dims = inventory.dims
+    if family.name == "gpt2":
+        cfg["n_inner"] = len(cut.channels)
+        return cfg
+    cfg["num_attention_heads"] = len(cut.q_heads)
+    cfg["num_key_value_heads"] = len(cut.kv_heads)
+    cfg["head_dim"] = dims.head_dim  # no longer hidden / heads once heads are cut
+    cfg["intermediate_size"] = len(cut.channels)
+    return cfg
+
+
+def _with_layers(cfg: dict, kept: list[int]) -> dict:
+    cfg = dict(cfg)
+    for key in ("num_hidden_layers", "n_layer"):
+        if key in cfg:
+            cfg[key] = len(kept)
+    if cfg.get("layer_types"):
+        cfg["layer_types"] = [cfg["layer_types"][l] for l in kept]
+    return cfg
+
+
+def _decoder_regex(family: Family, names: list[str]) -> tuple[re.Pattern, str]:
+    """Regex matching layer tensors ``<base>.<i>.<rest>`` and the prefix used by this checkpoint.
+
+    Checkpoints of a bare base model (GPT-2's hub files: ``h.0.attn...``) omit the CausalLM prefix
+    (``transformer.``); both layouts are accepted and the output keeps the source's naming.
+    """
+    p0 = family.layer_prefix(0)
+    if not p0.endswith("0."):  # pragma: no cover - every family numbers layers last
+        raise ModelError(f"cannot parse layer prefix {p0!r} of family {family.name}")
+    base = p0[: -len("0.")].rstrip(".")
+    candidates = [base]
+    while "." in candidates[-1]:
+        candidates.append(candidates[-1].split(".", 1)[1])
+    for cand in candidates:
+        if any(n.startswith(cand + ".") for n in names):
+            return re.compile(re.escape(cand) + r"\.(\d+)\.(.+)"), cand
+    return re.compile(re.escape(base) + r"\.(\d+)\.(.+)"), base
+
+
+# ------------------------------------------------------------------------------------ folding
+
+
+def _lora_delta(entry: dict, target_shape: torch.Size, conv1d: bool) -> torch.Tensor:
+    try:
+        a, b = entry["A"].float(), entry["B"].float()
+    except (KeyError, TypeError, AttributeError):
+        raise ConfigError("each LoRA entry must be a dict with tensors 'A' [r, in] and 'B' [out, r] "
+                          "(and an optional float 'scale')") from None
+    delta = (b @ a) * float(entry.get("scale", 1.0))
+    if conv1d:
+        delta = delta.T
+    if tuple(delta.shape) != tuple(target_shape):
+        raise ConfigError(f"LoRA B @ A has shape {tuple(delta.shape)} but the weight is {tuple(target_shape)}; "
+                          "pass adapters of the base model the run was trained on")
+    return delta
+
+
+class TensorSource:
+    """Where one output tensor's values come from: the file, a trained override, plus LoRA."""
+
+    def __init__(self, ckpt: LazyCheckpoint, weights: dict | None, lora: dict | None, conv1d_of):
+        self.ckpt, self.weights, self.lora = ckpt, weights or {}, lora or {}
+        self.conv1d_of = conv1d_of
+        self.overridden = 0
+        self.lora_folded = 0
+
+    def _lora_entry(self, name: str) -> dict | None:
+        entry = self.lora.get(name)
+        if entry is None and name.endswith(".weight"):
+            entry = self.lora.get(name[: -len(".weight")])
+        return entry
+
+    def get(self, name: str, axis: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor (or its entries ``index`` along ``axis``), with override and LoRA applied."""
+        entry = self._lora_entry(name)
+        if name in self.weights or entry is not None:
+            full = self.weights[name] if name in self.weights else self.ckpt.read(name)
+            self.overridden += name in self.weights
+            dtype = full.dtype
+            if entry is not None:
+                full = (full.float() + _lora_delta(entry, full.shape, self.conv1d_of(name))).to(dtype)
+                self.lora_folded += 1
+            return full if axis is None else full.index_select(axis, index)
+        if axis is None:
+            return self.ckpt.read(name)
+        return self.ckpt.read_index(name, axis, index)
+
+
+def _scale_branch(tensors: dict[str, torch.Tensor], prefix: str, kind: str, scale: torch.Tensor) -> int:
+    """Multiply a branch's output by ``scale`` [hidden] inside its weights; returns tensors changed."""
+    changed = 0
+    for leaf in ("weight", "bias"):
+        name = f"{prefix}.{leaf}"
+        if name not in tensors:
+            continue
+        t = tensors[name]
+        s = scale.float()
+        if leaf == "weight" and kind == "linear":
+            s = s[:, None]  # [out, in]: scale rows
+        elif leaf == "weight" and kind == "conv1d":
+            s = s[None, :]  # [in, out]: scale columns
+        tensors[name] = (t.float() * s).to(t.dtype)
+        changed += 1
+    return changed
+
+
+# ------------------------------------------------------------------------------------ resize
+
+
+def _check_inventory(inventory: UnitInventory, family: Family, config) -> None:
+    dims = family.dims(config)
+    if dims != inventory.dims:
+        raise RunError(f"the keep-set's inventory describes a different model ({inventory.dims}) than the base "
+                       f"checkpoint ({dims}); resize with the base model the run was trained on")
+
+
+def _check_amplitudes(amplitudes: dict | None, inventory: UnitInventory) -> dict[str, torch.Tensor]:
+    amplitudes = {k: v for k, v in (amplitudes or {}).items() if v is not None}
+    shape = (inventory.num_layers, inventory.dims.hidden)
+    for key, value in amplitudes.items():
+        if key not in ("attn_scale", "mlp_scale"):
+            raise ConfigError(f"unknown amplitude {key!r}; expected 'attn_scale' and/or 'mlp_scale'")
+        if tuple(value.shape) != shape:
+            raise ConfigError(f"amplitude {key!r} has shape {tuple(value.shape)}, expected {shape} "
+                              "(per layer, per hidden dimension)")
+    return amplitudes
+
+
+def _layer_tensors(src: TensorSource, names: list[str], rules: dict[str, SliceRule], cut: LayerCut,
+                   inventory: UnitInventory, layout: LayerLayout) -> dict[str, torch.Tensor]:
+    """The kept part of one layer's tensors, keyed by name relative to the layer prefix.
+
+    ``names`` maps relative -> absolute source names. A branch that keeps nothing is written as the
+    :class:`~ppn_bayes.backbone.materialize.ZeroBranch` it becomes (its output bias, if any).
+    """
+    out: dict[str, torch.Tensor] = {}
+    no_attn, no_mlp = not cut.q_heads, not cut.channels
+    for rel, absname in names.items():
+        if no_attn and rel.startswith(layout.attention + "."):
+            if rel == f"{layout.heads_input}.bias":
+                out[f"{layout.attention}.bias"] = src.get(absname)
+            continue
+        if no_mlp and rel.startswith(layout.mlp + "."):
+            if rel == f"{layout.channels_input}.bias":
+                out[f"{layout.mlp}.bias"] = src.get(absname)
+            continue
+        rule = rules.get(rel)
+        if rule is None:
+            out[rel] = src.get(absname)
+            continue
+        axis_len = src.ckpt.shape(absname)[rule.axis] if absname in src.ckpt.where else \
+            src.weights[absname].shape[rule.axis]
+        idx = rule_indices(rule, cut, inventory.dims, axis_len)
+        out[rel] = src.get(absname, rule.axis, idx).contiguous()
+    return out
+
+
+def _fold_amplitudes(tensors: dict[str, torch.Tensor], l: int, cut: LayerCut, layout: LayerLayout,
+                     amplitudes: dict[str, torch.Tensor]) -> int:
+    changed = 0
+    for key, branch in (("attn_scale", layout.attn_branch), ("mlp_scale", layout.mlp_branch)):
+        if key not in amplitudes:
+            continue
+        kind = layout.branch_kind[branch]
+        prefix = branch
+        empty = not cut.q_heads if key == "attn_scale" else not cut.channels
+        if empty and kind != "norm":  # the zero branch keeps only the projection's bias
+            prefix = layout.attention if key == "attn_scale" else layout.mlp
+        changed += _scale_branch(tensors, prefix, kind, amplitudes[key][l])
+    return changed
+
+
+def resize(
+    base: str | os.PathLike,
+    keep: KeepSet,
+    inventory: UnitInventory,
+    out: str | os.PathLike,
+    *,
+    amplitudes: dict | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    lora: dict | None = None,
+    tokenizer: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the keep-set's smaller model to ``out`` reading only kept tensors; returns a report dict.
+
+    Args:
+        base: base checkpoint directory (or a ``ppn_bayes.zoo`` alias / Hub id).
+        keep: units to keep (completed against ``inventory``: nesting, ungated kinds).
+        inventory: the unit inventory the keep-set refers to (group size, gated kinds).
+        out: output directory; written into a temporary sibling and renamed, so it is complete or absent.
+        amplitudes: optional ``{"attn_scale", "mlp_scale"}`` ``[L, hidden]`` branch scales to fold in.
+        weights: optional trained tensors replacing the base's (base parameter names).
+        lora: optional ``{name: {"A", "B", "scale"}}`` adapters to fold in (``W + scale * B @ A``).
+        tokenizer: copy tokenizer (and generation config) files from the base.
+        overwrite: replace an existing ``out``.
+    """
+    from transformers import AutoConfig
+
+    from ppn_bayes.zoo import resolve_model
+
+    base = resolve_model(base)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output directory {out} already exists; choose another --out or pass --force")
+    config = AutoConfig.from_pretrained(base)
+    family = family_for(config)
+    _check_inventory(inventory, family, config)
+    keep = inventory.complete(keep)
+    if not keep.layers:
+        raise ConfigError("the keep-set keeps no layer; a resized model needs at least one")
+    amps = _check_amplitudes(amplitudes, inventory)
+    layout = layer_layout(family, config)
+    cuts = _cuts(keep, inventory)
+    form = output_form(cuts, inventory, family)
+    rules = {r.name: r for r in family.slice_rules(config)}
+    cfg_dict = json.loads((base / "config.json").read_text())
+
+    tensors: dict[str, torch.Tensor] = {}
+    amp_changed = 0
+    with contextlib.ExitStack() as stack:
+        ckpt = LazyCheckpoint(base, stack)
+        names = sorted(set(ckpt.names()) | set(weights or {}))
+        pattern, dec = _decoder_regex(family, names)
+        per_layer: dict[int, dict[str, str]] = {}
+        outside: list[str] = []
+        for name in names:
+            m = pattern.fullmatch(name)
+            if m:
+                per_layer.setdefault(int(m.group(1)), {})[m.group(2)] = name
+            else:
+                outside.append(name)
+
+        def conv1d_of(name: str) -> bool:
+            m = pattern.fullmatch(name)
+            rel = m.group(2) if m else name
+            return rel.rsplit(".", 1)[0] in layout.conv1d
+
+        src = TensorSource(ckpt, weights, lora, conv1d_of)
+        for name in outside:
+            tensors[name] = src.get(name).contiguous()
+        for new_idx, (l, cut) in enumerate(cuts):
+            layer = _layer_tensors(src, per_layer.get(l, {}), rules, cut, inventory, layout)
+            amp_changed += _fold_amplitudes(layer, l, cut, layout, amps)
+            for rel, t in layer.items():
+                tensors[f"{dec}.{new_idx}.{rel}"] = t
+        bytes_read = ckpt.bytes_read
+        overridden, lora_folded = src.overridden, src.lora_folded
+
+    if form == "standard":
+        cfg_out = standard_config(cfg_dict, cuts, inventory, family)
+    else:
+        cfg_out = _with_layers(cfg_dict, keep.layers)
+        cfg_out[SHAPES_KEY] = [{"source_layer": l, "heads": list(c.q_heads), "channels": len(c.channels)}
+                               for l, c in cuts]
+    report = {
+        "out": str(out),
+        "base": str(base),
+        "form": form,
+        "source_layers": list(keep.layers),
+        "num_layers": len(keep.layers),
+        "size_params": inventory.size_of(keep, "params"),
+        "size_flops": inventory.size_of(keep, "flops"),
+        "decoder_params": inventory.kept_cost(keep, "params"),
+        "params_written": int(sum(t.numel() for t in tensors.values())),
+        "bytes_read": int(bytes_read),
+        "bytes_written": int(sum(t.numel() * t.element_size() for t in tensors.values())),
+        "amplitude_tensors_folded": amp_changed,
+        "weights_overridden": overridden,
+        "lora_folded": lora_folded,
+        "loader": "AutoModelForCausalLM.from_pretrained" if form == "standard"
+        else "ppn_bayes.resize.load_resized",
+    }
+    _write_dir(out, base, tensors, cfg_out, {"keepset": keep.to_dict(), "inventory": inventory.to_dict(),
+                                             "report": report}, tokenizer, overwrite)
+    return report
+
+
+def _write_dir(out: Path, base: Path, tensors: dict[str, torch.Tensor], cfg: dict, manifest: dict,
+               tokenizer: bool, overwrite: bool) -> None:
+    """Write everything into a temporary sibling directory, then rename it into place."""
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if tokenizer:
+            for fname in TOKENIZER_FILES:
+                if (base / fname).is_file():
+                    shutil.copy2(base / fname, tmp / fname)
+        if out.exists() and overwrite:
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load_resized(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu") -> nn.Module:
+    """Load a resized checkpoint of either form as a ``transformers`` causal LM in eval mode.
+
+    Standard form: ``AutoModelForCausalLM.from_pretrained``. ``ppn_layer_shapes`` form: the model is
+    built on the meta device (no memory, no random init), each layer is cut to its saved shape with
+    :func:`~ppn_bayes.backbone.materialize.cut_layer` (so the module bookkeeping, such as head counts
+    and zero branches, matches the in-memory :func:`~ppn_bayes.backbone.materialize.materialize`), then
+    the saved tensors are assigned and non-persistent buffers (rotary frequencies) are recomputed.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} has no config.json; pass a directory written by ppn resize")
+    raw = json.loads((path / "config.json").read_text())
+    if SHAPES_KEY not in raw:
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    return _load_shaped(path, raw, dtype, torch.device(device))
+
+
+def _load_shaped(path: Path, raw: dict, dtype: torch.dtype | None, device: torch.device) -> nn.Module:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from ppn_bayes.backbone.materialize import cut_layer
+
+    config = AutoConfig.from_pretrained(path)
+    shapes = raw[SHAPES_KEY]
+    family = family_for(config)
+    dims = family.dims(config)
+    model = meta_model(config)
+    for layer, shape in zip(family.layers(model), shapes):
+        cut_layer(layer, family, config, dims, [int(h) for h in shape["heads"]],
+                  list(range(int(shape["channels"]))))
+    state = load_file(str(path / "model.safetensors"), device=str(device))
+    model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = _tied_names(model)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ModelError(f"{path} does not match its {SHAPES_KEY}: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}; re-export it with ppn resize")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _init_nonpersistent_buffers(model)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    keys = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+    return set(keys) | {"lm_head.weight"}
+
+
+def _init_nonpersistent_buffers(model: nn.Module) -> None:
+    """Recompute buffers that are not saved (rotary ``inv_freq``) with the model's own initializer."""
+    for module in model.modules():
+        if getattr(module, "_non_persistent_buffers_set", None) and not list(module.parameters(recurse=False)):
+            with torch.no_grad():
+                model._init_weights(module)
