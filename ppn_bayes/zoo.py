@@ -239,8 +239,12 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists()
 
 
-def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
-    """Alias, local directory or Hub id -> a local checkpoint directory (fetching on first use)."""
+def resolve_model(name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> Path:
+    """Alias, local directory or Hub id -> a local checkpoint directory (fetching on first use).
+
+    ``trust_remote_code`` only matters for Hub ids: without it a repository's ``*.py`` files are not
+    even downloaded.
+    """
     name = str(name_or_path).strip()
     if not name:
         raise ModelError("empty model name; pass a bundled alias (e.g. smollm2-135m), a directory or a Hub id")
@@ -256,7 +260,7 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
         if not path.is_dir():
             raise ModelError(f"model path {path} is a file; pass the directory that holds config.json")
         return path
-    return _snapshot(name)
+    return _snapshot(name, trust_remote_code=trust_remote_code)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -384,7 +388,7 @@ def load_model(
     from ppn_bayes.device import resolve_device
 
     target = resolve_device(device)
-    path = resolve_model(name_or_path)
+    path = resolve_model(name_or_path, trust_remote_code=trust_remote_code)
     check_checkpoint(path)
     try:
         with _quiet_transformers():
