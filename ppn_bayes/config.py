@@ -103,6 +103,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 50
     eval_every: int = 0  # 0 = only at the end
+    eval_lambdas: list[float] = field(default_factory=lambda: [0.25, 1.0])  # held-out loss at these prices too
+    eval_batch_size: int = 8
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun (WORLD_SIZE > 1); fsdp shards the weights
 
 
 @dataclass
@@ -237,6 +240,8 @@ def validate(recipe: Recipe) -> Recipe:
     need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)")
     need(t.weight_decay >= 0 and t.clip_grad >= 0 and t.warmup_steps >= 0 and t.eval_every >= 0,
          "train", "weight_decay, clip_grad, warmup_steps and eval_every must be >= 0")
+    need(all(x > 0 for x in t.eval_lambdas), "train.eval_lambdas", f"prices must be > 0, got {t.eval_lambdas}")
+    need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
          f"use auto, cpu, cuda or cuda:N, got {t.device!r}")
     return recipe
@@ -255,8 +260,8 @@ def recipe_from_dict(data: Any) -> Recipe:
     return validate(_build(Recipe, merged, ""))
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe (safe loader only)."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a YAML recipe (safe loader only), after ``section.key=value`` overrides."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} not found; pass a YAML file such as inference/smollm2-demo.yaml")
@@ -268,7 +273,41 @@ def load_recipe(path: str | Path) -> Recipe:
         raise ConfigError(f"recipe {path} is not valid YAML{where}; fix the syntax there") from None
     except UnicodeDecodeError:
         raise ConfigError(f"recipe {path} is not UTF-8 text; save it as UTF-8 YAML") from None
+    if overrides and (data is None or isinstance(data, dict)):
+        data = apply_overrides(data, overrides)
     return recipe_from_dict(data)
+
+
+def apply_overrides(data: dict | None, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (``--set train.steps=20``) to a parsed recipe mapping.
+
+    Each value is parsed with the safe YAML loader (``20`` is an int, ``[0.5, 1]`` a list, ``null`` None),
+    so an override is validated exactly like the same key written in the file.
+    """
+    out = _merge({}, data or {})
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not KEY=VALUE; write e.g. --set train.steps=20")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it") from None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section; sections are "
+                                  "model, units, prior, push, guide, data, train")
+            else:
+                child = node[part] = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return out
 
 
 def dump_recipe(recipe: Recipe) -> str:
