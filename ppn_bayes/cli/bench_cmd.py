@@ -1,0 +1,53 @@
+"""``ppn bench speed``: prefill/decode throughput and memory of dense vs resized models.
+
+Thin: parsing and printing only; the measurement is :func:`ppn_bayes.bench.speed_benchmark`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+HELP = "speed benchmarks of dense vs resized models"
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("bench", help=HELP, description=HELP)
+    sub = parser.add_subparsers(dest="bench_command", metavar="BENCH")
+    speed = sub.add_parser("speed", help="prefill and decode throughput and memory, each ratio next to its "
+                           "ideal from FLOPs")
+    speed.add_argument("--model", default="smollm2-135m", help="alias, local directory or Hub id")
+    speed.add_argument("--run", default=None, help="run directory whose keep-sets to use (default: the "
+                       "highest-norm layers, a layer-only keep-set that works on any model)")
+    speed.add_argument("--sizes", default="1.0,0.75,0.5", help="sizes (fraction of decoder params)")
+    speed.add_argument("--batch-sizes", default="1,8", help="batch sizes (default: 1,8)")
+    speed.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
+    speed.add_argument("--new-tokens", type=int, default=64, help="greedy decode steps (default: 64)")
+    speed.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    speed.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default: 1)")
+    speed.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    speed.add_argument("--json", action="store_true", help="print the result as JSON")
+    speed.add_argument("--plot", default=None, metavar="PNG", help="also write a plot of measured vs ideal")
+    speed.set_defaults(func=run_speed)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def run_speed(args: argparse.Namespace) -> int:
+    from ppn_bayes.bench import format_table, keepsets_for, parse_list, plot_speed, speed_benchmark
+    from ppn_bayes.device import resolve_device
+    from ppn_bayes.zoo import load_model
+
+    sizes = parse_list(args.sizes, float, "--sizes")
+    batches = parse_list(args.batch_sizes, int, "--batch-sizes")
+    device = resolve_device(args.device)
+    model, _ = load_model(args.model, device=device)
+    keepsets, inventory = keepsets_for(model, sizes, args.run)
+    result = speed_benchmark(model, keepsets, inventory, batch_sizes=batches, prompt_len=args.prompt_len,
+                             new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup)
+    result["model"] = args.model
+    result["keepsets"] = "run " + str(args.run) if args.run else "highest-norm layers"
+    if args.plot:
+        result["plot"] = str(plot_speed(result, args.plot))
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
