@@ -20,6 +20,7 @@ COMMANDS = [
     "compare",
     "bench",
     "speculate",
+    "fit",
 ]
 
 
