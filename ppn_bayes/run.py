@@ -1,0 +1,353 @@
+"""The run directory that ``ppn fit`` writes, its crash-safe checkpoint, and the :class:`Run` object.
+
+Layout of a run directory::
+
+    config.yaml            the resolved recipe (every key, preset applied): what the run *is*
+    manifest.json          library version, base model identity, status, steps done, inventory
+    metrics.jsonl          one JSON object per training step ("type": "train") and held-out evaluation
+    posterior.json, units/guide/push.safetensors     the model-free posterior (ppn_bayes.posterior)
+    weights.safetensors    weights: full  -> the trained decoder tensors, keyed by base parameter names
+    adapter.safetensors    weights: lora  -> "<module>.A" [r, in] / "<module>.B" [out, r]; rank/alpha metadata
+    checkpoint/            everything needed to resume: state.safetensors (guide, push, prior, trained
+                           weights), optimizer.pt, rng.safetensors, trainer.json
+
+Why it is crash-safe: every file outside ``checkpoint/`` is written to a temporary name in the same
+directory and renamed into place (``os.replace`` is atomic), and metrics lines are appended with one
+``write`` each. A checkpoint is a *directory* of files that must agree with each other, so it is
+written whole into ``checkpoint.tmp-<pid>/`` (each file fsynced), then ``checkpoint/`` is renamed to
+``checkpoint.old/``, the new one renamed to ``checkpoint/``, and only then is the old one deleted. At every
+instant one complete checkpoint exists (``checkpoint/``, or between the two renames
+``checkpoint.old/``); :func:`find_checkpoint` knows both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ppn_bayes.backbone.units import UnitInventory
+from ppn_bayes.config import Recipe, dump_recipe, load_recipe
+from ppn_bayes.errors import RunError
+from ppn_bayes.posterior import Posterior, atomic_save_tensors, atomic_write_bytes
+
+CONFIG, MANIFEST, METRICS = "config.yaml", "manifest.json", "metrics.jsonl"
+WEIGHTS, ADAPTER = "weights.safetensors", "adapter.safetensors"
+CHECKPOINT, CHECKPOINT_OLD = "checkpoint", "checkpoint.old"
+CKPT_FILES = ("state.safetensors", "rng.safetensors", "optimizer.pt", "trainer.json")
+FORMAT = 1
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------------------- small files
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing; pass a run directory written by `ppn fit`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"{path} is not valid JSON ({err}); resume the run (`ppn fit --resume`) to rewrite it") from None
+
+
+def write_config(run_dir: Path, recipe: Recipe) -> None:
+    atomic_write_bytes(Path(run_dir) / CONFIG, dump_recipe(recipe).encode())
+
+
+def update_manifest(run_dir: Path, **fields: Any) -> dict:
+    """Merge ``fields`` into ``manifest.json`` (atomically) and return the new manifest."""
+    path = Path(run_dir) / MANIFEST
+    manifest = read_json(path) if path.is_file() else {"format": FORMAT, "created": now()}
+    manifest.update(fields)
+    manifest["updated"] = now()
+    write_json(path, manifest)
+    return manifest
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    """One line per record, written with a single ``write`` to an append-only descriptor: a kill
+    cannot leave half a line (a regular-file write completes before a signal is delivered)."""
+    line = (json.dumps(record, default=float) + "\n").encode()
+    fd = os.open(Path(run_dir) / METRICS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """All parseable records of ``metrics.jsonl`` (an unparseable line is skipped, never fatal)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop records of steps after ``step`` (they will be replayed on resume)."""
+    kept = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= step]
+    data = "".join(json.dumps(r, default=float) + "\n" for r in kept)
+    atomic_write_bytes(Path(run_dir) / METRICS, data.encode())
+
+
+# ------------------------------------------------------------------------------------------ checkpoint
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], rng: dict[str, torch.Tensor],
+                    optimizer_state: dict, trainer: dict) -> None:
+    """Write a complete checkpoint next to the current one, then swap it in (see module docstring)."""
+    run_dir = Path(run_dir)
+    tmp = run_dir / f"{CHECKPOINT}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n", encoding="utf-8")
+    for name in CKPT_FILES:
+        _fsync_file(tmp / name)
+    _fsync_dir(tmp)
+    current, old = run_dir / CHECKPOINT, run_dir / CHECKPOINT_OLD
+    if current.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(current, old)
+    os.replace(tmp, current)
+    _fsync_dir(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint of a run: ``checkpoint/``, else ``checkpoint.old/`` (a swap was cut short)."""
+    for name in (CHECKPOINT, CHECKPOINT_OLD):
+        path = Path(run_dir) / name
+        if path.is_dir() and all((path / f).is_file() for f in CKPT_FILES):
+            return path
+    return None
+
+
+def clean_stale(run_dir: Path) -> None:
+    """Remove half-written checkpoint directories and temporary files left by a killed run."""
+    run_dir = Path(run_dir)
+    for path in run_dir.glob(f"{CHECKPOINT}.tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    if (run_dir / CHECKPOINT).is_dir() and find_checkpoint(run_dir) == run_dir / CHECKPOINT:
+        shutil.rmtree(run_dir / CHECKPOINT_OLD, ignore_errors=True)
+    known = (CONFIG, MANIFEST, METRICS, WEIGHTS, ADAPTER, "posterior.json", "units.safetensors",
+             "guide.safetensors", "push.safetensors")
+    for path in run_dir.iterdir():  # atomic_write_bytes / atomic_save_tensors temp names: ".<name>.<random>"
+        if path.is_file() and any(path.name.startswith(f".{k}.") for k in known):
+            path.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """``{"tensors", "rng", "optimizer", "trainer"}`` of a checkpoint directory (one-line errors)."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path / "state.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        trainer = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+    except (OSError, SafetensorError, RuntimeError, ValueError, EOFError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise RunError(f"checkpoint {path} is unreadable ({reason}); delete it to restart the run from scratch") from None
+    return {"tensors": tensors, "rng": rng, "optimizer": optimizer, "trainer": trainer}
+
+
+# ----------------------------------------------------------------------------------------------- exports
+
+
+def save_weights(run_dir: Path, mode: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                 ) -> None:
+    """``weights.safetensors`` (full) or ``adapter.safetensors`` (lora); nothing for frozen weights."""
+    if mode == "full":
+        atomic_save_tensors(tensors, Path(run_dir) / WEIGHTS, metadata={"format": "ppn-weights"})
+    elif mode == "lora":
+        atomic_save_tensors(tensors, Path(run_dir) / ADAPTER, metadata=metadata)
+
+
+# ------------------------------------------------------------------------------------------------ the Run
+
+
+class Run:
+    """A run directory, opened for reading: the recipe, manifest, posterior, metrics and trained model.
+
+    Light on purpose: opening a run reads two small files; the posterior, metrics and model are
+    loaded on first use. Analysis methods (keep-sets, inclusion, arviz, plots) are added by their
+    own modules and only need :attr:`posterior`, :attr:`inventory` and :meth:`load_model`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise RunError(f"run directory {self.path} does not exist; pass a directory written by `ppn fit`")
+        self.manifest: dict = read_json(self.path / MANIFEST)
+        self.recipe: Recipe = load_recipe(self.path / CONFIG)
+        self._posterior: Posterior | None = None
+
+    def __repr__(self) -> str:
+        return (f"Run({str(self.path)!r}, status={self.status!r}, steps={self.manifest.get('steps_done')}, "
+                f"base={self.manifest.get('base', {}).get('name')!r})")
+
+    # --------------------------------------------------------------- facts
+    @property
+    def status(self) -> str:
+        return str(self.manifest.get("status", "unknown"))
+
+    @property
+    def inventory(self) -> UnitInventory:
+        return self.posterior.inventory
+
+    @property
+    def posterior(self) -> Posterior:
+        if self._posterior is None:
+            self._posterior = Posterior.from_dir(self.path)
+        return self._posterior
+
+    @property
+    def metrics(self) -> list[dict]:
+        """Every record of ``metrics.jsonl`` (training steps and held-out evaluations)."""
+        return read_metrics(self.path)
+
+    def train_metrics(self) -> list[dict]:
+        return [r for r in self.metrics if r.get("type") == "train"]
+
+    def eval_metrics(self) -> list[dict]:
+        return [r for r in self.metrics if r.get("type") == "eval"]
+
+    # -------------------------------------------------------- base model
+    def base_path(self) -> Path:
+        """The base checkpoint directory: where it was at training time, else resolved from the recipe."""
+        recorded = self.manifest.get("base", {}).get("path")
+        if recorded and Path(recorded).is_dir():
+            return Path(recorded)
+        from ppn_bayes.zoo import resolve_model
+
+        return resolve_model(self.recipe.model.name, trust_remote_code=self.recipe.model.trust_remote_code)
+
+    def check_base(self, model_path: str | os.PathLike[str]) -> None:
+        """Raise a RunError unless ``model_path`` is the base model this run was trained on."""
+        from ppn_bayes.zoo import model_identity
+
+        want = self.manifest.get("base", {})
+        have = model_identity(model_path)
+        for key in ("config_sha256", "weights_sha256"):
+            if want.get(key) and want[key] != have[key]:
+                raise RunError(f"run {self.path} was trained on {want.get('name')!r} but {model_path} is "
+                               f"{have['name']!r} ({key.split('_')[0]} hash differs); pass the run's own base model")
+
+    def load_model(self, device: str = "cpu", merge: bool = True):
+        """The trained network as a :class:`~ppn_bayes.backbone.gated.GatedLM` (no gates set).
+
+        The base model is loaded from the manifest's path, checked against its hashes, and the run's
+        trained weights are applied: ``weights.safetensors`` replaces decoder tensors; the adapter is
+        merged into the projections (``merge=False`` keeps it as hooks, see :mod:`ppn_bayes.lora`).
+        The push's amplitude corrections and thresholds are in ``self.posterior.push``.
+        """
+        from ppn_bayes.backbone.gated import gate
+        from ppn_bayes.lora import LoRA
+        from ppn_bayes.zoo import load_model
+
+        path = self.base_path()
+        self.check_base(path)
+        dtype = getattr(torch, self.recipe.model.dtype)
+        model, _ = load_model(path, dtype=dtype, device=device, trust_remote_code=self.recipe.model.trust_remote_code)
+        units = self.recipe.units
+        gated = gate(model, group_size=units.group_size, kinds=tuple(units.kinds))
+        mode = self.recipe.train.weights
+        if mode == "full":
+            apply_full_weights(model, _load(self.path / WEIGHTS))
+        elif mode == "lora":
+            tensors = _load(self.path / ADAPTER)
+            lora = LoRA(gated, rank=self.recipe.train.lora_rank, alpha=self.recipe.train.lora_alpha)
+            lora.load_state(tensors)
+            if merge:
+                lora.merge()
+            else:
+                gated.lora = lora  # keep the adapter (and its hooks) alive with the model
+        return gated
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.base_path(), trust_remote_code=self.recipe.model.trust_remote_code)
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise RunError(f"{path} is missing; the run has not reached its first checkpoint yet (resume it)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise RunError(f"{path} is unreadable ({str(err).splitlines()[0]}); resume the run to rewrite it") from None
+
+
+@torch.no_grad()
+def apply_full_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy trained decoder tensors (keyed by base parameter names) into ``model``."""
+    params = dict(model.named_parameters())
+    unknown = [k for k in tensors if k not in params]
+    if unknown:
+        raise RunError(f"trained weight {unknown[0]!r} is not a parameter of the base model; "
+                       "the run belongs to another architecture")
+    for name, value in tensors.items():
+        params[name].copy_(value.to(params[name].dtype))
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Open a run directory written by :func:`ppn_bayes.train.fit`."""
+    return Run(path)
+
+
+def recipe_fields_changed(old: Recipe, new: Recipe) -> list[str]:
+    """Keys outside ``train`` (and ``name``) that differ: these define the model and cannot change on resume."""
+    a, b = dataclasses.asdict(old), dataclasses.asdict(new)
+    out = []
+    for section in ("preset", "model", "units", "prior", "push", "guide", "data"):
+        if isinstance(a[section], dict):
+            out += [f"{section}.{k}" for k in a[section] if a[section][k] != b[section][k] and k != "val_blocks"]
+        elif a[section] != b[section]:
+            out.append(section)
+    for key in ("weights", "lora_rank", "lora_alpha", "tempering"):
+        if a["train"][key] != b["train"][key]:
+            out.append(f"train.{key}")
+    return out

@@ -1,0 +1,661 @@
+"""The SVI loop: the guide, the push and the LM's weights, optimized jointly by one ELBO.
+
+``fit(recipe)`` builds the Pyro model (:class:`~ppn_bayes.model.PPNModel`) around a gated base model,
+the guide over the score latents, optionally LoRA adapters or the full decoder weights, and runs SVI
+with AdamW. Choices, and why:
+
+* **Per-token objective.** The loss is ``-ELBO / N_tokens`` (``N_tokens`` = the training set's predicted
+  tokens). It has the same gradients' *direction* as ``-ELBO`` but an O(1) scale, so learning rates and
+  gradient clipping mean the same thing for a 100k-token demo and a 5B-token run.
+* **The ELBO is computed term by term** (:func:`elbo_terms`, the same sums that ``Trace_ELBO`` forms for
+  reparameterized sites; a test checks they agree): the ``tokens`` factor (likelihood), the ``compute``
+  factor (the push's price) and ``kl`` (``log q - log p`` of the score latents). Each term is checked
+  for NaN/inf at every step, as is each parameter group's gradient norm, so a failure names its cause.
+* **Noise is a function of (seed, step).** Before every micro-batch the torch RNG (guide samples) and
+  the model's lambda/mask generator are re-seeded from ``(seed, step)``, and the batch's sequences are
+  a pure function of ``(seed, step)`` too (a seeded permutation per epoch). Hence a resumed run replays
+  exactly what an uninterrupted one does; gradient accumulation over micro-batches that share one
+  draw of lambda, masks and latents is exactly a larger batch; and data-parallel ranks (each with its
+  shard of the global batch, the plate given the full data set size) reproduce a single process.
+* **Parameter groups**: ``guide`` (lr_guide), ``push`` (splines, amplitudes, score levels; lr_push),
+  ``weights`` (LoRA adapters or the decoder's matrices; lr_weights and weight decay) and
+  ``weights_nodecay`` (the decoder's norms and biases). Only ``weights`` decays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyro
+import torch
+import torch.distributed as dist
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+from torch import nn
+
+from ppn_bayes import run as rundir
+from ppn_bayes.config import Recipe, apply_overrides, dump_recipe, load_recipe, recipe_from_dict
+from ppn_bayes.errors import ConfigError, NumericalError, RunError
+
+GROUPS = ("guide", "push", "weights", "weights_nodecay")
+
+
+# --------------------------------------------------------------------------------- noise and data order
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A well-mixed 63-bit seed for optimizer step ``step`` (numpy's SeedSequence hashing); ``stream``
+    separates independent uses (0: the step's noise, 1: the data order)."""
+    state = np.random.SeedSequence([int(seed), int(stream), int(step)]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+def batch_indices(seed: int, step: int, micro: int, grad_accum: int, batch_size: int, num_sequences: int
+                  ) -> torch.Tensor:
+    """The training-set indices of micro-batch ``micro`` of step ``step``: positions run through one
+    seeded permutation per epoch, so every sequence is seen once per epoch and the order is replayable."""
+    start = (step * grad_accum + micro) * batch_size
+    pos = torch.arange(start, start + batch_size)
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in pos.div(num_sequences, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(num_sequences, generator=torch.Generator().manual_seed(step_seed(seed, epoch, stream=1)))
+        sel = pos.div(num_sequences, rounding_mode="floor") == epoch
+        out[sel] = perm[pos[sel] % num_sequences]
+    return out
+
+
+def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warmup over ``warmup`` steps, then constant or cosine decay to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------------------- the ELBO
+
+
+def elbo_terms(model: Callable, guide: Callable, *args, **kwargs) -> dict[str, torch.Tensor]:
+    """One-particle ELBO split into its terms: ``tokens``, ``compute``, ``kl`` and ``elbo``.
+
+    Same construction as ``Trace_ELBO`` for reparameterized guides: trace the guide, replay the model
+    against it, and sum the (plate-scaled) log densities. ``kl`` is the single-sample estimate
+    ``log q(z) - log p(z)`` of the score latents (``elbo = tokens + compute - kl``).
+    """
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    zero = torch.zeros(())
+    tokens, compute, logp, logq = zero, zero, zero, zero
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if name == "tokens":
+            tokens = tokens + site["log_prob_sum"]
+        elif name == "compute":
+            compute = compute + site["log_prob_sum"]
+        else:  # latent sites (and deterministic ones, whose log density is masked to 0)
+            logp = logp + site["log_prob_sum"]
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample":
+            logq = logq + site["log_prob_sum"]
+    kl = logq - logp
+    return {"tokens": tokens, "compute": compute, "kl": kl, "elbo": tokens + compute - kl}
+
+
+class Objective(nn.Module):
+    """Everything that is trained, in one module (what DDP/FSDP wrap); ``forward`` gives the ELBO terms
+    and ``loss = -ELBO / N_tokens``."""
+
+    def __init__(self, model: nn.Module, guide: nn.Module, lora: nn.Module | None = None):
+        super().__init__()
+        self.model, self.guide, self.lora = model, guide, lora
+
+    def forward(self, input_ids: torch.Tensor, subsample: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = elbo_terms(self.model, self.guide, input_ids, subsample=subsample)
+        terms["loss"] = -terms["elbo"] / self.model.num_tokens
+        return terms
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+@dataclass
+class Session:
+    """The live objects of one training process."""
+
+    recipe: Recipe
+    run_dir: Path
+    device: torch.device
+    rank: int
+    world: int
+    base_path: Path
+    gated: Any
+    ppn: Any
+    guide: nn.Module
+    lora: Any
+    objective: Objective
+    wrapped: nn.Module
+    train_blocks: torch.Tensor
+    val_blocks: torch.Tensor
+    groups: dict[str, list[nn.Parameter]]
+    named_weights: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    seconds: float = 0.0
+    callbacks: list = field(default_factory=list)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether we started the process group) from torchrun's environment."""
+    from ppn_bayes.device import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, resolve_device(device_name), False
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    started = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        started = True
+    return dist.get_rank(), dist.get_world_size(), device, started
+
+
+def _checkpointing_context(gated) -> Callable:
+    """``context_fn`` for non-reentrant activation checkpointing: the recomputation in the backward pass
+    runs after :meth:`GatedLM.gates` has been exited, so it must see the gates of the forward pass again."""
+
+    def context_fn():
+        snapshot = gated.current_gates()
+        return contextlib.nullcontext(), gated.gates(**snapshot)
+
+    return context_fn
+
+
+def _setup_weights(recipe: Recipe, gated, seed: int):
+    """Freeze the base model, then make trainable what the weights mode says; returns
+    ``(lora, {export name: param})``."""
+    from ppn_bayes.lora import LoRA
+
+    model = gated.model
+    model.requires_grad_(False)
+    mode = recipe.train.weights
+    if mode == "lora":
+        return LoRA(gated, rank=recipe.train.lora_rank, alpha=recipe.train.lora_alpha, seed=seed), {}
+    named: dict[str, nn.Parameter] = {}
+    if mode == "full":
+        for i, layer in enumerate(gated.family.layers(model)):
+            for name, p in layer.named_parameters():
+                p.requires_grad_(True)
+                named[gated.family.layer_prefix(i) + name] = p
+    return None, named
+
+
+def _param_groups(recipe: Recipe, ppn, guide, lora, named_weights) -> dict[str, list[nn.Parameter]]:
+    push = [p for n, p in ppn.named_parameters() if not n.startswith("gated.")]
+    if lora is not None:
+        weights, nodecay = list(lora.parameters()), []
+    else:
+        weights = [p for p in named_weights.values() if p.ndim >= 2]
+        nodecay = [p for p in named_weights.values() if p.ndim < 2]
+    groups = {"guide": list(guide.parameters()), "push": push, "weights": weights, "weights_nodecay": nodecay}
+    return {k: v for k, v in groups.items() if v}
+
+
+def _group_hparams(recipe: Recipe, name: str) -> dict[str, Any]:
+    t = recipe.train
+    lr = {"guide": t.lr_guide, "push": t.lr_push}.get(name, t.lr_weights)
+    return {"base_lr": lr, "lr": lr, "weight_decay": t.weight_decay if name == "weights" else 0.0,
+            "betas": tuple(t.betas)}
+
+
+def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: torch.device | None = None
+          ) -> Session:
+    """Load the base model and data and build model, guide, adapters, optimizer (one process's share)."""
+    from ppn_bayes.backbone.gated import gate
+    from ppn_bayes.data import token_blocks
+    from ppn_bayes.guides import make_guide
+    from ppn_bayes.model import PPNModel
+    from ppn_bayes.zoo import load_model, resolve_model
+
+    t = recipe.train
+    device = device or torch.device("cpu")
+    if t.batch_size % world:
+        raise ConfigError(f"train.batch_size {t.batch_size} is the global batch and must be divisible by the "
+                          f"{world} processes; use a multiple of {world}")
+    base_path = resolve_model(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
+    model, tokenizer = load_model(base_path, dtype=getattr(torch, recipe.model.dtype), device=device,
+                                  trust_remote_code=recipe.model.trust_remote_code)
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    d = recipe.data
+    train_blocks = token_blocks(tokenizer, "train", d.block_size, d.corpus, max_blocks=d.train_blocks, max_context=ctx)
+    val_blocks = token_blocks(tokenizer, "validation", d.block_size, d.corpus, max_blocks=d.val_blocks, max_context=ctx)
+    if train_blocks.shape[0] < t.batch_size:
+        raise ConfigError(f"train.batch_size {t.batch_size} exceeds the {train_blocks.shape[0]} training blocks; "
+                          "lower it or use more data")
+    gated = gate(model, group_size=recipe.units.group_size, kinds=tuple(recipe.units.kinds))
+    torch.manual_seed(t.seed)  # the guide's init_to_median draws from the prior
+    ppn = PPNModel(gated, recipe.prior, recipe.push, num_sequences=train_blocks.shape[0],
+                   tokens_per_sequence=d.block_size, tempering=t.tempering).to(device)
+    guide = make_guide(ppn.prior, recipe.guide).to(device)
+    lora, named = _setup_weights(recipe, gated, t.seed)
+    gated.model.train()  # activation checkpointing in transformers only runs in train mode
+    if t.grad_checkpointing:
+        gated.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": _checkpointing_context(gated)})
+    generator = torch.Generator()
+    ppn.set_generator(generator)
+    objective = Objective(ppn, guide, lora)
+    wrapped: nn.Module = objective
+    if world > 1:
+        wrapped = _wrap_distributed(objective, recipe, device, gated)
+    groups = _param_groups(recipe, ppn, guide, lora, named)
+    optimizer = torch.optim.AdamW([{"params": ps, "name": n, **_group_hparams(recipe, n)} for n, ps in groups.items()],
+                                  lr=t.lr_guide, betas=tuple(t.betas), eps=1e-8)
+    return Session(recipe, Path(run_dir), device, rank, world, base_path, gated, ppn, guide, lora, objective,
+                   wrapped, train_blocks, val_blocks, groups, named, optimizer, generator)
+
+
+def _wrap_distributed(objective: Objective, recipe: Recipe, device: torch.device, gated) -> nn.Module:
+    """DDP (default) or FSDP (``train.distributed: fsdp``: decoder layers sharded, for big models)."""
+    if recipe.train.distributed == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        layer_cls = {type(layer) for layer in gated.family.layers(gated.model)}
+        return FSDP(objective, auto_wrap_policy=ModuleWrapPolicy(layer_cls), use_orig_params=True,
+                    device_id=device if device.type == "cuda" else None, sync_module_states=True)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # Unused parameters are normal: the push's splines get no gradient on dense (lambda = 0) steps.
+    return DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=True, broadcast_buffers=False)
+
+
+# ------------------------------------------------------------------------------- state in and out
+
+
+def _full_params(s: Session):
+    """FSDP keeps shards; gather full parameters for saving (a no-op context otherwise)."""
+    if s.world > 1 and s.recipe.train.distributed == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.summon_full_params(s.wrapped, writeback=False)
+    return contextlib.nullcontext()
+
+
+def trained_weights(s: Session) -> dict[str, torch.Tensor]:
+    """What ``weights.safetensors``/``adapter.safetensors`` hold (base names; adapters' A and B)."""
+    if s.lora is not None:
+        return {k: v.detach().cpu().clone() for k, v in s.lora.state().items()}
+    return {k: p.detach().cpu().clone() for k, p in s.named_weights.items()}
+
+
+def state_tensors(s: Session) -> dict[str, torch.Tensor]:
+    out = {f"guide.{k}": v for k, v in s.guide.state_dict().items()}
+    out.update({f"model.{k}": v for k, v in s.ppn.state_dict().items() if not k.startswith("gated.")})
+    prefix = "lora." if s.lora is not None else "weights."
+    out.update({prefix + k: v for k, v in trained_weights(s).items()})
+    return {k: v.detach().cpu().clone().contiguous() for k, v in out.items()}
+
+
+@torch.no_grad()
+def restore(s: Session, ckpt: dict[str, Any]) -> int:
+    """Load a checkpoint into the session; returns the step it was taken at."""
+    tensors = ckpt["tensors"]
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    if part("guide."):
+        s.guide.load_state_dict(part("guide."))
+    s.ppn.load_state_dict({**s.ppn.state_dict(), **part("model.")})
+    if s.lora is not None:
+        s.lora.load_state(part("lora."))
+    for name, value in part("weights.").items():
+        s.named_weights[name].copy_(value)
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    for group in s.optimizer.param_groups:  # the recipe may have changed LRs (e.g. after a NaN)
+        group.update(_group_hparams(s.recipe, group["name"]))
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch_cpu"])
+    s.generator.set_state(rng["model_generator"])
+    s.seconds = float(ckpt["trainer"].get("seconds", 0.0))
+    return int(ckpt["trainer"]["step"])
+
+
+def _optimizer_state(s: Session) -> dict:
+    if s.world > 1 and s.recipe.train.distributed == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.optim_state_dict(s.wrapped, s.optimizer)
+    return s.optimizer.state_dict()
+
+
+def save(s: Session, step: int) -> None:
+    """Exports (posterior, weights/adapter) and the resumable checkpoint; rank 0 writes."""
+    from ppn_bayes.posterior import save_posterior
+
+    r = s.recipe
+    with _full_params(s):
+        tensors = state_tensors(s) if s.main else {}
+        weights = trained_weights(s) if s.main and r.train.weights != "frozen" else {}
+        if s.main:
+            save_posterior(s.run_dir, s.ppn.prior, s.ppn.push, s.guide, r.prior, r.push, r.guide, r.train.tempering)
+    opt = _optimizer_state(s)
+    if s.main:
+        meta = s.lora.metadata() if s.lora is not None else None
+        rundir.save_weights(s.run_dir, r.train.weights, weights, meta)
+        rng = {"torch_cpu": torch.get_rng_state(), "model_generator": s.generator.get_state()}
+        trainer = {"step": step, "seconds": s.seconds, "world_size": s.world,
+                   "recipe_sha256": hashlib.sha256(dump_recipe(r).encode()).hexdigest()}
+        rundir.save_checkpoint(s.run_dir, tensors, rng, opt, trainer)
+        rundir.update_manifest(s.run_dir, steps_done=step, checkpoint_step=step)
+    _barrier(s)
+
+
+def _barrier(s: Session) -> None:
+    if s.world > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def median_scores(ppn, guide) -> dict[str, torch.Tensor]:
+    """Unit scores at the guide's median (deterministic: what the held-out evaluation prunes by)."""
+    med = guide.median()
+    tr = poutine.trace(poutine.condition(ppn.prior, data=med)).get_trace()
+    return {k: tr.nodes[f"score_{k}"]["value"] for k in ppn.inventory.kinds}
+
+
+@torch.no_grad()
+def heldout(gated, ppn, guide, blocks: torch.Tensor, lambdas: list[float], batch_size: int = 8,
+            autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Held-out NLL per token of the dense network and of the hard sub-network at each price.
+
+    At price ``lambda`` a unit is kept when its own inclusion probability at the median scores is
+    above 1/2 (nesting applied), with the amplitude corrections of that price; ``size`` is the kept
+    fraction of decoder FLOPs (exact, GQA-aware).
+    """
+    from ppn_bayes.evaluate import perplexity
+
+    out: dict[str, Any] = {"dense": perplexity(gated, blocks, batch_size, autocast_dtype=autocast_dtype)["nll"],
+                           "lambdas": []}
+    scores = median_scores(ppn, guide)
+    for lam in lambdas:
+        own = ppn.push.unnest(ppn.push.inclusion(scores, lam))
+        masks = {k: (v > 0.5).to(v.dtype) for k, v in own.items()}
+        keep = ppn.inventory.keepset_from_masks({k: v.cpu() for k, v in ppn.push.nest(masks).items()})
+        size = ppn.inventory.size_of(keep, "flops")
+        with gated.gates(**ppn.push.gates(masks, lam)):
+            nll = perplexity(gated, blocks, batch_size, autocast_dtype=autocast_dtype)["nll"]
+        out["lambdas"].append({"lambda": float(lam), "loss": nll, "size": size})
+    return out
+
+
+def evaluate(s: Session, step: int) -> dict | None:
+    record = None
+    if s.world > 1 and s.recipe.train.distributed == "fsdp":
+        # Sharded layers cannot run outside their FSDP wrapper; evaluate the finished run instead
+        # (Run.load_model), which holds the whole model.
+        return None
+    if s.main:
+        t = s.recipe.train
+        amp = torch.bfloat16 if t.bf16 else None
+        with _full_params(s):
+            res = heldout(s.gated, s.ppn, s.guide, s.val_blocks.to(s.device), t.eval_lambdas, t.eval_batch_size, amp)
+        s.gated.model.train()
+        record = {"type": "eval", "step": step, **res, "seconds": s.seconds}
+        rundir.append_metrics(s.run_dir, record)
+    _barrier(s)
+    return record
+
+
+# ------------------------------------------------------------------------------------- one step
+
+
+def _fork_rng(device: torch.device):
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def _reduce_mean(s: Session, values: dict[str, float]) -> dict[str, float]:
+    if s.world <= 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=s.device)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / s.world).tolist()))
+
+
+def _check_terms(s: Session, terms: dict[str, float], step: int) -> None:
+    bad = [f"{k}={terms[k]}" for k in ("tokens", "compute", "kl") if not math.isfinite(terms[k])]
+    if bad:
+        raise NumericalError(
+            f"non-finite ELBO term at step {step}: {', '.join(bad)} (tokens = likelihood, compute = the push's "
+            f"price, kl = score prior vs guide); the last good checkpoint is kept: resume with a lower learning "
+            f"rate, e.g. ppn fit --resume --out {s.run_dir} --set train.lr_guide={s.recipe.train.lr_guide / 4:g} "
+            f"--set train.lr_weights={s.recipe.train.lr_weights / 4:g}")
+
+
+def _grad_norms(s: Session, step: int) -> dict[str, float]:
+    norms = {}
+    for name, params in s.groups.items():
+        for p in params:
+            if p.grad is None:  # unused this step (e.g. the splines on a dense step): a zero gradient
+                p.grad = torch.zeros_like(p)
+        norms[name] = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+    bad = [f"{k}={v}" for k, v in norms.items() if not math.isfinite(v)]
+    if bad:
+        lr_key = {"guide": "lr_guide", "push": "lr_push"}.get(bad[0].split("=")[0], "lr_weights")
+        raise NumericalError(
+            f"non-finite gradient at step {step} in parameter group {', '.join(bad)}; the last good checkpoint "
+            f"is kept: resume with a lower learning rate, e.g. ppn fit --resume --out {s.run_dir} "
+            f"--set train.{lr_key}={getattr(s.recipe.train, lr_key) / 4:g}")
+    return norms
+
+
+def train_step(s: Session, step: int) -> dict[str, Any]:
+    """One optimizer step (``grad_accum`` micro-batches sharing one draw of the noise); returns its record."""
+    t = s.recipe.train
+    seed = step_seed(t.seed, step)
+    per_rank = t.batch_size // s.world
+    amp = torch.bfloat16 if t.bf16 else None
+    from ppn_bayes.device import autocast_context
+
+    sums = {"tokens": 0.0, "compute": 0.0, "kl": 0.0, "loss": 0.0, "token_loss": 0.0}
+    tic = time.perf_counter()
+    for micro in range(t.grad_accum):
+        idx = batch_indices(t.seed, step, micro, t.grad_accum, t.batch_size, s.train_blocks.shape[0])
+        mine = idx[s.rank * per_rank:(s.rank + 1) * per_rank]
+        ids = s.train_blocks[mine].to(s.device, non_blocking=True)
+        sync = (micro == t.grad_accum - 1) or s.world == 1 or not hasattr(s.wrapped, "no_sync")
+        with _fork_rng(s.device), (contextlib.nullcontext() if sync else s.wrapped.no_sync()):
+            torch.manual_seed(seed)
+            s.generator.manual_seed(seed ^ 0x5DEECE66D)
+            with autocast_context(s.device, amp):
+                terms = s.wrapped(ids, mine.to(s.device))
+            values = _reduce_mean(s, {k: float(terms[k].detach()) for k in ("tokens", "compute", "kl", "loss")}
+                                  | {"token_loss": s.ppn.last.token_loss})
+            _check_terms(s, values, step + 1)
+            (terms["loss"] / t.grad_accum).backward()
+        for k in sums:
+            sums[k] += values[k] / t.grad_accum
+    norms = _grad_norms(s, step + 1)
+    params = [p for ps in s.groups.values() for p in ps]
+    total_norm = float(torch.linalg.vector_norm(torch.tensor(list(norms.values()))))
+    if t.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
+    mult = lr_multiplier(step, t.steps, t.warmup_steps, t.schedule)
+    for group in s.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * mult
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.seconds += time.perf_counter() - tic
+    info = s.ppn.last
+    return {"type": "train", "step": step + 1, "elbo": -sums["loss"], "token_loss": sums["token_loss"],
+            "kl": sums["kl"] / s.ppn.num_tokens, "compute": sums["compute"] / s.ppn.num_tokens,
+            "lambda": info.lam, "sampled_size": info.sampled_size, "expected_size": info.expected_size,
+            "lr": {g["name"]: g["lr"] for g in s.optimizer.param_groups}, "grad_norm": total_norm,
+            "grad_norms": norms, "seconds": s.seconds}
+
+
+# -------------------------------------------------------------------------------------- the run
+
+
+def resolve_recipe(recipe: Recipe | str | os.PathLike | None, run_dir: Path | None, resume: bool,
+                   overrides: list[str] | None = None) -> Recipe:
+    """The recipe to run: the given one (file or object) with overrides; on resume without one, the
+    run's own snapshot. On resume the model-defining keys must match the snapshot."""
+    overrides = list(overrides or [])
+    snapshot = run_dir / rundir.CONFIG if run_dir is not None else None
+    if recipe is None:
+        if not (resume and snapshot is not None and snapshot.is_file()):
+            raise ConfigError("no recipe given; pass a recipe YAML (e.g. inference/smollm2-demo.yaml), or "
+                              "--resume with --out pointing at an existing run")
+        out = load_recipe(snapshot, overrides)
+    elif isinstance(recipe, Recipe):
+        out = recipe_from_dict(apply_overrides(recipe.to_dict(), overrides)) if overrides else recipe
+    else:
+        out = load_recipe(recipe, overrides)
+    if resume and snapshot is not None and snapshot.is_file() and recipe is not None:
+        changed = rundir.recipe_fields_changed(load_recipe(snapshot), out)
+        if changed:
+            raise RunError(f"cannot resume {run_dir} with a different {changed[0]} (it defines the model); "
+                           "resume without the recipe, or start a new run with another --out")
+    return out
+
+
+def _prepare_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
+    if (run_dir / rundir.MANIFEST).is_file() and not resume:
+        raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.clean_stale(run_dir)
+    rundir.write_config(run_dir, recipe)
+
+
+def _manifest_start(s: Session) -> None:
+    from ppn_bayes.version import __version__
+    from ppn_bayes.zoo import model_identity
+
+    r = s.recipe
+    rundir.update_manifest(
+        s.run_dir, library={"name": "ppn-bayes", "version": __version__, "torch": torch.__version__,
+                            "pyro": pyro.__version__},
+        recipe={"name": r.name, "preset": r.preset}, base=model_identity(s.base_path), weights=r.train.weights,
+        tempering=r.train.tempering, num_sequences=s.ppn.num_sequences, num_tokens=s.ppn.num_tokens,
+        block_size=r.data.block_size, inventory=s.ppn.inventory.describe(), world_size=s.world,
+        device=str(s.device), steps_total=r.train.steps, status="running", error=None, final_eval=False)
+
+
+def fit(recipe: Recipe | str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+        resume: bool = False, progress: bool = True, overrides: list[str] | None = None,
+        callbacks: list[Callable[[Session, int], None]] | None = None) -> "rundir.Run":
+    """Train a push puppet network from a recipe and return the finished :class:`~ppn_bayes.run.Run`.
+
+    ``recipe``: a :class:`Recipe`, a YAML path, or ``None`` to resume ``out`` from its snapshot.
+    ``out``: the run directory (default ``runs/<recipe name>``). ``resume``: continue from the last
+    checkpoint in ``out`` (starts fresh if there is none). ``overrides``: ``["train.steps=20", ...]``.
+    ``callbacks``: functions ``(session, step)`` called before each step (tests use them to inject faults).
+    Under ``torchrun`` every rank calls this; rank 0 writes the run directory.
+    """
+    run_dir = Path(out) if out is not None else None
+    r = resolve_recipe(recipe, run_dir, resume, overrides)
+    run_dir = run_dir or Path("runs") / r.name
+    rank, world, device, started = init_distributed(r.train.device)
+    try:
+        if rank == 0:
+            _prepare_dir(run_dir, r, resume)
+        if world > 1:
+            dist.barrier()
+        return _fit(r, run_dir, rank, world, device, resume, progress, callbacks or [])
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, resume: bool, progress: bool,
+         callbacks: list) -> "rundir.Run":
+    s = build(r, run_dir, rank, world, device)
+    ckpt_dir = rundir.find_checkpoint(run_dir) if resume else None
+    start = restore(s, rundir.load_checkpoint(ckpt_dir)) if ckpt_dir is not None else 0
+    if s.main:
+        rundir.truncate_metrics(run_dir, start)
+        _manifest_start(s)
+        rundir.update_manifest(run_dir, steps_done=start)
+    _barrier(s)
+    t = r.train
+    if start == 0:
+        evaluate(s, 0)
+    bar = _progress(progress and s.main, t.steps, start)
+    step = start
+    try:
+        for step in range(start, t.steps):
+            for cb in callbacks:
+                cb(s, step)
+            record = train_step(s, step)
+            if s.main:
+                rundir.append_metrics(run_dir, record)
+            _update_bar(bar, record, t.log_every)
+            done = step + 1
+            if t.eval_every and done % t.eval_every == 0 and done < t.steps:
+                evaluate(s, done)
+            if done % t.checkpoint_every == 0 or done == t.steps:
+                save(s, done)
+        already = start >= t.steps and rundir.read_json(run_dir / rundir.MANIFEST).get("final_eval")
+        if not already:
+            if start >= t.steps and ckpt_dir is None:
+                save(s, t.steps)
+            evaluate(s, t.steps)
+    except BaseException as err:
+        if s.main:
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            rundir.update_manifest(run_dir, status=status, error=str(err) or type(err).__name__)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if s.main:
+        rundir.update_manifest(run_dir, status="finished", steps_done=t.steps, error=None, final_eval=True)
+    _barrier(s)
+    return rundir.load_run(run_dir)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="ppn fit", unit="step", dynamic_ncols=True)
+
+
+def _update_bar(bar, record: dict, every: int) -> None:
+    if bar is None:
+        return
+    bar.update(1)
+    if record["step"] % every == 0 or record["step"] == bar.total:
+        bar.set_postfix(elbo=f"{record['elbo']:.3f}", tok=f"{record['token_loss']:.3f}",
+                        lam=f"{record['lambda']:.2f}", size=f"{record['sampled_size']:.2f}",
+                        E_size=f"{record['expected_size']:.2f}", refresh=False)
