@@ -24,14 +24,15 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ppn_bayes.backbone.materialize import materialize
-from ppn_bayes.baselines import NestedKeepSets, UnstructuredResult, check_blocks, check_sizes
+from ppn_bayes.baselines import NestedKeepSets, UnstructuredResult, check_blocks, check_sizes, timed
 from ppn_bayes.errors import ConfigError, RunError
 from ppn_bayes.evaluate import perplexity
 
@@ -206,8 +207,13 @@ def prunepath_rows(bench: Bench, calib: torch.Tensor, sizes: list[float], n_expe
     return rows
 
 
-def ppn_rows(bench: Bench, method: str, run_dir: str | os.PathLike | None, sizes: list[float]) -> list[dict]:
-    """Rows of a finished PPN run: its keep-set per size, applied by cutting the model."""
+def ppn_rows(bench: Bench, method: str, run_dir: str | os.PathLike | None, sizes: list[float],
+             model_path: str | os.PathLike | None = None) -> list[dict]:
+    """Rows of a finished PPN run: its keep-set per size, cut out of the run's *trained* network.
+
+    The run must have been trained on the compared base model (checked by hash when ``model_path``
+    is known). Amplitude corrections are not folded in here (the keep-set alone is evaluated).
+    """
     try:
         from ppn_bayes.run import load_run  # the Bayesian core's run directory API
     except ImportError:
@@ -217,18 +223,36 @@ def ppn_rows(bench: Bench, method: str, run_dir: str | os.PathLike | None, sizes
         flag = "--run" if method == "ppn" else "--paper-run"
         raise RunError(f"method {method} needs a finished run; pass {flag} RUN_DIR (make one with `ppn fit`)")
     run = load_run(run_dir)
+    keepset_of = _keepset_api(run, method)
+    if model_path is not None:
+        run.check_base(model_path)
+    with timed() as t:
+        trained = run.load_model(device=str(next(bench.model.parameters()).device)).remove_hooks()
     inv = run.inventory
+    seconds = float(run.manifest.get("seconds", 0.0) or 0.0) + t.seconds
     rows = []
-    seconds = float(getattr(run, "seconds", 0.0) or 0.0)
     for size in sizes:
-        keep = run.keepset(size=size)
+        keep = inv.complete(keepset_of(size))
         bench.keepsets.setdefault(method, {})[str(size)] = keep.to_dict()
-        small = materialize(bench.model, keep, inv)
+        small = materialize(trained, keep, inv)
         rows.append({"method": method, "size": size, **bench.ppl(small),
                      "param_fraction": inv.size_of(keep, "params"), "flops_fraction": inv.size_of(keep, "flops"),
                      "decode_speedup": bench.speedup(small), "cost_seconds": seconds,
-                     "one_run_for_all_sizes": True, "healed_tokens": 0, "run": str(run_dir)})
+                     "one_run_for_all_sizes": True, "healed_tokens": 0, "run": str(run_dir),
+                     "weights": run.recipe.train.weights})
     return rows
+
+
+def _keepset_api(run: Any, method: str):
+    """``size -> KeepSet`` from the run (``Run.keepset`` or ``ppn_bayes.keepsets.keepset``)."""
+    if callable(getattr(run, "keepset", None)):
+        return lambda s: run.keepset(size=s)
+    try:
+        from ppn_bayes.keepsets import keepset
+    except ImportError:
+        raise ConfigError(f"method {method} needs the posterior-to-keep-set step (ppn_bayes.keepsets), which this "
+                          "install lacks; drop ppn,ppn-paper from --methods") from None
+    return lambda s: keepset(run, size=s)
 
 
 # ----------------------------------------------------------------------------- the comparison
@@ -238,7 +262,8 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
             methods: Sequence[str] = PEERS, *, heal_blocks: torch.Tensor | None = None,
             run_dir: str | None = None, paper_run_dir: str | None = None, seeds: Sequence[int] = (0, 1, 2),
             group_size: int = 1, gisp_step: float = 0.1, prunepath_experts: int = 16,
-            decode_tokens: int = 16, batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+            decode_tokens: int = 16, batch_size: int = 8, progress: bool = False,
+            model_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run ``methods`` at ``sizes`` on ``model``; ``{"dense", "results", "costs", "config"}``.
 
     ``model`` is never modified (peers work on copies or cut copies). ``heal_blocks``: train blocks
@@ -255,7 +280,8 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
         if progress:
             print(f"ppn compare: {method}", flush=True, file=__import__("sys").stderr)
         rows += _method_rows(bench, method, calib, sizes, seeds=seeds, group_size=group_size, gisp_step=gisp_step,
-                             prunepath_experts=prunepath_experts, run_dir=run_dir, paper_run_dir=paper_run_dir)
+                             prunepath_experts=prunepath_experts, run_dir=run_dir, paper_run_dir=paper_run_dir,
+                             model_path=model_path)
     costs: dict[str, float] = {}
     for r in rows:
         if "cost_seconds" not in r:
@@ -275,7 +301,8 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
 def _method_rows(bench: Bench, method: str, calib: torch.Tensor, sizes: list[float], **kw: Any) -> list[dict]:
     model = bench.model
     if method in PPN_METHODS:
-        return ppn_rows(bench, method, kw["run_dir"] if method == "ppn" else kw["paper_run_dir"], sizes)
+        return ppn_rows(bench, method, kw["run_dir"] if method == "ppn" else kw["paper_run_dir"], sizes,
+                        kw.get("model_path"))
     if method == "gisp":
         from ppn_bayes.baselines.gisp import gisp
 

@@ -6,19 +6,32 @@ import math
 
 import pytest
 import torch
+from tiny_models import VOCAB, tiny_model
 
 from ppn_bayes.backbone.units import KeepSet
-from ppn_bayes.baselines import (CostTracker, check_sizes, decoder_param_fraction, full_inventory, gated_view,
-                                 is_nested, keepsets_from_order)
-from ppn_bayes.baselines.gisp import (ChoiceExample, choice_scores, gisp, margin_loss, perplexity_loss,
-                                      taylor_importance)
-from ppn_bayes.baselines.prunepath import (balanced_kmeans, cumulative_mass_mask, gather_mlp, moefy)
+from ppn_bayes.baselines import (
+    CostTracker,
+    check_sizes,
+    decoder_param_fraction,
+    full_inventory,
+    gated_view,
+    is_nested,
+    keepsets_from_order,
+)
+from ppn_bayes.baselines.gisp import (
+    ChoiceExample,
+    choice_scores,
+    gisp,
+    margin_loss,
+    perplexity_loss,
+    taylor_importance,
+)
+from ppn_bayes.baselines.prunepath import balanced_kmeans, cumulative_mass_mask, gather_mlp, moefy
 from ppn_bayes.baselines.random import random_keepsets
 from ppn_bayes.baselines.shortgpt import block_influence, shortgpt
 from ppn_bayes.baselines.sparsegpt import Hessian, sparsegpt, sparsegpt_prune
 from ppn_bayes.baselines.wanda import ColumnNorms, n_m_mask, row_mask, wanda, wanda_scores
 from ppn_bayes.errors import ConfigError, SizeError
-from tiny_models import VOCAB, tiny_model
 
 
 def blocks(n: int = 6, t: int = 24, seed: int = 0) -> torch.Tensor:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import VOCAB, tiny_model
 
 from ppn_bayes.backbone.units import KeepSet
 from ppn_bayes.baselines import is_nested
 from ppn_bayes.cli import main
 from ppn_bayes.compare import PEERS, compare, markdown_table, write_outputs
 from ppn_bayes.errors import ConfigError, RunError
-from tiny_models import VOCAB, tiny_model
 
 SIZES = [0.8, 0.55]
 COMMON = {"method", "size", "perplexity", "nll", "param_fraction", "flops_fraction", "cost_seconds",
@@ -69,12 +70,12 @@ def test_keepsets_nest_across_sizes(result):
 
 def test_outputs_written(result, tmp_path):
     paths = write_outputs(result, tmp_path / "cmp")
-    data = json.loads(open(paths["json"]).read())
+    data = json.loads(Path(paths["json"]).read_text())
     assert "keepsets" not in data and len(data["results"]) == len(result["results"])
-    assert json.loads(open(paths["keepsets"]).read())["gisp"]
-    table = open(paths["markdown"]).read()
+    assert json.loads(Path(paths["keepsets"]).read_text())["gisp"]
+    table = Path(paths["markdown"]).read_text()
     assert table == markdown_table(result) and table.count("\n") == len(result["results"]) + 3
-    assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Path(paths["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_ppn_rows_need_a_run():

@@ -25,9 +25,11 @@ so every peer in a comparison sees the same calibration tokens.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -156,9 +158,9 @@ class CostTracker:
     def __init__(self, inv: UnitInventory, currency: str = "params"):
         self.inv = inv
         mult = 2.0 if currency == "flops" else 1.0
-        own, kv = inv._head_params()  # noqa: SLF001 - same package family, exact per-unit prices
-        self.head_own, self.kv, self.chan = mult * own, mult * kv, mult * inv._channel_params()  # noqa: SLF001
-        self.layer_own = inv._layer_own_params()  # noqa: SLF001
+        own, kv = inv._head_params()
+        self.head_own, self.kv, self.chan = mult * own, mult * kv, mult * inv._channel_params()
+        self.layer_own = inv._layer_own_params()
         self.sizes = inv.group_sizes()
         L, H, G = inv.num_layers, inv.num_heads, inv.num_groups
         self.layers = set(range(L))
@@ -229,7 +231,7 @@ def keepsets_from_order(inv: UnitInventory, order: Sequence[Unit], sizes: Iterab
 def is_nested(keepsets: dict[float, KeepSet]) -> bool:
     """True when every smaller keep-set is a subset of every larger one."""
     ordered = [keepsets[s] for s in sorted(keepsets, reverse=True)]
-    for big, small in zip(ordered, ordered[1:]):
+    for big, small in itertools.pairwise(ordered):
         for kind in ("layers", "heads", "groups"):
             if not set(map(_key, getattr(small, kind))) <= set(map(_key, getattr(big, kind))):
                 return False
@@ -292,24 +294,38 @@ def linear_sparsity_for(model: nn.Module, size: float) -> float:
     return min(1.0, max(0.0, 1.0 - keep_linear / linear))
 
 
-def timed() -> "Timer":
+def timed() -> Timer:
     return Timer()
 
 
 class Timer:
     """``with timed() as t: ...; t.seconds``"""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:  # noqa: PYI034 - py310 target has no typing.Self
         self.start = time.perf_counter()
         self.seconds = 0.0
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
 
 
 __all__ = [
-    "CostTracker", "NestedKeepSets", "PATTERNS", "STRUCTURED", "UNSTRUCTURED", "UnstructuredResult",
-    "check_blocks", "check_sizes", "decoder_linear_weights", "decoder_param_fraction", "full_inventory",
-    "gated_view", "is_nested", "keepsets_from_order", "linear_sparsity_for", "timed", "weight_as_out_in",
+    "PATTERNS",
+    "STRUCTURED",
+    "UNSTRUCTURED",
+    "CostTracker",
+    "NestedKeepSets",
+    "UnstructuredResult",
+    "check_blocks",
+    "check_sizes",
+    "decoder_linear_weights",
+    "decoder_param_fraction",
+    "full_inventory",
+    "gated_view",
+    "is_nested",
+    "keepsets_from_order",
+    "linear_sparsity_for",
+    "timed",
+    "weight_as_out_in",
 ]

@@ -32,16 +32,24 @@ channels).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ppn_bayes.backbone.gated import GatedLM
-from ppn_bayes.baselines import (CostTracker, NestedKeepSets, check_blocks, check_sizes, full_inventory, gated_view,
-                                 keepsets_from_order, timed)
+from ppn_bayes.baselines import (
+    CostTracker,
+    NestedKeepSets,
+    check_blocks,
+    check_sizes,
+    full_inventory,
+    gated_view,
+    keepsets_from_order,
+    timed,
+)
 from ppn_bayes.errors import ConfigError
 
 

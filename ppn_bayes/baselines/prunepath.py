@@ -28,8 +28,8 @@ step of balanced k-means. Sizes are reached by choosing ``tau`` per size on cali
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,6 @@ from ppn_bayes.backbone.family import family_for
 from ppn_bayes.backbone.gated import GatedLM
 from ppn_bayes.baselines import check_blocks, gated_view, timed
 from ppn_bayes.errors import ConfigError, SizeError
-
 
 # ----------------------------------------------------------------------------- clustering
 

@@ -9,7 +9,7 @@ random draw can be lucky or unlucky.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

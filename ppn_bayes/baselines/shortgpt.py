@@ -18,14 +18,21 @@ final norm applied in ``transformers``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ppn_bayes.backbone.family import family_for
 from ppn_bayes.backbone.gated import GatedLM
-from ppn_bayes.baselines import NestedKeepSets, check_blocks, full_inventory, gated_view, keepsets_from_order, timed
+from ppn_bayes.baselines import (
+    NestedKeepSets,
+    check_blocks,
+    full_inventory,
+    gated_view,
+    keepsets_from_order,
+    timed,
+)
 
 
 def _hidden(x) -> torch.Tensor:

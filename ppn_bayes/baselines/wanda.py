@@ -25,8 +25,14 @@ import torch
 from torch import nn
 
 from ppn_bayes.backbone.gated import GatedLM
-from ppn_bayes.baselines import (UnstructuredResult, check_blocks, decoder_param_fraction, linear_sparsity_for,
-                                 timed, weight_as_out_in)
+from ppn_bayes.baselines import (
+    UnstructuredResult,
+    check_blocks,
+    decoder_param_fraction,
+    linear_sparsity_for,
+    timed,
+    weight_as_out_in,
+)
 from ppn_bayes.baselines.layerwise import sequential_prune
 from ppn_bayes.errors import ConfigError
 

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from ppn_bayes.compare import compare, markdown_table, write_outputs
     from ppn_bayes.data import calibration_blocks, token_blocks
     from ppn_bayes.device import resolve_device
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.zoo import load_model, resolve_model
 
     _validate(args)
     sizes = check_sizes(_floats(args.sizes))
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     result = compare(model, calib, test, sizes, methods, heal_blocks=heal_blocks, run_dir=args.run,
                      paper_run_dir=args.paper_run, seeds=tuple(range(args.seeds)), group_size=args.group_size,
                      gisp_step=args.gisp_step, prunepath_experts=args.experts, decode_tokens=args.decode_tokens,
-                     batch_size=args.batch_size, progress=not args.json)
+                     batch_size=args.batch_size, progress=not args.json,
+                     model_path=resolve_model(args.model) if (args.run or args.paper_run) else None)
     result["config"].update(model=args.model, data=args.data, seed=args.seed, device=str(device))
     paths = write_outputs(result, args.out)
     if args.json:
