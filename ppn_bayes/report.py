@@ -1,0 +1,236 @@
+"""``ppn report``: a Markdown report a user can act on without reading anything else.
+
+It answers, in this order: what the run is; which layers and heads the push removes first (the
+priority order every keep-set is a prefix of); which keep decisions the posterior is unsure about
+(boundary units per size, probability that a posterior draw gives the reported keep-set); a per-size
+table (lambda*, achieved vs requested size in params and FLOPs); the arviz summary and PSIS k-hat
+when :mod:`ppn_bayes.diagnostics` is available; plots. Alongside it, ``keepsets.json`` (every
+size's keep-set with per-unit probabilities) and ``posterior.nc`` (arviz NetCDF). All files are
+written atomically into the run directory (or ``out``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ppn_bayes.keepsets import KeepsetResult, KeepsetSolver
+from ppn_bayes.posterior import atomic_write_bytes
+
+
+def _exit_text(x: float) -> str:
+    """An exit coordinate as the price at which the unit leaves."""
+    if x <= 0:
+        return "already out at λ = 0"
+    if x >= 1:
+        return "never (beyond the trained range)"
+    return f"λ ≈ {x / (1 - x):.3g}"
+
+
+def keepset_text(r: KeepsetResult) -> str:
+    """A short human-readable summary of one keep-set (``ppn keepset`` without ``--json``)."""
+    k, a = r.keep, r.achieved
+    lines = [
+        f"requested {r.target.kind} {r.target.value:g}: {r.requested_size:.4f} of decoder {r.target.currency}",
+        f"achieved  {r.achieved_size:.4f} ({a['params']:.0f} params = {a['params_fraction']:.4f}; "
+        f"{a['flops']:.0f} FLOPs/token = {a['flops_fraction']:.4f}; {int(a['layers'])} layers)",
+        f"lambda* {r.lam:.4g}{' (saturated)' if r.lambda_saturated else ''}, expected size there "
+        f"{r.expected_size_at_lambda:.4f}; quantile {r.quantile}, {r.num_draws} draws",
+        f"kept: {len(k.layers)} layers, {len(k.heads)} heads, {len(k.groups)} channel groups",
+        f"P(a posterior draw gives this keep-set) = {r.p_equal:.3f}; {len(r.boundary)} boundary units",
+    ]
+    for b in r.boundary[:10]:
+        lines.append(f"  {b['unit']:<14} pi = {b['pi']:.2f} ({'kept' if b['kept'] else 'dropped'})")
+    if r.eval:
+        e = r.eval
+        lines.append(f"held-out NLL {e['nll']:.4f} (ppl {e['ppl']:.2f}); sampled keep-sets 90 % band "
+                     f"[{e['nll_q05']:.4f}, {e['nll_q95']:.4f}]")
+    return "\n".join(lines)
+
+
+def removal_order(result: KeepsetResult, kind: str, limit: int | None = None) -> list[tuple[str, float]]:
+    """Units of one kind in the order the push removes them (first to go first), with exit coords."""
+    table = result.table
+    prio = table.flatten(result.priority)
+    kid = ("layers", "heads", "groups").index(kind)
+    idx = (table.kind_id == kid).nonzero().flatten()
+    idx = idx[torch.argsort(prio[idx], stable=True)]
+    out = [(table.unit_name(int(u)), float(prio[u])) for u in idx]
+    return out[:limit] if limit else out
+
+
+SUMMARY_SITES = ("score_layers", "tau0", "global_scale", "caux", "lam_layers", "sig_heads", "sig_groups")
+
+
+def _diagnostics(posterior, num_draws: int, seed: int, out: Path, manifest: dict, metrics: list[dict]
+                 ) -> tuple[list[str], Path | None]:
+    """Markdown lines for the arviz summary and PSIS, and the NetCDF path (None when unavailable).
+
+    The table shows the layer scores and the shrinkage scales (a few dozen rows); every latent,
+    heads and groups included, is in the NetCDF. PSIS needs the model and a held-out batch, so the
+    report shows a k-hat the run recorded (manifest ``psis`` or a metrics record with ``khat``).
+    """
+    try:
+        diag = importlib.import_module("ppn_bayes.diagnostics")
+    except ImportError:
+        return ["_The diagnostics module (`ppn_bayes.diagnostics`) is missing in this install, so there is no "
+                "arviz summary, NetCDF export or PSIS k-hat._"], None
+    lines: list[str] = []
+    nc = None
+    try:
+        idata = diag.to_inference_data(posterior, num_draws=num_draws, seed=seed)
+        nc = diag.save_netcdf(idata, out / "posterior.nc")
+        names = [v for v in SUMMARY_SITES if v in idata.posterior.data_vars]
+        summary = diag.summary(idata, var_names=names or None)
+        table = summary.to_markdown() if _has_tabulate() else "```\n" + summary.to_string() + "\n```"
+        lines += ["Posterior summary of the layer scores and shrinkage scales (arviz; one chain of SVI draws, "
+                  "so R-hat is undefined and shown as NaN):", "", table, ""]
+    except Exception as err:  # noqa: BLE001 - diagnostics must not cost the user the rest of the report
+        lines.append(f"_arviz summary unavailable: {type(err).__name__}: {str(err).splitlines()[0][:200]}_")
+    psis = manifest.get("psis") or next((m for m in reversed(metrics) if "khat" in m), None)
+    if psis and psis.get("khat") is not None:
+        k = float(psis["khat"])
+        reading = diag.khat_reading(k) if hasattr(diag, "khat_reading") else ""
+        lines.append(f"PSIS k-hat of the variational approximation: **{k:.3f}** ({reading}; k < 0.5 good, "
+                     "0.5-0.7 questionable, > 0.7 bad).")
+    else:
+        lines.append("PSIS k-hat: not recorded by this run (it needs the model and a held-out batch: "
+                     "`ppn_bayes.diagnostics.psis_khat`, see notebooks/02_posterior_diagnostics.ipynb).")
+    return lines, nc
+
+
+def _has_tabulate() -> bool:
+    return importlib.util.find_spec("tabulate") is not None
+
+
+def _run_facts(run_dir: Path) -> tuple[dict, list[dict]]:
+    """(manifest, metrics) when the directory is a full run; empty when it only holds a posterior."""
+    manifest, metrics = {}, []
+    if (run_dir / "manifest.json").is_file():
+        try:
+            manifest = json.loads((run_dir / "manifest.json").read_text())
+        except json.JSONDecodeError:
+            manifest = {}
+    if (run_dir / "metrics.jsonl").is_file():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            try:
+                metrics.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return manifest, metrics
+
+
+def write_report(run: Any, sizes: Sequence[float] = (0.25, 0.5, 0.75), num_draws: int = 256, quantile: float = 0.5,
+                 seed: int = 0, out: str | Path | None = None) -> Path:
+    """Write ``report.md``, ``keepsets.json``, the plots (``plots/``) and ``posterior.nc``; return the report path."""
+    from ppn_bayes import plots
+
+    run_dir = Path(getattr(run, "path", run))
+    out = Path(out) if out is not None else run_dir
+    solver = KeepsetSolver(run_dir if not hasattr(run, "posterior") else run.posterior, num_draws, seed)
+    results = [solver.solve(size=s, quantile=quantile) for s in sorted(sizes)]
+    inv, post = solver.inventory, solver.posterior
+    manifest, metrics = _run_facts(run_dir)
+
+    figs = out / "plots"
+    made: list[tuple[str, Path]] = []
+    if metrics:
+        made.append(("Training traces", plots.plot_traces(metrics, figs / "traces")[0]))
+    if "layers" in solver.scores:
+        mid = results[len(results) // 2]
+        made.append(("Layer scores", plots.plot_layer_forest(solver.scores["layers"], figs / "layer_forest",
+                                                              post.thresholds(mid.lam)["layers"], mid.lam)[0]))
+    if "heads" in solver.scores:
+        made.append(("Head scores", plots.plot_unit_heatmaps(solver.scores["heads"], figs / "head_heatmaps", "head")[0]))
+    if "groups" in solver.scores:
+        made.append(("Channel-group scores", plots.plot_unit_heatmaps(solver.scores["groups"], figs / "group_heatmaps",
+                                                                      "channel group")[0]))
+    made.append(("Keep-sets across sizes", plots.plot_puppet(results, figs / "puppet")[0]))
+    ppl = [{"size": r.requested_size, "ppl": r.eval["ppl"], "ppl_lo": r.eval["ppl_q05"], "ppl_hi": r.eval["ppl_q95"]}
+           for r in results if r.eval]
+    if ppl:
+        made.append(("Perplexity vs size", plots.plot_perplexity_vs_size(ppl, figs / "perplexity_vs_size")[0]))
+
+    diag_lines, nc = _diagnostics(post, min(num_draws, 256), seed, out, manifest, metrics)
+    atomic_write_bytes(out / "keepsets.json", json.dumps({
+        "quantile": quantile, "draws": num_draws, "seed": seed,
+        "keepsets": [r.to_dict() for r in results]}, indent=1).encode())
+    md = _markdown(run_dir, inv, manifest, metrics, results, diag_lines, nc, made, out, quantile, num_draws)
+    path = out / "report.md"
+    atomic_write_bytes(path, md.encode())
+    return path
+
+
+def _markdown(run_dir: Path, inv, manifest: dict, metrics: list[dict], results: list[KeepsetResult],
+              diag_lines: list[str], nc: Path | None, made: list[tuple[str, Path]], out: Path, quantile: float,
+              num_draws: int) -> str:
+    d = inv.describe()
+    base = manifest.get("base", {}).get("name", "unknown base model")
+    train = [m for m in metrics if m.get("type", "train") == "train"]
+    L = [f"# PPN report: {run_dir.name}", ""]
+    L += ["## The run", "",
+          f"- base model: **{base}** ({d['family'] or 'family unknown'}); status: {manifest.get('status', 'unknown')}, "
+          f"steps done: {manifest.get('steps_done', len(train) or 'unknown')}",
+          f"- gated units: {', '.join(inv.kinds)} — {inv.num_layers} layers, {inv.num_heads} heads/layer "
+          f"({inv.dims.num_kv_heads} KV heads), {inv.num_groups} channel groups/layer of {inv.group_size}",
+          f"- decoder: {d['decoder_params']:.4g} parameters, {d['decoder_flops_per_token']:.4g} FLOPs/token; "
+          f"embeddings and LM head ({d['embedding_params']:.4g} params) are never pruned",
+          f"- keep-sets rank units by the {quantile} posterior quantile of their exit price over {num_draws} joint draws"]
+    if train:
+        last = train[-1]
+        L.append(f"- last training step {last.get('step')}: ELBO loss {last.get('elbo', float('nan')):.4g}, "
+                 f"token loss {last.get('token_loss', float('nan')):.4g}")
+    L.append("")
+    ref = results[len(results) // 2]
+    L += ["## What goes first", "",
+          "Units leave in the order below as the compute price λ rises (the posterior "
+          f"{quantile}-quantile of the price at which each unit's score falls under its layer's threshold). "
+          "Every keep-set is a prefix of the reverse order, so smaller models drop exactly these units first.", ""]
+    if "layers" in inv.kinds:
+        order = removal_order(ref, "layers")
+        L.append("**Layers, first to go → last:** " + ", ".join(f"{n.split()[1]} ({_exit_text(x)})" for n, x in order))
+        L.append("")
+    for kind, label in (("heads", "Heads"), ("groups", "Channel groups")):
+        if kind in inv.kinds:
+            first = removal_order(ref, kind, 12)
+            L.append(f"**{label} going first:** " + ", ".join(f"{n.split()[1]} ({_exit_text(x)})" for n, x in first))
+            L.append("")
+    L += ["## Keep-sets by size", "",
+          "| requested size | achieved params | achieved FLOPs | λ* | expected size at λ* | layers | heads | groups "
+          "| P(draw = reported) | boundary units |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        k = r.keep
+        L.append(f"| {r.requested_size:.3f} | {r.achieved['params_fraction']:.4f} | {r.achieved['flops_fraction']:.4f} "
+                 f"| {r.lam:.4g}{'*' if r.lambda_saturated else ''} | {r.expected_size_at_lambda:.4f} | {len(k.layers)} "
+                 f"| {len(k.heads)} | {len(k.groups)} | {r.p_equal:.3f} | {len(r.boundary)} |")
+    L += ["", "Achieved sizes never exceed the request (exact costs, a GQA KV head charged once). λ* is the price "
+          "at which the push's expected size equals the request; * marks a request beyond the trained range.", ""]
+    L += ["## Uncertain decisions", "",
+          "π is the share of posterior draws whose own keep-set (same rule, same budget) keeps the unit; units with "
+          "0.1 < π < 0.9 are boundary units, listed most uncertain first.", ""]
+    for r in results:
+        L.append(f"**Size {r.requested_size:.3g}** — P(a draw gives the reported keep-set) = {r.p_equal:.3f}; "
+                 f"{len(r.boundary)} boundary units.")
+        if r.boundary:
+            L.append("")
+            L.append("| unit | π | in reported keep-set |")
+            L.append("|---|---|---|")
+            for b in r.boundary[:12]:
+                L.append(f"| {b['unit']} | {b['pi']:.2f} | {'yes' if b['kept'] else 'no'} |")
+            if len(r.boundary) > 12:
+                L.append(f"| … {len(r.boundary) - 12} more in keepsets.json | | |")
+        L.append("")
+    L += ["## Diagnostics", ""] + diag_lines + [""]
+    if nc is not None:
+        L += [f"Posterior draws of every latent are saved as arviz NetCDF: `{nc.name}`.", ""]
+    L += ["## Plots", ""]
+    for title, png in made:
+        L += [f"### {title}", "", f"![{title}]({png.relative_to(out).as_posix()})", ""]
+    L += ["## Files", "", "- `keepsets.json`: every size's keep-set with per-unit inclusion probabilities π, mask "
+          "probabilities ρ and credible intervals of scores and gates", "- `plots/`: PNG and SVG of every figure", ""]
+    return "\n".join(L)
