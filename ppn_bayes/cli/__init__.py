@@ -21,6 +21,9 @@ COMMANDS = [
     "bench",
     "speculate",
     "fit",
+    "keepset",
+    "report",
+    "uncertainty",
 ]
 
 
