@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ppn_bayes.backbone.materialize import materialize
+from ppn_bayes.backbone.units import KeepSet
 from ppn_bayes.baselines import NestedKeepSets, UnstructuredResult, check_blocks, check_sizes, timed
 from ppn_bayes.errors import ConfigError, RunError
 from ppn_bayes.evaluate import perplexity
@@ -208,51 +209,92 @@ def prunepath_rows(bench: Bench, calib: torch.Tensor, sizes: list[float], n_expe
 
 
 def ppn_rows(bench: Bench, method: str, run_dir: str | os.PathLike | None, sizes: list[float],
-             model_path: str | os.PathLike | None = None) -> list[dict]:
-    """Rows of a finished PPN run: its keep-set per size, cut out of the run's *trained* network.
+             model_path: str | os.PathLike | None = None, fit_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Rows of a finished PPN run: its nested keep-sets, evaluated on the run's *trained* network.
 
-    The run must have been trained on the compared base model (checked by hash when ``model_path``
-    is known). Amplitude corrections are not folded in here (the keep-set alone is evaluated).
+    Perplexity is that of the gated network with the keep-set's hard masks times the push's
+    amplitude corrections at the keep-set's ``lambda*`` (the sub-network PPN serves); the decode
+    speed is that of the keep-set cut out of the weights. The run must have been trained on the
+    compared base model (checked by hash when ``model_path`` is known). Without a run, and with
+    ``fit_dir`` and ``model_path``, one is fitted first (:func:`fit_ppn_run`); its time is the cost.
     """
     try:
         from ppn_bayes.run import load_run  # the Bayesian core's run directory API
     except ImportError:
         raise ConfigError(f"method {method} needs ppn_bayes.run (the PPN run API), which this install lacks; "
                           "drop ppn,ppn-paper from --methods") from None
+    fit_seconds = 0.0
+    if run_dir is None and fit_dir is not None and model_path is not None:
+        run_dir, fit_seconds = fit_ppn_run(method, model_path, fit_dir)
     if run_dir is None:
         flag = "--run" if method == "ppn" else "--paper-run"
         raise RunError(f"method {method} needs a finished run; pass {flag} RUN_DIR (make one with `ppn fit`)")
     run = load_run(run_dir)
-    keepset_of = _keepset_api(run, method)
     if model_path is not None:
         run.check_base(model_path)
+    solved = _ppn_keepsets(run, sizes, method)
     with timed() as t:
-        trained = run.load_model(device=str(next(bench.model.parameters()).device)).remove_hooks()
-    inv = run.inventory
-    seconds = float(run.manifest.get("seconds", 0.0) or 0.0) + t.seconds
+        gated = run.load_model(device=str(next(bench.model.parameters()).device))
+    inv, push = run.inventory, run.posterior.push
+    trained = max((float(r.get("seconds", 0.0)) for r in run.metrics), default=0.0)  # cumulative train time
+    seconds = (fit_seconds or trained) + t.seconds
     rows = []
     for size in sizes:
-        keep = inv.complete(keepset_of(size))
+        keep, lam = solved[size]
         bench.keepsets.setdefault(method, {})[str(size)] = keep.to_dict()
-        small = materialize(trained, keep, inv)
-        rows.append({"method": method, "size": size, **bench.ppl(small),
+        with torch.no_grad(), gated.gates(**push.gates(inv.masks(keep), lam)):
+            ppl = bench.ppl(gated)
+        small = materialize(gated.model, keep, inv)
+        rows.append({"method": method, "size": size, **ppl, "lambda": lam,
                      "param_fraction": inv.size_of(keep, "params"), "flops_fraction": inv.size_of(keep, "flops"),
                      "decode_speedup": bench.speedup(small), "cost_seconds": seconds,
                      "one_run_for_all_sizes": True, "healed_tokens": 0, "run": str(run_dir),
                      "weights": run.recipe.train.weights})
+    gated.remove_hooks()
     return rows
 
 
-def _keepset_api(run: Any, method: str):
-    """``size -> KeepSet`` from the run (``Run.keepset`` or ``ppn_bayes.keepsets.keepset``)."""
-    if callable(getattr(run, "keepset", None)):
-        return lambda s: run.keepset(size=s)
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "inference" / "smollm2-demo.yaml"
+
+
+def fit_ppn_run(method: str, model_path: str | os.PathLike, out_dir: str | os.PathLike,
+                recipe: str | os.PathLike = DEMO_RECIPE) -> tuple[Path, float]:
+    """Fit the run a ``ppn``/``ppn-paper`` row needs when none is given: ``(run_dir, seconds)``.
+
+    ``ppn``: the demo recipe as written, on ``model_path``. ``ppn-paper``: the same model, data and
+    training budget, with the ``paper`` preset supplying units, prior and push (the recipe's own
+    units/prior/push sections are dropped so they do not override the preset).
+    """
+    import yaml
+
+    from ppn_bayes.config import recipe_from_dict
+    from ppn_bayes.train import fit
+
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConfigError(f"no --run given and the demo recipe {path} is missing; pass --run RUN_DIR")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["model"] = {**data.get("model", {}), "name": str(model_path)}
+    if method == "ppn-paper":
+        data = {k: v for k, v in data.items() if k not in ("units", "prior", "push", "preset")}
+        data["train"] = {k: v for k, v in data.get("train", {}).items()
+                         if k not in ("betas", "weight_decay", "schedule")}
+        data.update(preset="paper", name=f"{data.get('name', 'demo')}-paper")
+    run_dir = Path(out_dir) / f"{method}-run"
+    with timed() as t:
+        fit(recipe_from_dict(data), out=run_dir, progress=False)
+    return run_dir, t.seconds
+
+
+def _ppn_keepsets(run: Any, sizes: list[float], method: str) -> dict[float, tuple[KeepSet, float]]:
+    """``size -> (KeepSet, lambda*)`` from the run's posterior (:func:`ppn_bayes.keepsets.keepsets`)."""
     try:
-        from ppn_bayes.keepsets import keepset
+        from ppn_bayes.keepsets import keepsets
     except ImportError:
         raise ConfigError(f"method {method} needs the posterior-to-keep-set step (ppn_bayes.keepsets), which this "
                           "install lacks; drop ppn,ppn-paper from --methods") from None
-    return lambda s: keepset(run, size=s)
+    results = keepsets(run, list(sizes))
+    return {s: (run.inventory.complete(r.keep), float(r.lam)) for s, r in zip(sizes, results)}
 
 
 # ----------------------------------------------------------------------------- the comparison
@@ -263,7 +305,8 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
             run_dir: str | None = None, paper_run_dir: str | None = None, seeds: Sequence[int] = (0, 1, 2),
             group_size: int = 1, gisp_step: float = 0.1, prunepath_experts: int = 16,
             decode_tokens: int = 16, batch_size: int = 8, progress: bool = False,
-            model_path: str | os.PathLike | None = None) -> dict[str, Any]:
+            model_path: str | os.PathLike | None = None, fit_dir: str | os.PathLike | None = None
+            ) -> dict[str, Any]:
     """Run ``methods`` at ``sizes`` on ``model``; ``{"dense", "results", "costs", "config"}``.
 
     ``model`` is never modified (peers work on copies or cut copies). ``heal_blocks``: train blocks
@@ -281,7 +324,7 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
             print(f"ppn compare: {method}", flush=True, file=__import__("sys").stderr)
         rows += _method_rows(bench, method, calib, sizes, seeds=seeds, group_size=group_size, gisp_step=gisp_step,
                              prunepath_experts=prunepath_experts, run_dir=run_dir, paper_run_dir=paper_run_dir,
-                             model_path=model_path)
+                             model_path=model_path, fit_dir=fit_dir)
     costs: dict[str, float] = {}
     for r in rows:
         if "cost_seconds" not in r:
@@ -302,7 +345,7 @@ def _method_rows(bench: Bench, method: str, calib: torch.Tensor, sizes: list[flo
     model = bench.model
     if method in PPN_METHODS:
         return ppn_rows(bench, method, kw["run_dir"] if method == "ppn" else kw["paper_run_dir"], sizes,
-                        kw.get("model_path"))
+                        kw.get("model_path"), kw.get("fit_dir"))
     if method == "gisp":
         from ppn_bayes.baselines.gisp import gisp
 

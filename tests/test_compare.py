@@ -92,6 +92,59 @@ def test_ppn_rows_need_a_run():
         compare(model, b, b, [0.5], ["magic"], decode_tokens=0)
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama_dir, tmp_path_factory):
+    """A 2-step frozen-weights PPN run on the tiny Llama (the Bayesian core's own fit)."""
+    from ppn_bayes.config import recipe_from_dict
+    from ppn_bayes.data import load_corpus
+    from ppn_bayes.train import fit
+
+    root = tmp_path_factory.mktemp("ppnrun")
+    corpus = root / "tiny.txt"
+    corpus.write_text(load_corpus("bundled", "validation")[0][:8_000], encoding="utf-8")
+    recipe = recipe_from_dict({"name": "tiny", "model": {"name": str(tiny_llama_dir)}, "units": {"group_size": 16},
+                               "data": {"corpus": str(corpus), "block_size": 32, "val_blocks": 2},
+                               "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "weights": "frozen",
+                                         "eval_lambdas": [0.5]}})
+    return fit(recipe, out=root / "run", progress=False).path
+
+
+def test_ppn_rows_from_a_run(tiny_run, tiny_llama_dir, tiny_tokenizer):
+    from ppn_bayes.zoo import load_model
+
+    model, _ = load_model(tiny_llama_dir)
+    b = torch.randint(0, len(tiny_tokenizer), (3, 16), generator=torch.Generator().manual_seed(0))
+    sizes = [0.8, 0.5]
+    out = compare(model, b, b, sizes, ["ppn", "shortgpt"], run_dir=str(tiny_run), decode_tokens=2,
+                  model_path=tiny_llama_dir)
+    rows = [r for r in out["results"] if r["method"] == "ppn"]
+    assert [r["size"] for r in rows] == sizes
+    assert all(COMMON <= set(r) and r["param_fraction"] <= r["size"] + 1e-12 for r in rows)
+    assert all(r["weights"] == "frozen" and r["lambda"] >= 0 for r in rows)
+    ks = {float(s): KeepSet.from_dict(k) for s, k in out["keepsets"]["ppn"].items()}
+    assert is_nested(ks)
+    # The PPN perplexity is the gated network's with the same masks (and amplitudes at lambda*).
+    from ppn_bayes.evaluate import perplexity
+    from ppn_bayes.run import load_run
+
+    run = load_run(tiny_run)
+    gated = run.load_model()
+    keep = ks[0.5]
+    with gated.gates(**run.posterior.push.gates(run.inventory.masks(keep), rows[1]["lambda"])):
+        assert perplexity(gated, b)["perplexity"] == pytest.approx(rows[1]["perplexity"], rel=1e-6)
+
+
+def test_ppn_run_of_another_model_is_refused(tiny_run, tmp_path):
+    from conftest import make_tiny_llama
+
+    other = tmp_path / "other"
+    make_tiny_llama(96, seed=5, hidden_size=48, intermediate_size=96).save_pretrained(other)
+    model = tiny_model("llama")
+    b = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RunError, match="trained on"):
+        compare(model, b, b, [0.5], ["ppn"], run_dir=str(tiny_run), decode_tokens=0, model_path=other)
+
+
 def test_cli_json(tiny_llama_dir, tmp_path, capsys):
     code = main(["compare", "--model", str(tiny_llama_dir), "--sizes", "0.7", "--methods", "shortgpt,wanda,random",
                  "--calib-blocks", "2", "--test-blocks", "2", "--block-size", "16", "--seeds", "2",

@@ -31,8 +31,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--methods", default=None,
                    help="comma-separated, from ppn,ppn-paper,gisp,shortgpt,prunepath,wanda,sparsegpt,random "
                         "(default: the six peers, plus ppn when --run and ppn-paper when --paper-run is given)")
-    p.add_argument("--run", default=None, help="finished PPN run directory for the ppn rows")
-    p.add_argument("--paper-run", default=None, help="finished run of the paper preset for the ppn-paper rows")
+    p.add_argument("--run", default=None,
+                   help="finished PPN run for the ppn rows (without it, ppn fits inference/smollm2-demo.yaml)")
+    p.add_argument("--paper-run", default=None,
+                   help="finished paper-preset run for the ppn-paper rows (without it, one is fitted: the demo "
+                        "recipe's data and budget with the paper preset)")
     p.add_argument("--calib-blocks", type=int, default=16, help="calibration blocks from the train split (default 16)")
     p.add_argument("--test-blocks", type=int, default=16, help="held-out test blocks (default 16)")
     p.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                      paper_run_dir=args.paper_run, seeds=tuple(range(args.seeds)), group_size=args.group_size,
                      gisp_step=args.gisp_step, prunepath_experts=args.experts, decode_tokens=args.decode_tokens,
                      batch_size=args.batch_size, progress=not args.json,
-                     model_path=resolve_model(args.model) if (args.run or args.paper_run) else None)
+                     model_path=resolve_model(args.model) if {"ppn", "ppn-paper"} & set(methods) else None,
+                     fit_dir=args.out)
     result["config"].update(model=args.model, data=args.data, seed=args.seed, device=str(device))
     paths = write_outputs(result, args.out)
     if args.json:
