@@ -9,9 +9,12 @@ def _sizes(text: str) -> list[float]:
     from ppn_bayes.errors import SizeError
 
     try:
-        return [float(s) for s in text.split(",") if s.strip()]
+        sizes = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise SizeError(f"--sizes takes comma-separated fractions such as 0.25,0.5,0.75, got {text!r}") from None
+    if not sizes:
+        raise SizeError("--sizes is empty; pass comma-separated fractions such as 0.25,0.5,0.75")
+    return sizes
 
 
 def register(subparsers) -> None:
@@ -19,7 +22,7 @@ def register(subparsers) -> None:
                               description="Summarize a run: which layers and heads go first, which decisions "
                                           "are uncertain, keep-sets across sizes, diagnostics and plots.")
     p.add_argument("run", help="run directory written by `ppn fit`")
-    p.add_argument("--sizes", type=_sizes, default=[0.25, 0.5, 0.75],
+    p.add_argument("--sizes", default="0.25,0.5,0.75",
                    help="comma-separated parameter fractions (default 0.25,0.5,0.75)")
     p.add_argument("--draws", type=int, default=256, help="joint posterior draws (default 256)")
     p.add_argument("--quantile", type=float, default=0.5)
@@ -31,7 +34,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ppn_bayes.report import write_report
 
-    path = write_report(args.run, sizes=args.sizes, num_draws=args.draws, quantile=args.quantile, seed=args.seed,
+    path = write_report(args.run, sizes=_sizes(args.sizes), num_draws=args.draws, quantile=args.quantile, seed=args.seed,
                         out=args.out)
     print(f"wrote {path}")
     return 0
