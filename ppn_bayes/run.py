@@ -311,6 +311,69 @@ class Run:
 
         return AutoTokenizer.from_pretrained(self.base_path(), trust_remote_code=self.recipe.model.trust_remote_code)
 
+    # ------------------------------------------------ posterior to mask (ppn_bayes.keepsets, .report, .plots)
+    def keepset(self, size=None, params=None, layers=None, flops=None, quantile: float = 0.5, num_draws: int = 256,
+                seed: int = 0):
+        """The nested keep-set at one target size: :func:`ppn_bayes.keepsets.keepset`."""
+        from ppn_bayes.keepsets import keepset
+
+        return keepset(self.posterior, size, params, layers, flops, quantile, num_draws, seed)
+
+    def keepsets(self, sizes, quantile: float = 0.5, num_draws: int = 256, seed: int = 0, currency: str = "size"):
+        """Keep-sets at several sizes from one set of draws (nested): :func:`ppn_bayes.keepsets.keepsets`."""
+        from ppn_bayes.keepsets import keepsets
+
+        return keepsets(self.posterior, sizes, quantile, num_draws, seed, currency)
+
+    def inclusion(self, size=None, params=None, layers=None, flops=None, quantile: float = 0.5,
+                  num_draws: int = 256, seed: int = 0):
+        """Per-unit inclusion probabilities at a size: :func:`ppn_bayes.keepsets.inclusion`."""
+        return self.keepset(size, params, layers, flops, quantile, num_draws, seed).inclusion
+
+    def report(self, sizes=(0.25, 0.5, 0.75), num_draws: int = 256, quantile: float = 0.5, seed: int = 0, out=None):
+        """Write report.md, plots, keepsets.json and posterior.nc: :func:`ppn_bayes.report.write_report`."""
+        from ppn_bayes.report import write_report
+
+        return write_report(self, sizes, num_draws, quantile, seed, out)
+
+    def uncertainty(self, size=None, k: int = 8, blocks: int = 4, device: str = "cpu", **target):
+        """Posterior predictive over k sampled sub-networks: :func:`ppn_bayes.uncertainty.run_uncertainty`."""
+        from ppn_bayes.uncertainty import run_uncertainty
+
+        return run_uncertainty(self, size=size, k=k, blocks=blocks, device=device, **target)
+
+    def to_arviz(self, num_draws: int = 1000, seed: int = 0):
+        """Posterior draws of every latent as arviz InferenceData: :func:`ppn_bayes.diagnostics.to_inference_data`."""
+        from ppn_bayes.diagnostics import to_inference_data
+
+        return to_inference_data(self.posterior, num_draws=num_draws, seed=seed)
+
+    def plot_traces(self, stem=None):
+        """ELBO and token-loss traces (PNG + SVG); returns the paths."""
+        from ppn_bayes.plots import plot_traces
+
+        return plot_traces(self.metrics, stem or self.path / "plots" / "traces")
+
+    def plot_layer_scores(self, stem=None, num_draws: int = 256, lam: float | None = None):
+        """Forest plot of layer scores with credible intervals (and tau_l(lam) if given)."""
+        from ppn_bayes.plots import plot_layer_forest
+
+        draws = self.posterior.draws(num_draws)
+        tau = self.posterior.thresholds(lam)["layers"] if lam is not None else None
+        return plot_layer_forest(draws["layers"], stem or self.path / "plots" / "layer_forest", tau, lam)
+
+    def plot_heads(self, stem=None, num_draws: int = 256):
+        """Layer x head heat maps of the posterior mean and sd of head scores."""
+        from ppn_bayes.plots import plot_unit_heatmaps
+
+        return plot_unit_heatmaps(self.posterior.draws(num_draws)["heads"], stem or self.path / "plots" / "head_heatmaps")
+
+    def plot_puppet(self, sizes=(0.25, 0.5, 0.75), stem=None, num_draws: int = 256, quantile: float = 0.5):
+        """The puppet chart: keep-sets across sizes shaded by inclusion probability."""
+        from ppn_bayes.plots import plot_puppet
+
+        return plot_puppet(self.keepsets(list(sizes), quantile, num_draws), stem or self.path / "plots" / "puppet")
+
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
