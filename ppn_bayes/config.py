@@ -14,6 +14,7 @@ decay). Keys given in the recipe override the preset.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -133,6 +134,7 @@ PAPER_PRESET: dict[str, dict[str, Any]] = {
 }
 
 _UNIT_KINDS = ("layers", "heads", "groups")
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(tp: Any) -> str:
@@ -175,6 +177,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; users mean the number
     elif tp is str:
         if isinstance(value, str):
             return value

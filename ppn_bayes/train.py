@@ -598,6 +598,8 @@ def fit(recipe: Recipe | str | os.PathLike | None = None, out: str | os.PathLike
 
 def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, resume: bool, progress: bool,
          callbacks: list) -> "rundir.Run":
+    if resume and _already_finished(run_dir, r.train.steps):
+        return rundir.load_run(run_dir)
     s = build(r, run_dir, rank, world, device)
     ckpt_dir = rundir.find_checkpoint(run_dir) if resume else None
     start = restore(s, rundir.load_checkpoint(ckpt_dir)) if ckpt_dir is not None else 0
@@ -624,11 +626,9 @@ def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, 
                 evaluate(s, done)
             if done % t.checkpoint_every == 0 or done == t.steps:
                 save(s, done)
-        already = start >= t.steps and rundir.read_json(run_dir / rundir.MANIFEST).get("final_eval")
-        if not already:
-            if start >= t.steps and ckpt_dir is None:
-                save(s, t.steps)
-            evaluate(s, t.steps)
+        if start >= t.steps and ckpt_dir is None:
+            save(s, t.steps)
+        evaluate(s, t.steps)
     except BaseException as err:
         if s.main:
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
@@ -641,6 +641,15 @@ def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, 
         rundir.update_manifest(run_dir, status="finished", steps_done=t.steps, error=None, final_eval=True)
     _barrier(s)
     return rundir.load_run(run_dir)
+
+
+def _already_finished(run_dir: Path, steps: int) -> bool:
+    """A finished run asked to resume for no more steps than it has: nothing to do."""
+    path = run_dir / rundir.MANIFEST
+    if not path.is_file():
+        return False
+    m = rundir.read_json(path)
+    return m.get("status") == "finished" and bool(m.get("final_eval")) and int(m.get("steps_done", -1)) == steps
 
 
 def _progress(enabled: bool, total: int, initial: int):
