@@ -495,7 +495,9 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
         with _fork_rng(s.device), (contextlib.nullcontext() if sync else s.wrapped.no_sync()):
             torch.manual_seed(seed)
             s.generator.manual_seed(seed ^ 0x5DEECE66D)
-            with autocast_context(s.device, amp):
+            # Distribution argument checks are off in the loop: a NaN must reach the per-term check below
+            # (which names the term and the step), not stop as a ValueError deep inside a distribution.
+            with autocast_context(s.device, amp), pyro.validation_enabled(False):
                 terms = s.wrapped(ids, mine.to(s.device))
             values = _reduce_mean(s, {k: float(terms[k].detach()) for k in ("tokens", "compute", "kl", "loss")}
                                   | {"token_loss": s.ppn.last.token_loss})
