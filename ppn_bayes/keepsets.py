@@ -128,7 +128,7 @@ class UnitTable:
     fixed_cost: dict[str, float]  # currency -> cost of what is never gated (ungated layers and their units)
 
     @classmethod
-    def build(cls, inventory: UnitInventory) -> "UnitTable":
+    def build(cls, inventory: UnitInventory) -> UnitTable:
         inv, L = inventory, inventory.num_layers
         H, G = inv.num_heads, inv.num_groups
         kinds = tuple(k for k in KIND_ORDER if k in inv.kinds)
@@ -281,7 +281,7 @@ def quantile_rows(x: torch.Tensor, q: float) -> torch.Tensor:
     non-decreasing in ``q`` and in every entry."""
     s = x.sort(dim=0).values
     pos = q * (s.shape[0] - 1)
-    lo = int(math.floor(pos))
+    lo = math.floor(pos)
     hi = min(lo + 1, s.shape[0] - 1)
     w = pos - lo
     return s[lo] * (1 - w) + s[hi] * w
@@ -490,7 +490,7 @@ class KeepsetResult:
             "min_size": self.min_size,
         }
         if per_unit:
-            lists = lambda d: {k: v.tolist() for k, v in d.items()}  # noqa: E731
+            lists = lambda d: {k: v.tolist() for k, v in d.items()}
             out["inclusion"] = lists(self.inclusion)
             out["rho"] = lists(self.rho)
             out["score_ci"] = {k: {"q05": v[0].tolist(), "q50": v[1].tolist(), "q95": v[2].tolist()}

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -36,10 +37,10 @@ def keepset_text(r: KeepsetResult) -> str:
     k, a = r.keep, r.achieved
     lines = [
         f"requested {r.target.kind} {r.target.value:g}: {r.requested_size:.4f} of decoder {r.target.currency}",
-        f"achieved  {r.achieved_size:.4f} ({a['params']:.0f} params = {a['params_fraction']:.4f}; "
-        f"{a['flops']:.0f} FLOPs/token = {a['flops_fraction']:.4f}; {int(a['layers'])} layers)",
-        f"lambda* {r.lam:.4g}{' (saturated)' if r.lambda_saturated else ''}, expected size there "
-        f"{r.expected_size_at_lambda:.4f}; quantile {r.quantile}, {r.num_draws} draws",
+        (f"achieved  {r.achieved_size:.4f} ({a['params']:.0f} params = {a['params_fraction']:.4f}; "
+        f"{a['flops']:.0f} FLOPs/token = {a['flops_fraction']:.4f}; {int(a['layers'])} layers)"),
+        (f"lambda* {r.lam:.4g}{' (saturated)' if r.lambda_saturated else ''}, expected size there "
+        f"{r.expected_size_at_lambda:.4f}; quantile {r.quantile}, {r.num_draws} draws"),
         f"kept: {len(k.layers)} layers, {len(k.heads)} heads, {len(k.groups)} channel groups",
         f"P(a posterior draw gives this keep-set) = {r.p_equal:.3f}; {len(r.boundary)} boundary units",
     ]
@@ -77,8 +78,8 @@ def _diagnostics(posterior, num_draws: int, seed: int, out: Path, manifest: dict
     try:
         diag = importlib.import_module("ppn_bayes.diagnostics")
     except ImportError:
-        return ["_The diagnostics module (`ppn_bayes.diagnostics`) is missing in this install, so there is no "
-                "arviz summary, NetCDF export or PSIS k-hat._"], None
+        return [("_The diagnostics module (`ppn_bayes.diagnostics`) is missing in this install, so there is no "
+                "arviz summary, NetCDF export or PSIS k-hat._")], None
     lines: list[str] = []
     nc = None
     try:
@@ -87,8 +88,8 @@ def _diagnostics(posterior, num_draws: int, seed: int, out: Path, manifest: dict
         names = [v for v in SUMMARY_SITES if v in idata.posterior.data_vars]
         summary = diag.summary(idata, var_names=names or None)
         table = summary.to_markdown() if _has_tabulate() else "```\n" + summary.to_string() + "\n```"
-        lines += ["Posterior summary of the layer scores and shrinkage scales (arviz; one chain of SVI draws, "
-                  "so R-hat is undefined and shown as NaN):", "", table, ""]
+        lines += [("Posterior summary of the layer scores and shrinkage scales (arviz; one chain of SVI draws, "
+                  "so R-hat is undefined and shown as NaN):"), "", table, ""]
     except Exception as err:  # noqa: BLE001 - diagnostics must not cost the user the rest of the report
         lines.append(f"_arviz summary unavailable: {type(err).__name__}: {str(err).splitlines()[0][:200]}_")
     psis = manifest.get("psis") or next((m for m in reversed(metrics) if "khat" in m), None)
@@ -173,12 +174,12 @@ def _markdown(run_dir: Path, inv, manifest: dict, metrics: list[dict], results: 
     train = [m for m in metrics if m.get("type", "train") == "train"]
     L = [f"# PPN report: {run_dir.name}", ""]
     L += ["## The run", "",
-          f"- base model: **{base}** ({d['family'] or 'family unknown'}); status: {manifest.get('status', 'unknown')}, "
-          f"steps done: {manifest.get('steps_done', len(train) or 'unknown')}",
-          f"- gated units: {', '.join(inv.kinds)} — {inv.num_layers} layers, {inv.num_heads} heads/layer "
-          f"({inv.dims.num_kv_heads} KV heads), {inv.num_groups} channel groups/layer of {inv.group_size}",
-          f"- decoder: {d['decoder_params']:.4g} parameters, {d['decoder_flops_per_token']:.4g} FLOPs/token; "
-          f"embeddings and LM head ({d['embedding_params']:.4g} params) are never pruned",
+          (f"- base model: **{base}** ({d['family'] or 'family unknown'}); status: {manifest.get('status', 'unknown')}, "
+          f"steps done: {manifest.get('steps_done', len(train) or 'unknown')}"),
+          (f"- gated units: {', '.join(inv.kinds)} — {inv.num_layers} layers, {inv.num_heads} heads/layer "
+          f"({inv.dims.num_kv_heads} KV heads), {inv.num_groups} channel groups/layer of {inv.group_size}"),
+          (f"- decoder: {d['decoder_params']:.4g} parameters, {d['decoder_flops_per_token']:.4g} FLOPs/token; "
+          f"embeddings and LM head ({d['embedding_params']:.4g} params) are never pruned"),
           f"- keep-sets rank units by the {quantile} posterior quantile of their exit price over {num_draws} joint draws"]
     if train:
         last = train[-1]
@@ -187,9 +188,9 @@ def _markdown(run_dir: Path, inv, manifest: dict, metrics: list[dict], results: 
     L.append("")
     ref = results[len(results) // 2]
     L += ["## What goes first", "",
-          "Units leave in the order below as the compute price λ rises (the posterior "
+          ("Units leave in the order below as the compute price λ rises (the posterior "
           f"{quantile}-quantile of the price at which each unit's score falls under its layer's threshold). "
-          "Every keep-set is a prefix of the reverse order, so smaller models drop exactly these units first.", ""]
+          "Every keep-set is a prefix of the reverse order, so smaller models drop exactly these units first."), ""]
     if "layers" in inv.kinds:
         order = removal_order(ref, "layers")
         L.append("**Layers, first to go → last:** " + ", ".join(f"{n.split()[1]} ({_exit_text(x)})" for n, x in order))
@@ -200,19 +201,19 @@ def _markdown(run_dir: Path, inv, manifest: dict, metrics: list[dict], results: 
             L.append(f"**{label} going first:** " + ", ".join(f"{n.split()[1]} ({_exit_text(x)})" for n, x in first))
             L.append("")
     L += ["## Keep-sets by size", "",
-          "| requested size | achieved params | achieved FLOPs | λ* | expected size at λ* | layers | heads | groups "
-          "| P(draw = reported) | boundary units |",
+          ("| requested size | achieved params | achieved FLOPs | λ* | expected size at λ* | layers | heads | groups "
+          "| P(draw = reported) | boundary units |"),
           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         k = r.keep
         L.append(f"| {r.requested_size:.3f} | {r.achieved['params_fraction']:.4f} | {r.achieved['flops_fraction']:.4f} "
                  f"| {r.lam:.4g}{'*' if r.lambda_saturated else ''} | {r.expected_size_at_lambda:.4f} | {len(k.layers)} "
                  f"| {len(k.heads)} | {len(k.groups)} | {r.p_equal:.3f} | {len(r.boundary)} |")
-    L += ["", "Achieved sizes never exceed the request (exact costs, a GQA KV head charged once). λ* is the price "
-          "at which the push's expected size equals the request; * marks a request beyond the trained range.", ""]
+    L += ["", ("Achieved sizes never exceed the request (exact costs, a GQA KV head charged once). λ* is the price "
+          "at which the push's expected size equals the request; * marks a request beyond the trained range."), ""]
     L += ["## Uncertain decisions", "",
-          "π is the share of posterior draws whose own keep-set (same rule, same budget) keeps the unit; units with "
-          "0.1 < π < 0.9 are boundary units, listed most uncertain first.", ""]
+          ("π is the share of posterior draws whose own keep-set (same rule, same budget) keeps the unit; units with "
+          "0.1 < π < 0.9 are boundary units, listed most uncertain first."), ""]
     for r in results:
         L.append(f"**Size {r.requested_size:.3g}** — P(a draw gives the reported keep-set) = {r.p_equal:.3f}; "
                  f"{len(r.boundary)} boundary units.")
@@ -231,6 +232,6 @@ def _markdown(run_dir: Path, inv, manifest: dict, metrics: list[dict], results: 
     L += ["## Plots", ""]
     for title, png in made:
         L += [f"### {title}", "", f"![{title}]({png.relative_to(out).as_posix()})", ""]
-    L += ["## Files", "", "- `keepsets.json`: every size's keep-set with per-unit inclusion probabilities π, mask "
-          "probabilities ρ and credible intervals of scores and gates", "- `plots/`: PNG and SVG of every figure", ""]
+    L += ["## Files", "", ("- `keepsets.json`: every size's keep-set with per-unit inclusion probabilities π, mask "
+          "probabilities ρ and credible intervals of scores and gates"), "- `plots/`: PNG and SVG of every figure", ""]
     return "\n".join(L)

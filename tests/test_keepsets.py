@@ -10,8 +10,16 @@ import torch
 
 from ppn_bayes.backbone.units import KeepSet
 from ppn_bayes.errors import ConfigError, SizeError
-from ppn_bayes.keepsets import (KeepsetSolver, UnitTable, exit_coordinates, fill, keepset, keepsets,
-                                parse_target, x_to_lambda)
+from ppn_bayes.keepsets import (
+    KeepsetSolver,
+    UnitTable,
+    exit_coordinates,
+    fill,
+    keepset,
+    keepsets,
+    parse_target,
+    x_to_lambda,
+)
 from tests.posterior_fixtures import StubPosterior, make_run_dir, small_inventory
 
 

@@ -10,8 +10,17 @@ import torch
 from ppn_bayes.backbone.gated import gate
 from ppn_bayes.keepsets import KeepsetSolver
 from ppn_bayes.posterior import Posterior
-from ppn_bayes.uncertainty import (auroc, ece, entropy, evaluate_keepset, mixture_logp, mutual_information,
-                                   predictive_uncertainty, reliability, variation_ratio)
+from ppn_bayes.uncertainty import (
+    auroc,
+    ece,
+    entropy,
+    evaluate_keepset,
+    mixture_logp,
+    mutual_information,
+    predictive_uncertainty,
+    reliability,
+    variation_ratio,
+)
 from tests.posterior_fixtures import make_run_dir
 from tests.tiny_models import VOCAB, tiny_model
 
@@ -92,3 +101,32 @@ def test_evaluate_keepset_band(setup):
     ev = evaluate_keepset(gated, result, blocks, samples=3)
     assert ev["samples"] == 3 and ev["nll_q05"] <= ev["nll_q50"] <= ev["nll_q95"]
     assert ev["ppl"] == pytest.approx(math.exp(ev["nll"]))
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_llama_dir, tmp_path_factory):
+    from ppn_bayes.config import recipe_from_dict
+    from ppn_bayes.data import load_corpus
+    from ppn_bayes.train import fit
+
+    corpus = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    corpus.write_text(load_corpus("bundled", "validation")[0][:12_000], encoding="utf-8")
+    r = recipe_from_dict({"name": "tiny", "model": {"name": str(tiny_llama_dir)}, "units": {"group_size": 16},
+                          "data": {"corpus": str(corpus), "block_size": 32, "val_blocks": 2},
+                          "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 1, "eval_lambdas": [0.5]}})
+    return fit(r, out=tmp_path_factory.mktemp("runs") / "r", progress=False)
+
+
+def test_cli_uncertainty_and_keepset_eval(fitted, capsys):
+    import json
+
+    from ppn_bayes.cli import main
+
+    assert main(["uncertainty", str(fitted.path), "--size", "0.6", "--k", "3", "--blocks", "1", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["k"] == 3 and rep["tokens"] == 31 and rep["mi_mean"] >= 0
+    assert main(["keepset", str(fitted.path), "--size", "0.6", "--draws", "16", "--eval", "--blocks", "1",
+                 "--samples", "2", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["eval"]["samples"] == 2 and d["eval"]["nll_q05"] <= d["eval"]["nll_q95"]
+    assert main(["uncertainty", str(fitted.path), "--size", "0.6", "--k", "1"]) == 2
