@@ -16,8 +16,14 @@ from scipy.interpolate import BSpline
 
 from ppn_bayes.backbone.units import Dims, UnitInventory
 from ppn_bayes.config import PushConfig
-from ppn_bayes.push import (MonotoneSpline, Push, _clamped_knots, bspline_basis, draw_lambda,
-                            straight_through_bernoulli)
+from ppn_bayes.push import (
+    MonotoneSpline,
+    Push,
+    _clamped_knots,
+    bspline_basis,
+    draw_lambda,
+    straight_through_bernoulli,
+)
 
 K_SE = 4.5  # Monte-Carlo tolerances in standard errors (a correct implementation fails w.p. < 1e-5)
 

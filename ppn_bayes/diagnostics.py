@@ -1,0 +1,363 @@
+"""Checks of the inference itself: arviz export, PSIS k-hat of the guide, and the NUTS gold standard.
+
+This is the only module that imports arviz (0.x API), so moving to arviz 1.x (``arviz_base.from_dict``
+nested by group, ``arviz_stats.summary``) is a one-file change.
+
+* :func:`to_inference_data` turns joint posterior draws of every latent and score site into an
+  ``InferenceData`` with named dims (``layer``, ``head``, ``group``); :func:`save_netcdf` writes it
+  atomically; :func:`summary` is ``az.summary``.
+* :func:`psis_khat`: Pareto-smoothed importance sampling diagnostic of a guide (Yao et al. 2018).
+  With ``a ~ q`` and log weights ``log w = log p(a, data) - log q(a)``, the generalized-Pareto shape
+  ``k`` of the upper tail of ``w`` says how far ``q`` is from the posterior: ``k < 0.5`` good,
+  ``0.5 <= k <= 0.7`` questionable, ``k > 0.7`` bad (importance weights with infinite variance).
+  It needs a log density that is a deterministic function of the latents: a fixed price ``lam``
+  and the push's ``expected`` masks (applied here for the duration of the call), frozen weights, a
+  fixed (held-out) batch.
+* :func:`nuts_check`: Pyro's NUTS on the layer-gate-only model (a handful of latents, frozen
+  weights, a fixed calibration batch, fixed ``lam``), R-hat and ESS per site, and the comparison of
+  the NUTS posterior of the layer scores with a mean-field SVI fit of the same model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+import xarray as xr
+from pyro.infer import MCMC, NUTS, Predictive, Trace_ELBO
+from pyro.poutine.util import site_is_subsample
+from scipy import stats
+
+with warnings.catch_warnings():  # arviz 0.x announces its 1.x refactor on import
+    warnings.simplefilter("ignore", FutureWarning)
+    import arviz as az
+
+from ppn_bayes.backbone.gated import GatedLM
+from ppn_bayes.backbone.units import UnitInventory
+from ppn_bayes.config import GuideConfig, PriorConfig, PushConfig
+from ppn_bayes.errors import ConfigError
+from ppn_bayes.guides import make_guide
+from ppn_bayes.model import PPNModel
+
+SITE_DIMS: dict[str, tuple[str, ...]] = {
+    "tau0": (), "caux": (), "global_scale": (),
+    "e_layers": ("layer",), "lam_layers": ("layer",), "sig_heads": ("layer",), "sig_groups": ("layer",),
+    "e_heads": ("layer", "head"), "e_groups": ("layer", "group"),
+    "score_layers": ("layer",), "score_heads": ("layer", "head"), "score_groups": ("layer", "group"),
+}
+KHAT_GOOD, KHAT_BAD = 0.5, 0.7
+
+
+# ------------------------------------------------------------------ arviz export
+def _coords(inventory: UnitInventory) -> dict[str, list[int]]:
+    return {"layer": list(range(inventory.num_layers)), "head": list(range(inventory.num_heads)),
+            "group": list(range(inventory.num_groups))}
+
+
+def _dim_sizes(inventory: UnitInventory) -> dict[str, int]:
+    return {k: len(v) for k, v in _coords(inventory).items()}
+
+
+def samples_to_inference_data(samples: dict[str, Any], inventory: UnitInventory, chains: int,
+                              sample_stats: dict[str, Any] | None = None) -> az.InferenceData:
+    """Draws ``{site: [chains * draws, ...] or [chains, draws, ...]}`` -> ``InferenceData`` with dims.
+
+    Sites not in :data:`SITE_DIMS` are skipped; a site's trailing shape is taken from the inventory,
+    so Predictive's extra singleton dims (``[K, 1]`` for scalars) reshape away.
+    """
+    sizes = _dim_sizes(inventory)
+    posterior, dims = {}, {}
+    for name, value in samples.items():
+        if name not in SITE_DIMS:
+            continue
+        arr = torch.as_tensor(value).detach().double().cpu().numpy()
+        shape = tuple(sizes[d] for d in SITE_DIMS[name])
+        posterior[name] = arr.reshape(chains, -1, *shape)
+        dims[name] = list(SITE_DIMS[name])
+    used = {d for ds in dims.values() for d in ds}
+    coords = {k: v for k, v in _coords(inventory).items() if k in used}
+    return az.from_dict(posterior=posterior, coords=coords, dims=dims, sample_stats=sample_stats)
+
+
+def to_inference_data(posterior, num_draws: int = 1000, seed: int = 0, chains: int = 1) -> az.InferenceData:
+    """Joint draws from a :class:`~ppn_bayes.posterior.Posterior` (``chains * num_draws`` in all) as arviz data.
+
+    Variables: every latent site (``e_layers``, ``tau0``, ``lam_layers``, ``caux`` or ``global_scale``,
+    ``sig_*``, ``e_*``) and the scores ``score_layers`` ``[layer]``, ``score_heads`` ``[layer, head]``,
+    ``score_groups`` ``[layer, group]``. SVI draws are independent, so ``chains > 1`` just splits
+    them (R-hat is then a check of the draw code, not of convergence).
+    """
+    if num_draws < 1 or chains < 1:
+        raise ConfigError(f"num_draws and chains must be >= 1, got {num_draws} and {chains}")
+    draws = posterior.draws(num_draws * chains, seed=seed)
+    named = {(f"score_{k}" if k in ("layers", "heads", "groups") else k): v for k, v in draws.items()}
+    return samples_to_inference_data(named, posterior.inventory, chains)
+
+
+def save_netcdf(idata: az.InferenceData, path: str | Path) -> Path:
+    """Write ``idata`` to NetCDF (h5netcdf engine) through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nc", dir=path.parent)
+    os.close(fd)
+    try:
+        idata.to_netcdf(tmp, engine="h5netcdf")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_netcdf(path: str | Path) -> az.InferenceData:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; write it with save_netcdf (or `ppn report RUN`)")
+    return az.from_netcdf(str(path), engine="h5netcdf")
+
+
+def summary(idata: az.InferenceData, var_names: list[str] | None = None):
+    """``az.summary`` (mean, sd, HDI, MCSE, ESS, R-hat) as a pandas DataFrame."""
+    with warnings.catch_warnings():  # one-chain R-hat warns; the table shows NaN, which is the truth
+        warnings.simplefilter("ignore")
+        return az.summary(idata, var_names=var_names)
+
+
+# ------------------------------------------------------------------ PSIS
+def khat_reading(k: float) -> str:
+    """Yao et al. (2018)'s reading of the Pareto shape of the importance weights."""
+    if k < KHAT_GOOD:
+        return "good"
+    if k <= KHAT_BAD:
+        return "questionable"
+    return "bad"
+
+
+@contextlib.contextmanager
+def deterministic_push(model: Any) -> Iterator[None]:
+    """Within the block a :class:`PPNModel` uses ``mask: expected`` (rho itself, no Bernoulli noise),
+    so its log density is a deterministic function of the latents given ``lam``. Other models pass."""
+    push = getattr(model, "push", None)
+    if push is None or not isinstance(getattr(push, "config", None), PushConfig):
+        yield
+        return
+    saved = push.config
+    push.config = dataclasses.replace(saved, mask="expected")
+    try:
+        yield
+    finally:
+        push.config = saved
+
+
+def log_importance_weights(model, guide, *args, num_particles: int = 500, seed: int = 0,
+                           **kwargs) -> torch.Tensor:
+    """``log p(a, data) - log q(a)`` for ``num_particles`` draws ``a ~ q`` (one model run per draw).
+
+    Sequential rather than Pyro's vectorized ``psis_diagnostic`` because the language model is not
+    vectorized over particles; the result is the same quantity.
+    """
+    if isinstance(model, PPNModel) and kwargs.get("lam") is None:
+        raise ConfigError("psis_khat needs a fixed price: pass lam=... (e.g. lam=1.0), not a random draw")
+    pyro.set_rng_seed(seed)
+    out = torch.empty(num_particles, dtype=torch.float64)
+    with torch.no_grad(), deterministic_push(model):
+        for i in range(num_particles):
+            gtr = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
+            mtr = pyro.poutine.trace(pyro.poutine.replay(model, trace=gtr)).get_trace(*args, **kwargs)
+            if i == 0:
+                _check_guide_covers(mtr, gtr)
+            out[i] = float(mtr.log_prob_sum()) - float(gtr.log_prob_sum())
+    return out
+
+
+def _check_guide_covers(model_trace, guide_trace) -> None:
+    missing = [n for n, s in model_trace.nodes.items()
+               if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+               and n not in guide_trace.nodes]
+    if missing:
+        raise ConfigError(f"the guide does not sample {missing}; pass the guide built for this model")
+
+
+def psis_khat(model, guide, *args, num_particles: int = 500, seed: int = 0, **kwargs) -> dict[str, Any]:
+    """PSIS diagnostic of ``guide`` for ``model(*args, **kwargs)``.
+
+    For the PPN model pass the held-out batch and a fixed price: ``psis_khat(m, guide, ids, lam=1.0)``.
+    Returns ``khat``, its ``reading`` (good / questionable / bad), the relative importance-sampling
+    ESS of the smoothed weights (``1 / (n sum w_i^2)``, 1 = perfect), the ELBO estimate ``mean(log w)``
+    and the log-evidence estimate ``log mean w``.
+
+    If the log weights are constant to 1e-3 (the guide *is* the posterior up to rounding), every
+    weight lies within a factor ``e^0.001`` of the others: the weights are bounded, the Pareto fit is
+    degenerate (arviz returns inf), and ``khat`` is reported as ``-inf`` (good).
+    """
+    lw = log_importance_weights(model, guide, *args, num_particles=num_particles, seed=seed, **kwargs)
+    if not torch.isfinite(lw).all():
+        raise ConfigError("some log importance weights are not finite; check the model/guide pair and the batch")
+    lw_np = lw.numpy()
+    if float(lw.max() - lw.min()) < 1e-3:
+        k, smoothed = float("-inf"), lw_np
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            smoothed, k = az.psislw(lw_np.copy())
+        k = float(k)
+    w = np.exp(smoothed - np.logaddexp.reduce(smoothed))
+    return {
+        "khat": k,
+        "reading": khat_reading(k),
+        "num_particles": int(num_particles),
+        "ess_fraction": float(1.0 / (lw_np.size * np.sum(w**2))),
+        "elbo": float(lw.mean()),
+        "log_evidence": float(torch.logsumexp(lw, 0) - math.log(lw.numel())),
+    }
+
+
+# ------------------------------------------------------------------ NUTS vs SVI
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Weights without gradients for the block (NUTS and the check's SVI move only the latents)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def gate_only_model(gated: GatedLM | PPNModel, batch_size: int, prior: PriorConfig | None = None,
+                    tokens_per_sequence: int = 2, tempering: float = 1.0) -> PPNModel:
+    """The layer-gate-only PPN model for the NUTS check (``mask: expected``, no amplitudes).
+
+    A :class:`PPNModel` is used as it is (its trained thresholds and levels included); a
+    :class:`GatedLM` gets a fresh model with ``num_sequences = batch_size`` (no up-scaling of the
+    calibration batch: the posterior is that of the batch itself).
+    """
+    if isinstance(gated, PPNModel):
+        model = gated
+    else:
+        model = PPNModel(gated, prior or PriorConfig(kind="normal"), PushConfig(mask="expected", amplitude=False),
+                         num_sequences=batch_size, tokens_per_sequence=tokens_per_sequence, tempering=tempering)
+    if tuple(model.inventory.kinds) != ("layers",):
+        raise ConfigError(f"the NUTS check gates layers only, this model gates {list(model.inventory.kinds)}; "
+                          "wrap the model with gate(model, kinds=('layers',))")
+    if model.prior.config.kind == "none":
+        raise ConfigError("prior kind 'none' has no latent scores to check; use prior kind 'normal' or 'horseshoe'")
+    return model
+
+
+def run_nuts(model: PPNModel, args: tuple, kwargs: dict, num_warmup: int, num_samples: int, chains: int,
+             seed: int, max_tree_depth: int = 6) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``chains`` sequential NUTS chains (separate seeds; a torch LM does not fork well), stacked
+    ``[chains, num_samples, ...]``, and the divergence count per chain."""
+    per_chain, divergences = [], []
+    for c in range(chains):
+        pyro.set_rng_seed(seed + 1000 * c)
+        kernel = NUTS(model, max_tree_depth=max_tree_depth, jit_compile=False)
+        mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=num_warmup, num_chains=1, disable_progbar=True)
+        mcmc.run(*args, **kwargs)
+        per_chain.append(mcmc.get_samples())
+        divergences.append(len(mcmc.diagnostics()["divergences"]["chain 0"]))
+    samples = {k: torch.stack([s[k] for s in per_chain]) for k in per_chain[0]}
+    return samples, {"divergences": divergences}
+
+
+def fit_svi(model: PPNModel, args: tuple, kwargs: dict, steps: int, lr: float, seed: int,
+            guide_cfg: GuideConfig | None = None, num_particles: int = 2):
+    """Mean-field SVI of the guide alone (weights and push frozen); lr decays linearly to lr/10 so the
+    final parameters sit near the optimum rather than wherever the last noisy step left them."""
+    pyro.set_rng_seed(seed)
+    guide = make_guide(model.prior, guide_cfg or GuideConfig())
+    loss_fn = Trace_ELBO(num_particles=num_particles, vectorize_particles=False)(model, guide)
+    opt = torch.optim.Adam(guide.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / max(1, steps))
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(*args, **kwargs)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return guide
+
+
+def layer_score_draws(model: PPNModel, samples: dict[str, torch.Tensor] | None = None, guide=None,
+                 num_samples: int = 1000) -> torch.Tensor:
+    """Layer scores ``[S, L]`` for given latent draws (NUTS) or drawn from a guide (SVI)."""
+    with torch.no_grad():
+        if samples is not None:
+            pred = Predictive(model.prior, posterior_samples=samples, return_sites=["score_layers"])
+        else:
+            pred = Predictive(model.prior, guide=guide, num_samples=num_samples, return_sites=["score_layers"])
+        return pred()["score_layers"].reshape(-1, model.inventory.num_layers)
+
+
+def compare_scores(nuts: torch.Tensor, svi: torch.Tensor) -> dict[str, Any]:
+    """Means, sds and their agreement: Spearman and Kendall rank correlation of the means, the largest
+    absolute gap, and the largest gap in units of the NUTS sd."""
+    mn, sn = nuts.mean(0).double(), nuts.std(0).double()
+    ms, ss = svi.mean(0).double(), svi.std(0).double()
+    gap = (ms - mn).abs()
+    return {
+        "nuts_mean": mn.tolist(), "nuts_sd": sn.tolist(), "svi_mean": ms.tolist(), "svi_sd": ss.tolist(),
+        "spearman": float(stats.spearmanr(mn.numpy(), ms.numpy()).statistic),
+        "kendall": float(stats.kendalltau(mn.numpy(), ms.numpy()).statistic),
+        "max_abs_diff": float(gap.max()),
+        "max_diff_in_nuts_sd": float((gap / sn.clamp_min(1e-12)).max()),
+        "sd_ratio": (ss / sn.clamp_min(1e-12)).tolist(),
+    }
+
+
+def convergence(idata: az.InferenceData) -> dict[str, dict[str, float]]:
+    """Worst rank-normalized split R-hat and smallest bulk ESS per variable (Vehtari et al. 2021).
+
+    With a single chain, its two halves are treated as two chains (split-R-hat); arviz then splits
+    each again, which only makes the check stricter.
+    """
+    post = idata.posterior
+    if post.sizes["chain"] == 1:
+        half = post.sizes["draw"] // 2
+        first = post.isel(chain=[0], draw=slice(0, half))
+        second = post.isel(chain=[0], draw=slice(half, 2 * half)).assign_coords(draw=first.draw, chain=[1])
+        rhat = az.rhat(xr.concat([first, second], dim="chain"))
+    else:
+        rhat = az.rhat(post)
+    ess = az.ess(post, method="bulk")
+    return {name: {"rhat": float(rhat[name].max()), "ess_bulk": float(ess[name].min())} for name in post.data_vars}
+
+
+def nuts_check(gated: GatedLM | PPNModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               *, lam: float = 1.0, prior: PriorConfig | None = None, tempering: float = 1.0,
+               num_warmup: int = 200, num_samples: int = 200, chains: int = 2, svi_steps: int = 600,
+               svi_lr: float = 0.05, seed: int = 0) -> dict[str, Any]:
+    """NUTS on the layer-gate-only model vs mean-field SVI of the same model, on one fixed batch.
+
+    Returns ``sites``: R-hat and bulk ESS per site (worst element, :func:`convergence`; two chains
+    by default, run one after the other), the divergences per chain, the NUTS and SVI means and
+    sds of the layer scores and their agreement (:func:`compare_scores`), and ``idata`` (the NUTS
+    draws as arviz data, latents and scores).
+    """
+    if chains < 1 or num_samples < 4:
+        raise ConfigError("nuts_check needs chains >= 1 and num_samples >= 4")
+    model = gate_only_model(gated, input_ids.shape[0], prior, input_ids.shape[1], tempering)
+    args, kwargs = (input_ids,), {"attention_mask": attention_mask, "lam": float(lam)}
+    with frozen(model.gated), deterministic_push(model):
+        samples, stats_ = run_nuts(model, args, kwargs, num_warmup, num_samples, chains, seed)
+        nuts_scores = layer_score_draws(model, {k: v.flatten(0, 1) for k, v in samples.items()})
+        guide = fit_svi(model, args, kwargs, svi_steps, svi_lr, seed)
+        svi_scores = layer_score_draws(model, guide=guide, num_samples=2000)
+    idata = samples_to_inference_data({**samples, "score_layers": nuts_scores}, model.inventory, chains)
+    per_site = convergence(idata)
+    return {"sites": per_site, "divergences": stats_["divergences"], "chains": chains,
+            "num_warmup": num_warmup, "num_samples": num_samples, "lam": float(lam),
+            "scores": compare_scores(nuts_scores, svi_scores), "idata": idata, "guide": guide}
