@@ -43,19 +43,34 @@ from ppn_bayes.errors import ConfigError
 
 
 class Hessian:
-    """Running ``(2 / n) X^T X`` of a matrix product's input (float64 for a stable Cholesky)."""
+    """Running ``(2 / n) X^T X`` of a matrix product's input.
+
+    Accumulated in float32 as in the reference implementation (the inverse is taken in float64).
+    q/k/v (and gate/up) read the same input tensor one after another, so the last Gram matrix is
+    cached by tensor identity (the cache holds the tensor itself, so its memory cannot be reused by
+    another tensor while it is cached) and shared instead of recomputed.
+    """
+
+    _last: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     def __init__(self, in_features: int):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32)
         self.n = 0
 
+    @classmethod
+    def gram(cls, x: torch.Tensor) -> torch.Tensor:
+        if cls._last is not None and cls._last[0] is x and cls._last[1] == x._version:
+            return cls._last[2]
+        flat = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        g = flat.t() @ flat
+        cls._last = (x, x._version, g)
+        return g
+
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double().cpu()
-        m = x.shape[0]
+        m = x.reshape(-1, x.shape[-1]).shape[0]
         self.H *= self.n / (self.n + m)
         self.n += m
-        x = x * (2.0 / self.n) ** 0.5
-        self.H += x.t() @ x
+        self.H += self.gram(x) * (2.0 / self.n)
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -81,12 +96,12 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
     ``H`` is ``(2/n) X^T X`` without damping (see :class:`Hessian`).
     """
     dtype = W.dtype
-    W = W.detach().double().clone(memory_format=torch.contiguous_format)
+    W = W.detach().float().clone(memory_format=torch.contiguous_format)
     H = H.double().clone()
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    Hinv = _inverse_cholesky(H, percdamp)
+    Hinv = _inverse_cholesky(H, percdamp).float()
     cols = W.shape[1]
     prune_n, prune_m = (2, 4) if pattern == "2:4" else (0, 0)
     if prune_m and cols % prune_m:
@@ -145,6 +160,9 @@ def sparsegpt(model: nn.Module | GatedLM, blocks: torch.Tensor, size: float = 0.
         def make(mod: nn.Module) -> Hessian:
             return Hessian(weight_as_out_in(mod).shape[1])
 
-        sequential_prune(pruned, blocks, make, prune, batch_size)
+        try:
+            sequential_prune(pruned, blocks, make, prune, batch_size)
+        finally:
+            Hessian._last = None  # drop the cached activation
     return UnstructuredResult("sparsegpt", pattern, pruned, decoder_param_fraction(pruned), t.seconds,
                               info={"linear_sparsity": sparsity, "blocksize": blocksize, "percdamp": percdamp})
