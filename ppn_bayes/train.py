@@ -29,9 +29,10 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyro
@@ -319,10 +320,30 @@ def state_tensors(s: Session) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in out.items()}
 
 
-@torch.no_grad()
 def restore(s: Session, ckpt: dict[str, Any]) -> int:
     """Load a checkpoint into the session; returns the step it was taken at."""
-    tensors = ckpt["tensors"]
+    fsdp = s.world > 1 and s.recipe.train.distributed == "fsdp"
+    if fsdp:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(s.wrapped, writeback=True):
+            _restore_tensors(s, ckpt["tensors"])
+        optim = FSDP.optim_state_dict_to_load(s.wrapped, s.optimizer, ckpt["optimizer"])
+    else:
+        _restore_tensors(s, ckpt["tensors"])
+        optim = ckpt["optimizer"]
+    s.optimizer.load_state_dict(optim)
+    for group in s.optimizer.param_groups:  # the recipe may have changed LRs (e.g. after a NaN)
+        group.update(_group_hparams(s.recipe, group["name"]))
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch_cpu"])
+    s.generator.set_state(rng["model_generator"])
+    s.seconds = float(ckpt["trainer"].get("seconds", 0.0))
+    return int(ckpt["trainer"]["step"])
+
+
+@torch.no_grad()
+def _restore_tensors(s: Session, tensors: dict[str, torch.Tensor]) -> None:
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -334,14 +355,6 @@ def restore(s: Session, ckpt: dict[str, Any]) -> int:
         s.lora.load_state(part("lora."))
     for name, value in part("weights.").items():
         s.named_weights[name].copy_(value)
-    s.optimizer.load_state_dict(ckpt["optimizer"])
-    for group in s.optimizer.param_groups:  # the recipe may have changed LRs (e.g. after a NaN)
-        group.update(_group_hparams(s.recipe, group["name"]))
-    rng = ckpt["rng"]
-    torch.set_rng_state(rng["torch_cpu"])
-    s.generator.set_state(rng["model_generator"])
-    s.seconds = float(ckpt["trainer"].get("seconds", 0.0))
-    return int(ckpt["trainer"]["step"])
 
 
 def _optimizer_state(s: Session) -> dict:
@@ -574,7 +587,7 @@ def _manifest_start(s: Session) -> None:
 
 def fit(recipe: Recipe | str | os.PathLike | None = None, out: str | os.PathLike | None = None,
         resume: bool = False, progress: bool = True, overrides: list[str] | None = None,
-        callbacks: list[Callable[[Session, int], None]] | None = None) -> "rundir.Run":
+        callbacks: list[Callable[[Session, int], None]] | None = None) -> rundir.Run:
     """Train a push puppet network from a recipe and return the finished :class:`~ppn_bayes.run.Run`.
 
     ``recipe``: a :class:`Recipe`, a YAML path, or ``None`` to resume ``out`` from its snapshot.
@@ -599,7 +612,7 @@ def fit(recipe: Recipe | str | os.PathLike | None = None, out: str | os.PathLike
 
 
 def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, resume: bool, progress: bool,
-         callbacks: list) -> "rundir.Run":
+         callbacks: list) -> rundir.Run:
     if resume and _already_finished(run_dir, r.train.steps):
         return rundir.load_run(run_dir)
     s = build(r, run_dir, rank, world, device)

@@ -45,7 +45,7 @@ def test_torchrun_two_processes_match_one(tiny_llama_dir, tmp_path):
     subprocess.run([sys.executable, *common, str(single)], env=env, check=True, capture_output=True)
     torchrun = str(Path(sys.executable).parent / "torchrun")
     done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", *common, str(multi)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((multi / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["status"] == "finished"

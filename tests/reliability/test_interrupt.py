@@ -105,7 +105,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(recipe_file, tmp_path):
     assert manifest["status"] == "running" and manifest["steps_done"] < STEPS
     check_every_file_loads(killed)
 
-    done = subprocess.run(ppn("--resume", "--out", str(killed)), env=env(), capture_output=True, text=True)
+    done = subprocess.run(ppn("--resume", "--out", str(killed)), env=env(), capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((killed / "manifest.json").read_text())["status"] == "finished"
     assert not list(killed.glob("checkpoint.tmp-*")) and not (killed / "checkpoint.old").exists()
