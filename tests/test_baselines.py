@@ -332,3 +332,27 @@ def test_prunepath_gather_kernel_and_active_fraction():
     assert 0 < fractions[2] <= fractions[1] <= fractions[0] < 1  # a monotone knob, reported per token
     tau = pp.tau_for(0.8)
     assert pp.param_fraction(pp.predicted_active(tau)) <= 0.8
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_peers_on_smollm2(smollm2_path):
+    """On SmolLM2-135M: Wanda at 90% keeps perplexity within 5% of dense (the paper's low-sparsity
+    regime is nearly lossless), and GISP's informed 90% keep-set beats a random one of the same size."""
+    from ppn_bayes.backbone.materialize import materialize
+    from ppn_bayes.data import calibration_blocks, token_blocks
+    from ppn_bayes.evaluate import perplexity
+    from ppn_bayes.zoo import load_model
+
+    model, tok = load_model(smollm2_path)
+    calib = calibration_blocks(tok, 4, 64, seed=0)
+    test = token_blocks(tok, "test", 128, max_blocks=2)
+    dense = perplexity(model, test)["perplexity"]
+    assert perplexity(wanda(model, calib, 0.9).model, test)["perplexity"] < 1.05 * dense
+    g = gisp(model, calib, [0.9], step=0.1, group_size=64)
+    r = random_keepsets(model, [0.9], seed=0, group_size=64)
+    ppl_g = perplexity(materialize(model, g.keepsets[0.9], g.inventory), test)["perplexity"]
+    ppl_r = perplexity(materialize(model, r.keepsets[0.9], r.inventory), test)["perplexity"]
+    assert ppl_g < ppl_r
