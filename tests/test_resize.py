@@ -229,9 +229,12 @@ def test_user_errors_are_one_line(saved, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="shape"):
         resize(base, keep, g.inventory, tmp_path / "x", amplitudes={"attn_scale": torch.ones(2, 2)})
     # a failed write leaves neither the output nor a temporary directory behind
-    import safetensors.torch
+    import ppn_bayes.resize
 
-    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    def full_disk(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ppn_bayes.resize, "save_streaming", full_disk)
     with pytest.raises(OSError):
         resize(base, keep, g.inventory, tmp_path / "y")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base-llama", "out"])
