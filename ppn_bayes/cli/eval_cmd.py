@@ -1,9 +1,10 @@
-"""``ppn eval``: held-out perplexity of a base model on a corpus split.
+"""``ppn eval``: perplexity and zero-shot lm-eval tasks of a model, a resized export, or a run at a size.
 
-Structure, so that later sources (a run's sub-network at a size, lm-eval tasks) slot in: the parser
-is built by :func:`add_arguments`; :func:`run` picks a *target* (today: a base model) and a
-*metric* (today: perplexity), each a small function returning a dict; :func:`emit` prints any
-result dict as one JSON object (``--json``) or as one human line.
+Structure: the parser is built by :func:`add_arguments`; :func:`run` picks a *target*
+(:func:`load_target`: ``--model`` dense or resized, or ``--run`` with ``--size``/``--dense``) and
+*metrics* (perplexity on held-out blocks, ``--tasks`` through lm-eval), each a small function
+returning a dict; :func:`emit` prints the merged result as one JSON object (``--json``) or as lines.
+The work itself is in :mod:`ppn_bayes.evaluate` and :mod:`ppn_bayes.lmeval`.
 """
 
 from __future__ import annotations
@@ -13,23 +14,45 @@ import json
 import time
 from typing import Any
 
-HELP = "perplexity of a model on held-out token blocks"
+HELP = "perplexity and zero-shot tasks of a model, a resized export or a run at a size"
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="bundled alias (see `ppn models list`), local directory or Hugging Face id "
-                             "(default: smollm2-135m)")
+    from ppn_bayes.tasks import LOCAL_TASK
+
+    what = parser.add_argument_group("what to evaluate (one of)")
+    what.add_argument("--model", default=None,
+                      help="bundled alias (see `ppn models list`), local directory (a `ppn resize` export "
+                           f"included) or Hugging Face id (default: {DEFAULT_MODEL})")
+    what.add_argument("--run", default=None, help="run directory written by `ppn fit`; needs --size or --dense")
+    what.add_argument("--size", type=float, default=None,
+                      help="with --run: fraction of decoder parameters to keep, in (0, 1]")
+    what.add_argument("--quantile", type=float, default=None,
+                      help="with --run --size: posterior quantile that ranks units (default 0.5, lower is "
+                           "risk-averse)")
+    what.add_argument("--dense", action="store_true", help="with --run: the run's whole network (lambda = 0)")
+    what.add_argument("--draws", type=int, default=256, help="with --run --size: posterior draws (default 256)")
     parser.add_argument("--data", default="bundled",
                         help="corpus: bundled (Austen), kjv, a local file/directory, or a HF dataset name")
     parser.add_argument("--split", default="test", help="corpus split (default: test)")
     parser.add_argument("--block-size", type=int, default=256, help="tokens per block (default: 256)")
     parser.add_argument("--max-blocks", type=int, default=None, help="evaluate only the first N blocks")
-    parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="blocks (or lm-eval requests) per forward pass (default: 8)")
+    parser.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure perplexity (default: on; --no-perplexity with --tasks for tasks only)")
+    parser.add_argument("--tasks", nargs="?", const=LOCAL_TASK, default=None, metavar="NAME[,NAME]",
+                        help=f"zero-shot lm-eval tasks (needs `pip install 'ppn-bayes[eval]'`); bare --tasks "
+                             f"runs the shipped offline task {LOCAL_TASK}")
+    parser.add_argument("--limit", type=float, default=None,
+                        help="with --tasks: items per task (a count, or a fraction below 1), for quick checks")
+    parser.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                        help="with --tasks: a folder of your own lm-eval task YAMLs (repeatable)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a Hub checkpoint to run its own Python code (off by default)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
 
 
 def register(subparsers: Any) -> None:
@@ -39,44 +62,133 @@ def register(subparsers: Any) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    """Every flag combination that cannot work, as a one-line error before anything is loaded."""
     from ppn_bayes.errors import ConfigError
 
+    if args.run is not None and args.model is not None:
+        raise ConfigError("pass either --model or --run, not both")
+    if args.run is None:
+        for flag, value in (("--size", args.size), ("--quantile", args.quantile), ("--dense", args.dense or None)):
+            if value is not None:
+                raise ConfigError(f"{flag} applies to a run; add --run RUN_DIR (or drop {flag})")
+    elif args.size is None and not args.dense:
+        raise ConfigError("--run needs --size S (a fraction of decoder parameters in (0, 1]) or --dense")
+    elif args.size is not None and args.dense:
+        raise ConfigError("--size and --dense exclude each other; --dense is the run's whole network")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
     if args.max_blocks is not None and args.max_blocks < 1:
         raise ConfigError(f"--max-blocks {args.max_blocks} must be at least 1")
+    if args.tasks is None and (args.limit is not None or args.include_path):
+        raise ConfigError("--limit and --include-path apply to --tasks; add --tasks NAME")
+    if not args.perplexity and args.tasks is None:
+        raise ConfigError("nothing to evaluate: --no-perplexity needs --tasks NAME")
+
+
+def load_target(args: argparse.Namespace, device: Any):
+    """The :class:`~ppn_bayes.evaluate.EvalTarget` named by ``--model`` or ``--run``."""
+    from ppn_bayes.evaluate import load_model_target, load_run_target
+
+    if args.run is not None:
+        quantile = 0.5 if args.quantile is None else args.quantile
+        return load_run_target(args.run, size=args.size, quantile=quantile, dense=args.dense, device=device,
+                               num_draws=args.draws)
+    return load_model_target(args.model or DEFAULT_MODEL, device=device, trust_remote_code=args.trust_remote_code)
+
+
+def eval_perplexity(target: Any, args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    """Perplexity of the target on ``--data``/``--split`` blocks."""
+    from ppn_bayes.data import token_blocks
+    from ppn_bayes.evaluate import perplexity
+
+    blocks = token_blocks(target.tokenizer, args.split, args.block_size, args.data, max_blocks=args.max_blocks,
+                          max_context=target.max_context)
+    start = time.perf_counter()
+    result = perplexity(target.model, blocks, batch_size=args.batch_size, device=device,
+                        autocast_dtype=None, progress=not args.json)
+    result.update(data=args.data, split=args.split, block_size=args.block_size,
+                  seconds=round(time.perf_counter() - start, 2))
+    return result
+
+
+def eval_tasks(target: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Zero-shot lm-eval scores of the target: ``{"tasks": {...}, "limit", "lm_eval_version"}``."""
+    from ppn_bayes.lmeval import evaluate_tasks
+
+    limit = args.limit
+    if limit is not None and limit >= 1 and limit == int(limit):
+        limit = int(limit)
+    start = time.perf_counter()
+    out = evaluate_tasks(target.model, target.tokenizer, args.tasks, limit=limit, batch_size=args.batch_size,
+                         include_path=args.include_path)
+    out["tasks_seconds"] = round(time.perf_counter() - start, 2)
+    return out
 
 
 def eval_base_model(args: argparse.Namespace) -> dict[str, Any]:
-    """Perplexity of the dense base model named by ``--model``."""
-    from ppn_bayes.data import check_corpus, token_blocks
+    """Perplexity of the dense base model named by ``--model`` (kept for callers of the first version)."""
+    from ppn_bayes.data import check_corpus
     from ppn_bayes.device import resolve_device
-    from ppn_bayes.evaluate import perplexity
-    from ppn_bayes.zoo import load_model
 
-    device = resolve_device(args.device)  # before loading, so a missing GPU or corpus fails fast
+    device = resolve_device(args.device)
     check_corpus(args.data, args.split)
-    model, tokenizer = load_model(args.model, device=device, trust_remote_code=args.trust_remote_code)
-    blocks = token_blocks(tokenizer, args.split, args.block_size, args.data, max_blocks=args.max_blocks,
-                          max_context=getattr(model.config, "max_position_embeddings", None))
-    start = time.perf_counter()
-    result = perplexity(model, blocks, batch_size=args.batch_size, device=device,
-                        autocast_dtype=None, progress=not args.json)
-    result.update(model=args.model, data=args.data, split=args.split, block_size=args.block_size,
-                  device=str(device), seconds=round(time.perf_counter() - start, 2))
+    target = load_target(args, device)
+    return {**target.info, **eval_perplexity(target, args, device), "device": str(device)}
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the target once and run every requested metric on it; one merged result dict."""
+    from ppn_bayes.data import check_corpus
+    from ppn_bayes.device import resolve_device
+
+    _validate(args)
+    device = resolve_device(args.device)  # before loading, so a missing GPU, corpus or lm-eval fails fast
+    if args.perplexity:
+        check_corpus(args.data, args.split)
+    if args.tasks is not None:
+        from ppn_bayes.lmeval import parse_tasks, require_lm_eval
+
+        require_lm_eval()
+        args.tasks = ",".join(parse_tasks(args.tasks))
+    target = load_target(args, device)
+    result: dict[str, Any] = {**target.info, "device": str(device)}
+    if args.perplexity:
+        result.update(eval_perplexity(target, args, device))
+    if args.tasks is not None:
+        result.update(eval_tasks(target, args))
     return result
+
+
+def _describe(result: dict[str, Any]) -> str:
+    if result.get("target") == "run":
+        what = f"run {result['run']} " + ("dense (lambda 0)" if result.get("dense") else
+                                          f"size {result['size']:g} (achieved {result['achieved_size']:.3f})")
+        keep = result.get("keep")
+        if keep:
+            what += (f" | kept {keep['layers']}/{keep['of_layers']} layers, {keep['heads']}/{keep['of_heads']} heads, "
+                     f"{keep['groups']}/{keep['of_groups']} channel groups")
+        return what
+    if result.get("target") == "resized" and result.get("size") is not None:
+        return f"resized {result['model']} (size {result['size']:.3f}, {result.get('form')})"
+    return f"model {result['model']}"
 
 
 def emit(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, sort_keys=True))
         return
-    print(f"perplexity {result['perplexity']:.3f} (nll {result['nll']:.4f}/token) on {result['tokens']:,} "
-          f"tokens in {result['blocks']} blocks of {result['block_size']} | model {result['model']} | "
-          f"data {result['data']}:{result['split']} | {result['device']} {result['seconds']} s")
+    if "perplexity" in result:
+        print(f"perplexity {result['perplexity']:.3f} (nll {result['nll']:.4f}/token) on {result['tokens']:,} "
+              f"tokens in {result['blocks']} blocks of {result['block_size']} | {_describe(result)} | data "
+              f"{result['data']}:{result['split']} | {result['device']} {result['seconds']} s")
+    else:
+        print(_describe(result))
+    for name, scores in result.get("tasks", {}).items():
+        parts = [f"{m} {scores[m]:.3f} ± {scores.get(m + '_stderr', float('nan')):.3f}"
+                 for m in ("acc", "acc_norm", "exact_match") if m in scores]
+        print(f"{name}: {', '.join(parts) or 'no accuracy metric'} on {scores.get('samples', 0)} items")
 
 
 def run(args: argparse.Namespace) -> int:
-    _validate(args)
-    emit(eval_base_model(args), args.json)
+    emit(evaluate(args), args.json)
     return 0
