@@ -563,9 +563,16 @@ def resolve_recipe(recipe: Recipe | str | os.PathLike | None, run_dir: Path | No
     return out
 
 
-def _prepare_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
+def _check_dir(run_dir: Path, resume: bool) -> None:
+    """Before anything is loaded or written: never overwrite a run by accident."""
     if (run_dir / rundir.MANIFEST).is_file() and not resume:
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or another --out")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"--out {run_dir} is a file; pass a directory for the run")
+
+
+def _init_dir(run_dir: Path, recipe: Recipe) -> None:
+    """Only once model and data have loaded (bad input must leave nothing behind)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     rundir.clean_stale(run_dir)
     rundir.write_config(run_dir, recipe)
@@ -601,10 +608,7 @@ def fit(recipe: Recipe | str | os.PathLike | None = None, out: str | os.PathLike
     run_dir = run_dir or Path("runs") / r.name
     rank, world, device, started = init_distributed(r.train.device)
     try:
-        if rank == 0:
-            _prepare_dir(run_dir, r, resume)
-        if world > 1:
-            dist.barrier()
+        _check_dir(run_dir, resume)
         return _fit(r, run_dir, rank, world, device, resume, progress, callbacks or [])
     finally:
         if started and dist.is_initialized():
@@ -616,6 +620,9 @@ def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, 
     if resume and _already_finished(run_dir, r.train.steps):
         return rundir.load_run(run_dir)
     s = build(r, run_dir, rank, world, device)
+    if s.main:
+        _init_dir(run_dir, r)
+    _barrier(s)
     ckpt_dir = rundir.find_checkpoint(run_dir) if resume else None
     start = restore(s, rundir.load_checkpoint(ckpt_dir)) if ckpt_dir is not None else 0
     if s.main:

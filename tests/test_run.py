@@ -134,3 +134,12 @@ def test_metrics_after_the_checkpoint_are_replaced_on_resume(tmp_path):
         rundir.append_metrics(tmp_path, {"type": "train", "step": step})
     rundir.truncate_metrics(tmp_path, 2)
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_bad_input_writes_nothing(tmp_path, corpus):
+    from ppn_bayes.errors import ModelError
+
+    out = tmp_path / "r"
+    with pytest.raises(ModelError):
+        fit(recipe(tmp_path / "no-such-model", corpus), out=out, progress=False)
+    assert not out.exists()
