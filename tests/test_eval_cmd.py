@@ -199,3 +199,14 @@ def test_eval_target_api(tiny_run):
     assert any(v is not None for v in target.gated.current_gates().values())
     ids = torch.randint(0, 100, (1, 8))
     assert target.model(ids).logits.shape[:2] == (1, 8)
+
+
+def test_emit_lines_for_each_target(capsys):
+    from ppn_bayes.cli.eval_cmd import emit
+
+    tasks = {"t": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25, "acc_norm_stderr": 0.05, "samples": 4}}
+    emit({"target": "resized", "model": "out/x", "size": 0.5, "form": "standard", "tasks": tasks}, False)
+    emit({"target": "run", "run": "r", "dense": True, "size": 1.0, "achieved_size": 1.0, "tasks": {}}, False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["resized out/x (size 0.500, standard)", "t: acc 0.500 ± 0.100, acc_norm 0.250 ± 0.050 on 4 items",
+                     "run r dense (lambda 0)"]
