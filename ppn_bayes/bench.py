@@ -262,10 +262,10 @@ def device_name(device: torch.device) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """Plain-text table: each measured ratio next to its ideal."""
-    lines = [f"device: {result['device']}  dtype: {result['dtype']}  prompt {result['prompt_len']} tokens, "
-             f"{result['new_tokens']} new tokens, median of {result['repeats']}",
-             f"{'size':>5} {'batch':>5} {'layers':>6} | {'prefill tok/s':>13} {'speedup':>7} {'ideal':>6} | "
-             f"{'decode tok/s':>12} {'speedup':>7} {'ideal':>6} | {'memory':>6} {'ideal':>6}"]
+    lines = [(f"device: {result['device']}  dtype: {result['dtype']}  prompt {result['prompt_len']} tokens, "
+              f"{result['new_tokens']} new tokens, median of {result['repeats']}"),
+             (f"{'size':>5} {'batch':>5} {'layers':>6} | {'prefill tok/s':>13} {'speedup':>7} {'ideal':>6} | "
+              f"{'decode tok/s':>12} {'speedup':>7} {'ideal':>6} | {'memory':>6} {'ideal':>6}")]
     for r in result["rows"]:
         lines.append(
             f"{r['size']:>5.2f} {r['batch']:>5d} {r['layers']:>6d} | {r['prefill_tokens_per_s']:>13.1f} "

@@ -35,9 +35,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,7 +79,7 @@ def weight_map(base: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
-            for name in fh.keys():
+            for name in fh.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                 out[name] = f
     return out
 
@@ -223,7 +224,7 @@ def output_form(cuts: list[tuple[int, LayerCut]], inventory: UnitInventory, fami
         return SHAPES_KEY
     if not shapes:
         return "standard"
-    q, kv, ch = shapes.pop()
+    q, _, ch = shapes.pop()
     if q == 0 or ch == 0:
         return SHAPES_KEY  # no config can say "this layer has no attention / no MLP"
     if family.name == "gpt2" and q != dims.num_heads:
@@ -594,7 +595,7 @@ def load_resized(path: str | os.PathLike, dtype: torch.dtype | None = None,
     and zero branches, matches the in-memory :func:`~ppn_bayes.backbone.materialize.materialize`), then
     the saved tensors are assigned and non-persistent buffers (rotary frequencies) are recomputed.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():

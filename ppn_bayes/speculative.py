@@ -299,10 +299,10 @@ def benchmark_speculative(
 
 def format_result(result: SpecResult) -> str:
     """A plain-text table of :func:`benchmark_speculative`'s trials, best marked with ``*``."""
-    lines = [f"dense greedy decoding: {result.new_tokens} tokens in {result.dense_seconds:.3f}s "
-             f"({result.dense_tokens_per_s:.1f} tok/s)",
-             f"{'size':>6} {'layers':>6} {'k':>3} {'accept':>7} {'tok/round':>9} {'tok/s':>8} {'speedup':>8} "
-             f"{'same':>5}"]
+    lines = [(f"dense greedy decoding: {result.new_tokens} tokens in {result.dense_seconds:.3f}s "
+              f"({result.dense_tokens_per_s:.1f} tok/s)"),
+             (f"{'size':>6} {'layers':>6} {'k':>3} {'accept':>7} {'tok/round':>9} {'tok/s':>8} {'speedup':>8} "
+              f"{'same':>5}")]
     for t in result.trials:
         mark = "*" if t is result.best else " "
         lines.append(f"{t['size']:>6.2f} {t['draft_layers']:>6d} {t['draft_length']:>3d} {t['acceptance_rate']:>7.2f} "

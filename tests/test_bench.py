@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import VOCAB, tiny_model
 
 from ppn_bayes.backbone import KeepSet, gate
 from ppn_bayes.bench import (
@@ -17,7 +18,6 @@ from ppn_bayes.bench import (
     speed_benchmark,
 )
 from ppn_bayes.errors import ConfigError, SizeError
-from tiny_models import VOCAB, tiny_model
 
 
 def _matmul_flops_per_layer(model) -> float:
@@ -33,7 +33,7 @@ def test_ideal_ratios_match_a_hand_count():
     P, N, d, V, H, hd, L = 10, 5, 48, VOCAB, 6, 8, 3
     w = _matmul_flops_per_layer(model) + 2 * d  # + the two norms' weights at one FLOP per parameter
     head = 2 * d * V
-    attn = lambda ctxs, layers: 4 * hd * H * layers * sum(ctxs)  # noqa: E731
+    attn = lambda ctxs, layers: 4 * hd * H * layers * sum(ctxs)
     dense_pre = P * w * L + attn(range(1, P + 1), L) + head
     kept_pre = P * w * 1 + attn(range(1, P + 1), 1) + head
     dense_dec = N * (w * L + head) + attn(range(P + 1, P + N + 1), L)

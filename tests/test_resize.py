@@ -7,19 +7,18 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_models import VOCAB, tiny_model
 
 from ppn_bayes.backbone import ALL_KINDS, KeepSet, gate
 from ppn_bayes.backbone.materialize import materialize
 from ppn_bayes.backbone.switch import SubnetSwitch, switch
 from ppn_bayes.errors import ConfigError, RunError
 from ppn_bayes.resize import SHAPES_KEY, LazyCheckpoint, load_resized, resize, runs
-from tiny_models import VOCAB, tiny_model
 
 # The exported model sums the same products in a different order (fewer columns, fused reads),
 # so logits agree to float32 round-off of 3-layer stacks (observed <= 5e-7), not bit for bit.
@@ -116,7 +115,7 @@ def test_layer_only_export_loads_with_plain_transformers_in_a_fresh_process(save
     report = resize(base, keep, g.inventory, tmp_path / "out")
     assert report["form"] == "standard" and report["loader"] == "AutoModelForCausalLM.from_pretrained"
     with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as fh:
-        assert "lm_head.weight" not in fh.keys()  # tied embeddings stay tied: not written twice
+        assert "lm_head.weight" not in fh.keys()  # noqa: SIM118 - a safe_open handle  # tied embeddings stay tied: not written twice
     save_file({"ids": ids()}, str(tmp_path / "ids.safetensors"))
     script = textwrap.dedent(f"""
         import torch
@@ -285,9 +284,9 @@ def test_switch_shares_weights_and_restores_on_error():
         raise RuntimeError("boom")
     assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3
     assert sw.gated.current_gates()["groups"] is None
-    with sw.use(KeepSet(layers=[0], heads=full_heads(), groups=full_groups())):
-        with pytest.raises(ConfigError, match="already active"), sw.use(KeepSet(layers=[1])):
-            pass
+    with sw.use(KeepSet(layers=[0], heads=full_heads(), groups=full_groups())), \
+            pytest.raises(ConfigError, match="already active"), sw.use(KeepSet(layers=[1])):
+        pass
     sw.close()
     assert not model.model.layers[0].mlp.down_proj._forward_pre_hooks
 
@@ -300,8 +299,26 @@ def test_switch_generates_with_kv_cache_like_the_materialized_model():
                                                                                 for g in range(64)]))
     small = materialize(model, keep, inv)
     x = ids()[:1]
-    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
     expected = small.generate(x, **kw)
     with sw.use(keep) as view:
         got = view.generate(x, **kw)
     assert torch.equal(got, expected)
+
+
+def test_output_form_rules():
+    """Standard only when one transformers config can describe every kept layer."""
+    from ppn_bayes.backbone.slicing import layer_cut
+    from ppn_bayes.resize import output_form
+
+    g = gate(tiny_model("llama"), group_size=8)
+    inv, fam, dims = g.inventory, g.family, g.inventory.dims
+    cut = lambda heads, ch=8: layer_cut(heads, list(range(ch)), dims)  # noqa: E731
+    assert output_form([(0, cut([0, 1, 2])), (1, cut([3, 4, 5]))], inv, fam) == "standard"
+    assert output_form([(0, cut([0, 1, 2])), (1, cut([3, 4]))], inv, fam) == SHAPES_KEY  # counts differ
+    assert output_form([(0, cut([0, 1, 2, 3, 4]))], inv, fam) == SHAPES_KEY  # 48 % 5 heads != 0
+    assert output_form([(0, cut([0, 1], ch=0))], inv, fam) == SHAPES_KEY  # no MLP left
+    gg = gate(tiny_model("gpt2"), group_size=8)
+    assert output_form([(0, layer_cut(list(range(6)), [0, 1], gg.inventory.dims))], gg.inventory, gg.family) \
+        == "standard"
+    assert output_form([(0, layer_cut([0, 1], [0, 1], gg.inventory.dims))], gg.inventory, gg.family) == SHAPES_KEY

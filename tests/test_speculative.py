@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
+from tiny_models import VOCAB, tiny_model
 
-from ppn_bayes.backbone import KeepSet, gate
+from ppn_bayes.backbone import KeepSet
 from ppn_bayes.backbone.switch import SubnetSwitch
 from ppn_bayes.errors import ConfigError
 from ppn_bayes.speculative import (
@@ -17,7 +18,6 @@ from ppn_bayes.speculative import (
     speculative_generate,
     verify_draft,
 )
-from tiny_models import VOCAB, tiny_model
 
 
 def peaked(family: str, scale: float = 30.0, **kw):
@@ -132,7 +132,7 @@ def test_shared_weights_draft_works_as_transformers_assistant_model():
     sw = SubnetSwitch(model)
     draft = shared_draft_model(sw, layer_keep(sw, [0, 3]))
     calls = {0: 0, 1: 0}
-    for i in calls:
+    for i in (0, 1):
         model.model.layers[i].register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
     expected = model.generate(prompt(), max_new_tokens=30, do_sample=False)
     calls.update({0: 0, 1: 0})

@@ -17,7 +17,7 @@ gates. This is what makes a sub-network a free draft model (:mod:`ppn_bayes.spec
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

@@ -28,8 +28,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppn_bayes.bench import keepsets_for, parse_list
     from ppn_bayes.backbone.switch import SubnetSwitch
+    from ppn_bayes.bench import keepsets_for, parse_list
     from ppn_bayes.device import resolve_device
     from ppn_bayes.errors import ConfigError
     from ppn_bayes.speculative import benchmark_speculative, format_result
