@@ -313,7 +313,7 @@ def test_output_form_rules():
 
     g = gate(tiny_model("llama"), group_size=8)
     inv, fam, dims = g.inventory, g.family, g.inventory.dims
-    cut = lambda heads, ch=8: layer_cut(heads, list(range(ch)), dims)  # noqa: E731
+    cut = lambda heads, ch=8: layer_cut(heads, list(range(ch)), dims)
     assert output_form([(0, cut([0, 1, 2])), (1, cut([3, 4, 5]))], inv, fam) == "standard"
     assert output_form([(0, cut([0, 1, 2])), (1, cut([3, 4]))], inv, fam) == SHAPES_KEY  # counts differ
     assert output_form([(0, cut([0, 1, 2, 3, 4]))], inv, fam) == SHAPES_KEY  # 48 % 5 heads != 0
