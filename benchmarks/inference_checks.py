@@ -76,14 +76,19 @@ def nuts_vs_svi(warmup: int, samples: int, chains: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer NUTS draws (a smoke run)")
+    ap.add_argument("--only", choices=["recovery", "nuts"], help="run one of the two parts")
     args = ap.parse_args()
     torch.set_num_threads(1)
     n = 50 if args.quick else 200
-    result = {"recovery": recovery(400), "nuts_vs_svi": nuts_vs_svi(n, n, 2),
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
     path = ROOT / "benchmarks" / "inference_checks.json"
-    atomic_write_bytes(path, json.dumps(result, indent=2, default=float).encode())
-    print(json.dumps(result, indent=2, default=float))
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    parts = {"recovery": lambda: recovery(400), "nuts_vs_svi": lambda: nuts_vs_svi(n, n, 2)}
+    for name, run in parts.items():
+        if args.only and not name.startswith(args.only):
+            continue
+        result[name] = run()
+        atomic_write_bytes(path, json.dumps(result, indent=2, default=float).encode())  # after each part
+        print(json.dumps({name: result[name]}, indent=2, default=float), flush=True)
 
 
 if __name__ == "__main__":
