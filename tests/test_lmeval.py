@@ -239,4 +239,5 @@ def test_smollm2_beats_chance_on_the_local_task(smollm2_path, offline):
     model, tok = load_model(smollm2_path)
     scores = evaluate_tasks(model, tok, batch_size=8, builtin=False)["tasks"][LOCAL_TASK]
     assert scores["samples"] == 100
-    assert scores["acc_norm"] >= 0.45  # chance 0.25; measured 0.xx (docs/evaluation.md)
+    # chance 0.25; measured acc 0.43, acc_norm 0.48 (+- 0.05), see docs/evaluation.md
+    assert scores["acc"] >= 0.35 and scores["acc_norm"] >= 0.38
