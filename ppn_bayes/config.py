@@ -267,6 +267,8 @@ def recipe_from_dict(data: Any) -> Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a YAML recipe (safe loader only), after ``section.key=value`` overrides."""
     path = Path(path)
+    if not path.is_file() and path.suffix == "" and len(path.parts) == 1:
+        path = bundled_recipe(path.name)  # `ppn fit smollm2-demo` takes the packaged copy
     if not path.is_file():
         raise ConfigError(f"recipe {path} not found; pass a YAML file such as inference/smollm2-demo.yaml")
     try:
@@ -312,6 +314,19 @@ def apply_overrides(data: dict | None, overrides: list[str]) -> dict:
             node = child
         node[parts[-1]] = value
     return out
+
+
+def bundled_recipe(name: str) -> Path:
+    """The path of a recipe shipped with the package (``ppn_bayes/recipes/<name>.yaml``).
+
+    The canonical recipes live in the repository's ``inference/`` folder; the package carries
+    byte-identical copies (checked by a test) so that an installed wheel can run ``ppn demo``.
+    """
+    path = Path(__file__).parent / "recipes" / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (Path(__file__).parent / "recipes").glob("*.yaml"))
+        raise ConfigError(f"no bundled recipe {name!r}; bundled recipes: {', '.join(names)}")
+    return path
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -1,0 +1,44 @@
+"""``ppn demo``: the main job on the bundled default, end to end (see :mod:`ppn_bayes.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+HELP = "fit the bundled SmolLM2-135M, report, resize to 0.5 and compare it with dense"
+
+
+def _sizes(text: str) -> tuple[float, ...]:
+    from ppn_bayes.errors import ConfigError
+
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--sizes {text!r}: give comma-separated fractions such as 0.75,0.5,0.25") from None
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("demo", help=HELP, description=HELP)
+    p.add_argument("--out", default="runs/demo", help="where the run, report and resized model go (default: runs/demo)")
+    p.add_argument("--sizes", default="0.75,0.5,0.25", help="keep-set sizes to report (default: 0.75,0.5,0.25)")
+    p.add_argument("--resize", type=float, default=0.5, help="size of the exported model (default: 0.5)")
+    p.add_argument("--eval-blocks", type=int, default=16, help="256-token test blocks for perplexity (default: 16)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded for the speed check (default: 32)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key of the demo fit, e.g. --set train.steps=20")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ppn_bayes.demo import format_demo, run_demo
+    from ppn_bayes.errors import ConfigError
+
+    if args.eval_blocks < 1 or args.new_tokens < 1:
+        raise ConfigError("--eval-blocks and --new-tokens must be at least 1")
+    res = run_demo(args.out, sizes=_sizes(args.sizes), resize_size=args.resize, eval_blocks=args.eval_blocks,
+                   new_tokens=args.new_tokens, overrides=args.overrides, progress=not args.no_progress)
+    print(json.dumps(res.to_dict()) if args.json else format_demo(res))
+    return 0

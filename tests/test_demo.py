@@ -1,0 +1,51 @@
+"""``ppn demo`` and the bundled recipes it runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ppn_bayes.cli import main
+from ppn_bayes.config import bundled_recipe, load_recipe
+from ppn_bayes.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_packaged_recipes_are_the_inference_recipes():
+    """The wheel carries byte-identical copies of inference/*.yaml (the canonical recipes)."""
+    canonical = {p.name: p.read_bytes() for p in (REPO / "inference").glob("*.yaml")}
+    packaged = {p.name: p.read_bytes() for p in (REPO / "ppn_bayes" / "recipes").glob("*.yaml")}
+    assert canonical and canonical == packaged, "run: cp inference/*.yaml ppn_bayes/recipes/"
+
+
+def test_bundled_recipe_by_name():
+    assert bundled_recipe("smollm2-demo").name == "smollm2-demo.yaml"
+    assert load_recipe("smollm2-demo").name == "smollm2-demo"
+    with pytest.raises(ConfigError, match="bundled recipes: .*smollm2-demo"):
+        bundled_recipe("nope")
+
+
+def test_demo_rejects_bad_sizes(capsys):
+    assert main(["demo", "--resize", "1.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "(0, 1]" in err
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_smollm2(smollm2_path, tmp_path, capsys):
+    """The whole path on the real bundled model, with a 3-step fit so that it stays short."""
+    code = main(["demo", "--out", str(tmp_path / "demo"), "--set", "train.steps=3", "--set", "data.val_blocks=2",
+                 "--eval-blocks", "2", "--new-tokens", "4", "--no-progress", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    names = [r["model"] for r in out["rows"]]
+    assert names == ["dense", "ppn 0.5"]
+    dense, small = out["rows"]
+    assert small["size_params"] <= 0.5 + 1e-9
+    assert 1.0 < dense["perplexity"] < 200  # a real model: tens, not thousands
+    assert len(out["keepsets"]) == 3 and all(k["achieved_params"] <= k["requested"] + 1e-9 for k in out["keepsets"])
+    for path in out["artefacts"].values():
+        assert Path(path).exists(), path
