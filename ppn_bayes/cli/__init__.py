@@ -15,6 +15,7 @@ from ppn_bayes.errors import PPNError
 
 # One module per subcommand (group); the order is the order of ``ppn --help``.
 COMMANDS = [
+    "demo",
     "models",
     "eval",
     "compare",
