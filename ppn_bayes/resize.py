@@ -15,6 +15,13 @@ Optional inputs from a trained run are folded into the written weights, in this 
    branch's output per output dimension. A branch ending in a linear map ``y = W x + b`` gives
    ``s * y = (diag(s) W) x + s * b``: the output rows of ``W`` (columns for ``Conv1D``) and the bias
    are scaled; a branch ending in a norm (OLMo-2's post-norms) scales the norm's weight.
+   ``{"heads": [L, H], "groups": [L, G]}`` multiply units' *inputs* to the attention output / MLP
+   down projection, as :class:`~ppn_bayes.backbone.gated.GatedLM`'s pre-hooks do:
+   ``W (a * x) = (W diag(a)) x``, so a kept head's ``head_dim`` input columns (rows for ``Conv1D``)
+   and a kept group's channel columns are scaled, and the bias is not.
+
+:func:`resize_run` does all of this for a run directory: it solves the keep-set at a size, takes
+the push's amplitudes at that keep-set's ``lambda*`` and the run's trained weights or adapters.
 
 Two output forms (see ``docs/resize.md`` for which engines serve which):
 
@@ -358,15 +365,22 @@ def _check_inventory(inventory: UnitInventory, family: Family, config) -> None:
                        f"checkpoint ({dims}); resize with the base model the run was trained on")
 
 
+AMPLITUDE_KEYS = ("heads", "groups", "attn_scale", "mlp_scale")
+
+
 def _check_amplitudes(amplitudes: dict | None, inventory: UnitInventory) -> dict[str, torch.Tensor]:
-    amplitudes = {k: v for k, v in (amplitudes or {}).items() if v is not None}
-    shape = (inventory.num_layers, inventory.dims.hidden)
+    amplitudes = {k: v.detach() for k, v in (amplitudes or {}).items() if v is not None}
+    L = inventory.num_layers
+    shapes = {"heads": ((L, inventory.num_heads), "per layer, per query head"),
+              "groups": ((L, inventory.num_groups), "per layer, per channel group"),
+              "attn_scale": ((L, inventory.dims.hidden), "per layer, per hidden dimension"),
+              "mlp_scale": ((L, inventory.dims.hidden), "per layer, per hidden dimension")}
     for key, value in amplitudes.items():
-        if key not in ("attn_scale", "mlp_scale"):
-            raise ConfigError(f"unknown amplitude {key!r}; expected 'attn_scale' and/or 'mlp_scale'")
+        if key not in shapes:
+            raise ConfigError(f"unknown amplitude {key!r}; expected some of {', '.join(AMPLITUDE_KEYS)}")
+        shape, what = shapes[key]
         if tuple(value.shape) != shape:
-            raise ConfigError(f"amplitude {key!r} has shape {tuple(value.shape)}, expected {shape} "
-                              "(per layer, per hidden dimension)")
+            raise ConfigError(f"amplitude {key!r} has shape {tuple(value.shape)}, expected {shape} ({what})")
     return amplitudes
 
 
@@ -399,9 +413,34 @@ def _layer_tensors(src: TensorSource, names: list[str], rules: dict[str, SliceRu
     return out
 
 
-def _fold_amplitudes(tensors: dict[str, torch.Tensor], l: int, cut: LayerCut, layout: LayerLayout,
-                     amplitudes: dict[str, torch.Tensor]) -> int:
+def _fold_unit_amplitudes(tensors: dict[str, torch.Tensor], l: int, cut: LayerCut, layout: LayerLayout,
+                          amplitudes: dict[str, torch.Tensor], inventory: UnitInventory) -> int:
+    """Fold per-head / per-group multipliers into the input slices of the output / down projection.
+
+    The gated model multiplies the projection's *input* (``W (a * x) + b``), so only the weight's input
+    axis is scaled (columns of an ``nn.Linear`` ``[out, in]``, rows of a ``Conv1D`` ``[in, out]``), never
+    the bias. The cut weight holds the kept units in cut order (``cut.q_heads`` / ``cut.channels``).
+    """
     changed = 0
+    hd, gs = inventory.dims.head_dim, inventory.group_size
+    for key, module, kept in (("heads", layout.heads_input, cut.q_heads),
+                              ("groups", layout.channels_input, cut.channels)):
+        name = f"{module}.weight"
+        if key not in amplitudes or not kept or name not in tensors:
+            continue
+        per_unit = amplitudes[key][l].float()
+        idx = torch.tensor(kept, dtype=torch.long)
+        s = per_unit[idx].repeat_interleave(hd) if key == "heads" else per_unit[idx // gs]
+        w = tensors[name]
+        s = s[:, None] if module in layout.conv1d else s[None, :]
+        tensors[name] = (w.float() * s).to(w.dtype)
+        changed += 1
+    return changed
+
+
+def _fold_amplitudes(tensors: dict[str, torch.Tensor], l: int, cut: LayerCut, layout: LayerLayout,
+                     amplitudes: dict[str, torch.Tensor], inventory: UnitInventory) -> int:
+    changed = _fold_unit_amplitudes(tensors, l, cut, layout, amplitudes, inventory)
     for key, branch in (("attn_scale", layout.attn_branch), ("mlp_scale", layout.mlp_branch)):
         if key not in amplitudes:
             continue
@@ -425,6 +464,7 @@ def resize(
     lora: dict | None = None,
     tokenizer: bool = True,
     overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the keep-set's smaller model to ``out`` reading only kept tensors; returns a report dict.
 
@@ -433,20 +473,23 @@ def resize(
         keep: units to keep (completed against ``inventory``: nesting, ungated kinds).
         inventory: the unit inventory the keep-set refers to (group size, gated kinds).
         out: output directory; written into a temporary sibling and renamed, so it is complete or absent.
-        amplitudes: optional ``{"attn_scale", "mlp_scale"}`` ``[L, hidden]`` branch scales to fold in.
+        amplitudes: optional multipliers to fold in: ``"heads"`` ``[L, H]`` and ``"groups"`` ``[L, G]``
+            (unit inputs), ``"attn_scale"``/``"mlp_scale"`` ``[L, hidden]`` (branch outputs).
         weights: optional trained tensors replacing the base's (base parameter names).
         lora: optional ``{name: {"A", "B", "scale"}}`` adapters to fold in (``W + scale * B @ A``).
         tokenizer: copy tokenizer (and generation config) files from the base.
         overwrite: replace an existing ``out``.
+        extra: fields merged into the report (and so into ``ppn-resize.json``), e.g. where the keep-set
+            came from (:func:`resize_run` records the run, size, lambda and quantile).
     """
     from transformers import AutoConfig
 
-    from ppn_bayes.zoo import resolve_model
+    from ppn_bayes.zoo import check_checkpoint, resolve_model
 
     base = resolve_model(base)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"output directory {out} already exists; choose another --out or pass --force")
+    check_output(out, overwrite)
+    check_checkpoint(base)  # a missing or truncated weights file fails here, in one line, before any read
     config = AutoConfig.from_pretrained(base)
     family = family_for(config)
     _check_inventory(inventory, family, config)
@@ -463,8 +506,10 @@ def resize(
     tensors: dict[str, torch.Tensor] = {}
     amp_changed = 0
     ckpt = LazyCheckpoint(base)
+    pattern, dec = _decoder_regex(family, ckpt.names())
+    weights = _to_checkpoint_names(weights, family, dec)
+    lora = _to_checkpoint_names(lora, family, dec)
     names = sorted(set(ckpt.names()) | set(weights or {}))
-    pattern, dec = _decoder_regex(family, names)
     per_layer: dict[int, dict[str, str]] = {}
     outside: list[str] = []
     for name in names:
@@ -484,7 +529,7 @@ def resize(
         tensors[name] = src.get(name).contiguous()
     for new_idx, (l, cut) in enumerate(cuts):
         layer = _layer_tensors(src, per_layer.get(l, {}), rules, cut, inventory, layout)
-        amp_changed += _fold_amplitudes(layer, l, cut, layout, amps)
+        amp_changed += _fold_amplitudes(layer, l, cut, layout, amps, inventory)
         for rel, t in layer.items():
             tensors[f"{dec}.{new_idx}.{rel}"] = t
     bytes_read = ckpt.bytes_read
@@ -513,10 +558,31 @@ def resize(
         "lora_folded": lora_folded,
         "loader": "AutoModelForCausalLM.from_pretrained" if form == "standard"
         else "ppn_bayes.resize.load_resized",
+        **(extra or {}),
     }
     _write_dir(out, base, tensors, cfg_out, {"keepset": keep.to_dict(), "inventory": inventory.to_dict(),
                                              "report": report}, tokenizer, overwrite)
     return report
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output directory unless asked to replace it (before any work is done)."""
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output directory {out} already exists; choose another --out or pass --force")
+
+
+def _to_checkpoint_names(tensors: dict | None, family: Family, dec: str) -> dict | None:
+    """Rename keys from the model's parameter names to the checkpoint's, where the two differ.
+
+    Runs store trained tensors and adapters under the *model's* names (``transformer.h.0.attn...``)
+    but GPT-2's hub files name the bare base model (``h.0.attn...``); without this the override would
+    not match any file tensor and would be written as an extra one.
+    """
+    model_base = family.layer_prefix(0)[: -len("0.")].rstrip(".")
+    if not tensors or model_base == dec or not model_base.endswith(dec):
+        return tensors
+    strip = model_base[: -len(dec)]
+    return {k.removeprefix(strip): v for k, v in tensors.items()}
 
 
 def _write_dir(out: Path, base: Path, tensors: dict[str, torch.Tensor], cfg: dict, manifest: dict,
@@ -580,6 +646,173 @@ def save_streaming(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[
             del t
         fh.flush()
         os.fsync(fh.fileno())
+
+
+# ------------------------------------------------------------------------------------ from a run / a file
+
+
+def run_amplitudes(run, lam: float) -> dict[str, torch.Tensor] | None:
+    """The push's amplitude multipliers at ``lam``, exactly when the gated network applies them.
+
+    :meth:`ppn_bayes.push.Push.gates` multiplies them in only for ``lam > 0`` (they are 1 at 0 anyway,
+    but a run whose spline is not exactly 0 there would otherwise differ from what it serves).
+    """
+    push = run.posterior.push
+    if float(lam) <= 0:
+        return None
+    with torch.no_grad():
+        amp = push.amplitudes(lam)
+    return None if amp is None else {k: v.detach().float().cpu() for k, v in amp.items()}
+
+
+def run_weights(run) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
+    """``(weights, lora)`` for :func:`resize` from a run: full trained tensors, or its adapters.
+
+    Adapters are stored as ``"<module>.A"`` ``[r, in]`` / ``"<module>.B"`` ``[out, r]``
+    (:mod:`ppn_bayes.lora`); :func:`resize` takes ``{module: {"A", "B", "scale"}}`` with
+    ``scale = alpha / rank`` from the run's recipe, as :meth:`ppn_bayes.run.Run.load_model` merges them.
+    """
+    from ppn_bayes.run import ADAPTER, WEIGHTS, _load
+
+    mode = run.recipe.train.weights
+    if mode == "full":
+        return _load(run.path / WEIGHTS), None
+    if mode != "lora":
+        return None, None
+    tensors = _load(run.path / ADAPTER)
+    scale = float(run.recipe.train.lora_alpha) / int(run.recipe.train.lora_rank)
+    lora: dict[str, dict] = {}
+    for key, value in tensors.items():
+        module, _, part = key.rpartition(".")
+        if part in ("A", "B"):
+            lora.setdefault(module, {"scale": scale})[part] = value
+    broken = [m for m, e in lora.items() if "A" not in e or "B" not in e]
+    if broken or not lora:
+        raise RunError(f"{run.path / ADAPTER} lacks adapter pairs (e.g. {(broken or ['any'])[0]}); "
+                       "resume the run (`ppn fit --resume`) to rewrite it")
+    return None, lora
+
+
+def resize_run(
+    run,
+    out: str | os.PathLike,
+    *,
+    size: float | None = None,
+    params: float | None = None,
+    layers: int | None = None,
+    flops: float | None = None,
+    quantile: float = 0.5,
+    num_draws: int = 256,
+    seed: int = 0,
+    overwrite: bool = False,
+    tokenizer: bool = True,
+    base: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Export a run's network at one size: the keep-set, lambda*'s amplitudes and the trained weights.
+
+    This writes what :func:`ppn_bayes.evaluate.load_run_target` serves in memory (the keep-set's
+    masks times the push's amplitudes at ``lambda*``, on the run's trained weights), as a smaller
+    checkpoint. The cheap checks come first (output directory, base model hashes, the size), so a
+    wrong call fails in one line with nothing written.
+
+    Args:
+        run: a run directory or :class:`~ppn_bayes.run.Run`.
+        out: output directory (complete or absent, as for :func:`resize`).
+        size, params, layers, flops: exactly one target, as for :meth:`~ppn_bayes.run.Run.keepset`.
+        quantile, num_draws, seed: how the keep-set is solved from the posterior.
+        base: the base checkpoint, when it is no longer where the run recorded it (checked against
+            the run's manifest hashes all the same).
+
+    Returns :func:`resize`'s report plus the keep-set facts (``run``, ``requested``,
+    ``requested_size``, ``achieved_size``, ``lambda``, ``quantile``, ...); they are also in
+    ``ppn-resize.json``.
+    """
+    from ppn_bayes.run import Run, load_run
+    from ppn_bayes.zoo import resolve_model
+
+    run = run if isinstance(run, Run) else load_run(run)
+    out = Path(out)
+    check_output(out, overwrite)
+    base_path = run.base_path() if base is None else resolve_model(base)
+    run.check_base(base_path)
+    result = run.keepset(size=size, params=params, layers=layers, flops=flops, quantile=quantile,
+                         num_draws=num_draws, seed=seed)
+    amplitudes = run_amplitudes(run, result.lam)
+    weights, lora = run_weights(run)
+    t = result.target
+    extra = {
+        "run": str(run.path),
+        "requested": {"kind": t.kind, "value": t.value, "currency": t.currency},
+        "requested_size": float(result.requested_size),
+        "achieved_size": float(result.achieved_size),
+        "lambda": float(result.lam),
+        "quantile": float(result.quantile),
+        "draws": int(result.num_draws),
+        "seed": int(result.seed),
+        "trained_weights": run.recipe.train.weights,
+        "amplitudes": sorted(amplitudes) if amplitudes else [],
+    }
+    return resize(base_path, result.keep, run.inventory, out, amplitudes=amplitudes, weights=weights,
+                  lora=lora, tokenizer=tokenizer, overwrite=overwrite, extra=extra)
+
+
+def read_keepset_file(path: str | os.PathLike) -> KeepSet:
+    """A keep-set from JSON: ``KeepSet.to_dict()``, ``ppn keepset --json`` output or a ``ppn-resize.json``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"keep-set file {path} does not exist; write one with `ppn keepset RUN --json`") from None
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"keep-set file {path} is not valid JSON ({str(err).splitlines()[0][:120]}); "
+                          "write one with `ppn keepset RUN --json`") from None
+    if isinstance(data, dict):
+        data = data.get("keep", data.get("keepset", data))
+    try:
+        if not isinstance(data, dict) or "layers" not in data:
+            raise ValueError("no 'layers' list")
+        return KeepSet.from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"keep-set file {path} is not a keep-set ({err}); expected "
+                          '{"layers": [...], "heads": [[l, h], ...], "groups": [[l, g], ...]}') from None
+
+
+def inventory_for(base: str | os.PathLike, group_size: int, kinds: tuple[str, ...]) -> UnitInventory:
+    """The unit inventory of a checkpoint, read off a meta-device model (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from ppn_bayes.backbone.gated import gate
+    from ppn_bayes.zoo import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(base))
+    return gate(meta_model(config), group_size=int(group_size), kinds=tuple(kinds)).inventory
+
+
+def _check_keep_indices(keep: KeepSet, inventory: UnitInventory) -> None:
+    L, H, G = inventory.num_layers, inventory.num_heads, inventory.num_groups
+    bad = ([f"layer {l}" for l in keep.layers if not 0 <= l < L]
+           + [f"head {tuple(u)}" for u in keep.heads if not (0 <= u[0] < L and 0 <= u[1] < H)]
+           + [f"group {tuple(u)}" for u in keep.groups if not (0 <= u[0] < L and 0 <= u[1] < G)])
+    if bad:
+        raise ConfigError(f"the keep-set names {bad[0]}, outside the model ({L} layers, {H} heads, {G} groups "
+                          "of this --group-size); pass a keep-set of this model and group size")
+
+
+def resize_keepset_file(base: str | os.PathLike, keepset_file: str | os.PathLike, out: str | os.PathLike, *,
+                        group_size: int, kinds: tuple[str, ...] = ("layers", "heads", "groups"),
+                        overwrite: bool = False, tokenizer: bool = True) -> dict[str, Any]:
+    """:func:`resize` for a keep-set saved as JSON, without a run (no trained weights, no amplitudes)."""
+    from ppn_bayes.zoo import check_checkpoint, resolve_model
+
+    out = Path(out)
+    check_output(out, overwrite)
+    keep = read_keepset_file(keepset_file)
+    base_path = resolve_model(base)
+    check_checkpoint(base_path)
+    inventory = inventory_for(base_path, group_size, kinds)
+    _check_keep_indices(keep, inventory)
+    return resize(base_path, keep, inventory, out, tokenizer=tokenizer, overwrite=overwrite,
+                  extra={"keepset_file": str(keepset_file)})
 
 
 # ------------------------------------------------------------------------------------ loading

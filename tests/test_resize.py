@@ -64,10 +64,22 @@ def pattern(name: str, family: str) -> KeepSet:
     return keep
 
 
-def amplitudes(hidden: int, seed: int = 5) -> dict[str, torch.Tensor]:
+def amplitudes(inventory, seed: int = 5) -> dict[str, torch.Tensor]:
+    """Random multipliers of every kind the push produces: per head, per group, per branch dimension."""
     g = torch.Generator().manual_seed(seed)
-    return {"attn_scale": 1 + 0.3 * torch.randn(NL, hidden, generator=g),
+    hidden = inventory.dims.hidden
+    return {"heads": 1 + 0.3 * torch.randn(NL, inventory.num_heads, generator=g),
+            "groups": 1 + 0.3 * torch.randn(NL, inventory.num_groups, generator=g),
+            "attn_scale": 1 + 0.3 * torch.randn(NL, hidden, generator=g),
             "mlp_scale": 1 + 0.3 * torch.randn(NL, hidden, generator=g)}
+
+
+def masked_gates(inventory, keep: KeepSet, amps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What ``Push.gates`` hands the gated model: the keep-set's 0/1 masks times the unit amplitudes."""
+    gates = {**inventory.masks(keep), **amps}
+    masks = inventory.masks(keep)
+    gates["heads"], gates["groups"] = masks["heads"] * amps["heads"], masks["groups"] * amps["groups"]
+    return gates
 
 
 @pytest.fixture
@@ -90,9 +102,12 @@ def test_export_equals_gated_model_with_amplitudes(family, name, saved, tmp_path
     model, base = saved(family)
     g = gate(model, group_size=8, kinds=kinds_for(family))
     keep = pattern(name, family)
-    amps = amplitudes(g.inventory.dims.hidden)
-    with g.keep(keep), g.gates(**amps):
+    amps = amplitudes(g.inventory)
+    with g.gates(**masked_gates(g.inventory, keep, amps)):
         expected = g(ids()).logits
+    with g.keep(keep), g.gates(attn_scale=amps["attn_scale"], mlp_scale=amps["mlp_scale"]):
+        branch_only = g(ids()).logits
+    assert (expected - branch_only).abs().max() > 10 * ATOL  # the unit amplitudes matter to the check
     report = resize(base, keep, g.inventory, tmp_path / "out", amplitudes=amps)
     form = EXPECTED_FORM[name]
     if family == "gpt2" and name == "uniform":
@@ -104,6 +119,30 @@ def test_export_equals_gated_model_with_amplitudes(family, name, saved, tmp_path
     small = load_resized(tmp_path / "out")
     assert len(g.family.layers(small)) == len(keep.layers)
     torch.testing.assert_close(small(ids()).logits, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_unit_amplitudes_alone_scale_projection_inputs_not_biases(family, saved, tmp_path):
+    """Heads/groups only: one weight per kept layer and unit kind changes, and never a bias."""
+    model, base = saved(family)
+    g = gate(model, group_size=8)
+    keep = PATTERNS["empty"]  # layer 0 keeps no head, layer 2 no channel: nothing to scale there
+    amps = {k: v for k, v in amplitudes(g.inventory, seed=11).items() if k in ("heads", "groups")}
+    with g.gates(**masked_gates(g.inventory, keep, amps)):
+        expected = g(ids()).logits
+    report = resize(base, keep, g.inventory, tmp_path / "out", amplitudes=amps)
+    assert report["amplitude_tensors_folded"] == 2  # layer 2's output projection, layer 0's down projection
+    plain = resize(base, keep, g.inventory, tmp_path / "plain")
+    assert plain["amplitude_tensors_folded"] == 0
+    folded, unscaled = load_file(str(tmp_path / "out" / "model.safetensors")), \
+        load_file(str(tmp_path / "plain" / "model.safetensors"))
+    changed = sorted(k for k in folded if not torch.equal(folded[k], unscaled[k]))
+    assert len(changed) == 2 and all(k.endswith(".weight") for k in changed)
+    torch.testing.assert_close(load_resized(tmp_path / "out")(ids()).logits, expected, atol=ATOL, rtol=0)
+    with pytest.raises(ConfigError, match="unknown amplitude 'head'"):
+        resize(base, keep, g.inventory, tmp_path / "x", amplitudes={"head": amps["heads"]})
+    with pytest.raises(ConfigError, match=r"per layer, per channel group"):
+        resize(base, keep, g.inventory, tmp_path / "x", amplitudes={"groups": amps["heads"]})
 
 
 def test_layer_only_export_loads_with_plain_transformers_in_a_fresh_process(saved, tmp_path):
