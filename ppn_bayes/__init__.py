@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     # after training
     "keepset": "ppn_bayes.keepsets",
     "resize": "ppn_bayes.resize",
+    "resize_run": "ppn_bayes.resize",
     "load_resized": "ppn_bayes.resize",
     "perplexity": "ppn_bayes.evaluate",
 }
