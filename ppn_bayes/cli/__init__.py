@@ -23,6 +23,7 @@ COMMANDS = [
     "speculate",
     "fit",
     "keepset",
+    "resize",
     "report",
     "uncertainty",
 ]
