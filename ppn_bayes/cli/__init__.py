@@ -29,8 +29,17 @@ COMMANDS = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``error: ppn CMD: ...``) with exit status 2,
+    like every other user error; subcommand parsers inherit the class."""
+
+    def error(self, message: str):  # type: ignore[override]
+        message = " ".join(message.split())
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ppn",
         description="Push puppet networks: Bayesian structured pruning of causal language models.",
     )
