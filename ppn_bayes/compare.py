@@ -327,6 +327,9 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
     sizes = check_sizes(sizes)
     methods = check_methods(methods)
     calib, test = check_blocks(calib), check_blocks(test, "test")
+    from ppn_bayes.backbone.family import family_for
+
+    family_for(model.config)  # an unsupported architecture fails here, before minutes of dense evaluation
     bench = Bench(model, test, heal_blocks, decode_tokens, batch_size)
     dense = {"method": "dense", "size": 1.0, **bench.ppl(model), "param_fraction": 1.0, "flops_fraction": 1.0,
              "decode_speedup": 1.0 if bench.can_decode else None, "cost_seconds": 0.0}
