@@ -40,6 +40,7 @@ def run_speed(args: argparse.Namespace) -> int:
 
     sizes = parse_list(args.sizes, float, "--sizes")
     batches = parse_list(args.batch_sizes, int, "--batch-sizes")
+    _validate(sizes, batches, args)  # before the model loads: a typo costs a second, not a load
     device = resolve_device(args.device)
     model, _ = load_model(args.model, device=device)
     keepsets, inventory = keepsets_for(model, sizes, args.run)
@@ -51,3 +52,17 @@ def run_speed(args: argparse.Namespace) -> int:
         result["plot"] = str(plot_speed(result, args.plot))
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
+
+
+def _validate(sizes: list[float], batches: list[int], args: argparse.Namespace) -> None:
+    from ppn_bayes.errors import ConfigError, SizeError
+
+    bad = [s for s in sizes if not 0 < s <= 1]
+    if bad:
+        raise SizeError(f"--sizes {bad[0]:g} is out of range; sizes are fractions of decoder parameters in (0, 1], "
+                        "e.g. --sizes 1.0,0.75,0.5")
+    for flag, value, low in (("--batch-sizes", min(batches), 1), ("--prompt-len", args.prompt_len, 1),
+                             ("--new-tokens", args.new_tokens, 1), ("--repeats", args.repeats, 1),
+                             ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise ConfigError(f"{flag} {value} must be at least {low}")
