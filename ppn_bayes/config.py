@@ -14,6 +14,7 @@ decay). Keys given in the recipe override the preset.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -193,7 +194,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     unknown = sorted(str(k) for k in data if k not in names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys here: {', '.join(sorted(names))}")
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+        hint = f"; did you mean {where}{close[0]}?" if close else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys here: {', '.join(sorted(names))}{hint}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name

@@ -117,8 +117,8 @@ def test_usage_errors_are_one_line(argv, needles, work, capsys):
 
 
 @pytest.mark.parametrize("text,needles", [
-    ("train:\n  stpes: 5\n", ["unknown key train.stpes", "valid keys"]),
-    ("trian:\n  steps: 5\n", ["unknown key trian", "valid keys"]),
+    ("train:\n  stpes: 5\n", ["unknown key train.stpes", "valid keys", "did you mean train.steps?"]),
+    ("trian:\n  steps: 5\n", ["unknown key trian", "valid keys", "did you mean train?"]),
     ("train:\n  lr_guide: fast\n", ["train.lr_guide", "expected a number", "'fast'"]),
     ("train:\n  steps: 2.5\n", ["train.steps", "expected an integer"]),
     ("train:\n  steps: 0\n", ["train.steps", ">= 1"]),
