@@ -854,7 +854,7 @@ def _load_shaped(path: Path, raw: dict, dtype: torch.dtype | None, device: torch
     for layer, shape in zip(family.layers(model), shapes):
         cut_layer(layer, family, config, dims, [int(h) for h in shape["heads"]],
                   list(range(int(shape["channels"]))))
-    state = load_file(str(path / "model.safetensors"), device=str(device))
+    state = _model_names(model, load_file(str(path / "model.safetensors"), device=str(device)))
     model.to_empty(device=device)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = _tied_names(model)
@@ -868,6 +868,19 @@ def _load_shaped(path: Path, raw: dict, dtype: torch.dtype | None, device: torch
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def _model_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add the CausalLM prefix (``transformer.``) to tensors saved under the bare model's names.
+
+    A resize keeps its source's naming, and GPT-2's hub files name the bare model (``h.0.attn...``);
+    ``from_pretrained`` maps those itself, ``load_state_dict`` does not.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    names = set(model.state_dict())
+    if not prefix:
+        return state
+    return {f"{prefix}.{k}" if k not in names and f"{prefix}.{k}" in names else k: v for k, v in state.items()}
 
 
 def _tied_names(model: nn.Module) -> set[str]:

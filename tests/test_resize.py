@@ -361,3 +361,31 @@ def test_output_form_rules():
     assert output_form([(0, layer_cut(list(range(6)), [0, 1], gg.inventory.dims))], gg.inventory, gg.family) \
         == "standard"
     assert output_form([(0, layer_cut([0, 1], [0, 1], gg.inventory.dims))], gg.inventory, gg.family) == SHAPES_KEY
+
+
+def test_run_names_match_a_bare_gpt2_checkpoint(saved, tmp_path):
+    """GPT-2's hub files name the bare model (``h.0.attn...``); runs store the model's names
+    (``transformer.h.0.attn...``). Overrides and adapters still land on the right tensors."""
+    model, base = saved("gpt2")
+    state = load_file(str(base / "model.safetensors"))
+    assert any(k.startswith("transformer.") for k in state)
+    save_file({k.removeprefix("transformer."): v for k, v in state.items()}, str(base / "model.safetensors"),
+              metadata={"format": "pt"})
+    g = gate(model, group_size=8)
+    gen = torch.Generator().manual_seed(3)
+    over, target = "transformer.h.1.mlp.c_fc.weight", "transformer.h.0.attn.c_attn"
+    params = dict(model.named_parameters())
+    weights = {over: params[over].detach() + 0.05 * torch.randn(params[over].shape, generator=gen)}
+    lora = {target: {"A": 0.1 * torch.randn(4, 48, generator=gen), "B": 0.1 * torch.randn(144, 4, generator=gen),
+                     "scale": 2.0}}
+    with torch.no_grad():
+        params[over].copy_(weights[over])
+        params[f"{target}.weight"].add_((2.0 * lora[target]["B"] @ lora[target]["A"]).T)
+    keep = PATTERNS["ragged"]  # keeps layers 0 and 1
+    with g.keep(keep):
+        expected = g(ids()).logits
+    report = resize(base, keep, g.inventory, tmp_path / "out", weights=weights, lora=lora)
+    assert report["weights_overridden"] == 1 and report["lora_folded"] == 1
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert not any(k.startswith("transformer.") for k in written)  # no stray extra tensor
+    torch.testing.assert_close(load_resized(tmp_path / "out")(ids()).logits, expected, atol=ATOL, rtol=0)
