@@ -58,13 +58,22 @@ def _step(name: str, log: Callable[[str], None], seconds: dict[str, float]):
     return _Timer()
 
 
-def decode_speed(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int = 3) -> float:
-    """Median greedy decode throughput (tokens/s) with a KV cache, after one warm-up."""
+def decode_speeds(models: list[torch.nn.Module], prompt: torch.Tensor, new_tokens: int, repeats: int = 5
+                  ) -> list[float]:
+    """Median greedy decode throughput (tokens/s, KV cache) of each model, after one warm-up each.
+
+    The models are timed in alternation, round after round, so that a load spike on a shared machine
+    hits all of them alike instead of skewing the ratio.
+    """
     from ppn_bayes.bench import time_generation
 
-    time_generation(model, prompt, min(4, new_tokens))
-    times = sorted(time_generation(model, prompt, new_tokens)["decode_s"] for _ in range(repeats))
-    return new_tokens / times[len(times) // 2]
+    for model in models:
+        time_generation(model, prompt, min(4, new_tokens))
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(repeats):
+        for i, model in enumerate(models):
+            times[i].append(time_generation(model, prompt, new_tokens)["decode_s"])
+    return [new_tokens / sorted(t)[len(t) // 2] for t in times]
 
 
 def run_demo(out: str | Path = "runs/demo", sizes: tuple[float, ...] = (0.75, 0.5, 0.25), resize_size: float = 0.5,
@@ -111,8 +120,7 @@ def run_demo(out: str | Path = "runs/demo", sizes: tuple[float, ...] = (0.75, 0.
         prompt = blocks[:1, :64]
         keep = run.keepset(size=resize_size).keep
         ideal = ideal_ratios(run.inventory, keep, int(dense.config.vocab_size), prompt.shape[1], new_tokens)
-        dense_tps = decode_speed(dense, prompt, new_tokens)
-        small_tps = decode_speed(small, prompt, new_tokens)
+        dense_tps, small_tps = decode_speeds([dense, small], prompt, new_tokens)
         for name, model, tps, size in (("dense", dense, dense_tps, 1.0), (f"ppn {resize_size:g}", small, small_tps,
                                                                           float(info["size_params"]))):
             ppl = perplexity(model, blocks, batch_size=4)

@@ -1,0 +1,88 @@
+"""Regenerate the README's results block from the benchmarks' JSON outputs.
+
+    python benchmarks/readme_results.py
+
+Reads ``benchmarks/demo_smollm2.json`` (``benchmarks/demo.py``), ``benchmarks/peers_smollm2.json``
+(``ppn compare`` of the peers) and ``benchmarks/ppn_smollm2.json`` (``ppn compare --methods ppn``
+on the demo run, same calibration and test blocks), and rewrites the text between
+``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md. Missing inputs are skipped
+with a note, never invented.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+README = HERE.parent / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = HERE / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def demo_section(demo: dict) -> list[str]:
+    fit_s = next((v for k, v in demo["seconds"].items() if k.startswith("fit")), 0.0)
+    lines = [f"**`ppn demo`** on the bundled default ({demo['device']}; wall time "
+             f"{sum(demo['seconds'].values()):.0f} s, of which the fit {fit_s:.0f} s):",
+             "", "| model | decoder params kept | test perplexity | decode tok/s | speedup | ideal (FLOPs) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in demo["rows"]:
+        lines.append(f"| {r['model']} | {r['size_params']:.3f} | {r['perplexity']:.2f} | {r['decode_tok_s']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x |")
+    lines += ["", "| requested size | params kept | FLOPs kept | lambda* | layers kept | P(draw = keep-set) |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for k in demo["keepsets"]:
+        lines.append(f"| {k['requested']:.2f} | {k['achieved_params']:.3f} | {k['achieved_flops']:.3f} | "
+                     f"{k['lambda']:.3f} | {k['layers']} | {k['p_equal']:.2f} |")
+    return lines
+
+
+def compare_section(peers: dict | None, ppn: dict | None) -> list[str]:
+    rows = (peers or {}).get("results", []) + [r for r in (ppn or {}).get("results", []) if r["method"].startswith("ppn")]
+    if not rows:
+        return ["(no `ppn compare` results recorded yet)"]
+    sizes = sorted({r["size"] for r in rows}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    dense = (peers or ppn or {}).get("dense", {}).get("perplexity")
+    head = "| method | " + " | ".join(f"{s:g}" for s in sizes) + " |"
+    title = "**Held-out perplexity vs fraction of decoder parameters kept** (SmolLM2-135M, bundled test split"
+    title += f", 16 x 128 tokens; dense {dense:.2f})" if dense else ")"
+    lines = [title, "", head, "| --- | " + " | ".join("---:" for _ in sizes) + " |"]
+    for m in methods:
+        cells = []
+        for s in sizes:
+            hit = [r for r in rows if r["method"] == m and r["size"] == s]
+            cells.append(f"{hit[0]['perplexity']:.4g}" if hit else "")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Structured methods (ppn, gisp, shortgpt, prunepath, random) give real speed; wanda and sparsegpt "
+              "are unstructured (no speed on dense kernels). Conditions, costs and decode speedups: "
+              "`benchmarks/RESULTS.md`."]
+    return lines
+
+
+def build() -> str:
+    demo, peers, ppn = _load("demo_smollm2.json"), _load("peers_smollm2.json"), _load("ppn_smollm2.json")
+    lines = ["Measured on this project's development machine; `benchmarks/RESULTS.md` has every figure, its",
+             "conditions and the command that regenerates it. Regenerate this block with",
+             "`python benchmarks/readme_results.py`.", ""]
+    lines += demo_section(demo) if demo else ["(no `benchmarks/demo.py` result recorded yet)"]
+    lines += [""] + compare_section(peers, ppn)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    text = README.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md lacks the {START} / {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{START}\n{build()}\n{END}{tail}")
+    print("README.md results block regenerated")
+
+
+if __name__ == "__main__":
+    main()
