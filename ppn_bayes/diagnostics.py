@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import tempfile
@@ -128,9 +129,17 @@ def load_netcdf(path: str | Path) -> az.InferenceData:
 
 def summary(idata: az.InferenceData, var_names: list[str] | None = None):
     """``az.summary`` (mean, sd, HDI, MCSE, ESS, R-hat) as a pandas DataFrame."""
-    with warnings.catch_warnings():  # one-chain R-hat warns; the table shows NaN, which is the truth
-        warnings.simplefilter("ignore")
-        return az.summary(idata, var_names=var_names)
+    # One chain of guide draws: arviz warns (via warnings and its logger) that R-hat needs two chains;
+    # the table shows NaN there, which is the truth for independent variational draws.
+    log = logging.getLogger("arviz")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return az.summary(idata, var_names=var_names)
+    finally:
+        log.setLevel(level)
 
 
 # ------------------------------------------------------------------ PSIS
