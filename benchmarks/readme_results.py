@@ -36,8 +36,9 @@ def demo_section(demo: dict) -> list[str]:
     lines += ["", "| requested size | params kept | FLOPs kept | lambda* | layers kept | P(draw = keep-set) |",
               "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     for k in demo["keepsets"]:
+        lam = "saturated" if k.get("lambda_saturated") else f"{k['lambda']:.3g}"
         lines.append(f"| {k['requested']:.2f} | {k['achieved_params']:.3f} | {k['achieved_flops']:.3f} | "
-                     f"{k['lambda']:.3f} | {k['layers']} | {k['p_equal']:.2f} |")
+                     f"{lam} | {k['layers']} | {k['p_equal']:.2f} |")
     return lines
 
 

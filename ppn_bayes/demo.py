@@ -107,6 +107,7 @@ def run_demo(out: str | Path = "runs/demo", sizes: tuple[float, ...] = (0.75, 0.
                 "requested": float(r.requested_size),
                 "achieved_params": float(r.achieved["params_fraction"]),
                 "achieved_flops": float(r.achieved["flops_fraction"]), "lambda": float(r.lam),
+                "lambda_saturated": bool(r.lambda_saturated),
                 "p_equal": float(r.p_equal), "boundary": len(r.boundary),
                 "layers": len(r.keep.layers), "heads": len(r.keep.heads), "groups": len(r.keep.groups),
             })
@@ -149,8 +150,12 @@ def format_demo(res: DemoResult) -> str:
              f"  {'size':>6} {'params':>7} {'FLOPs':>7} {'lambda*':>8} {'layers':>6} {'heads':>5} {'groups':>6} "
              f"{'P(draw=set)':>11}"]
     for k in res.keepsets:
+        lam = "   (sat.)" if k.get("lambda_saturated") else f"{k['lambda']:>8.3g}"
         lines.append(f"  {k['requested']:>6.2f} {k['achieved_params']:>7.3f} {k['achieved_flops']:>7.3f} "
-                     f"{k['lambda']:>8.3f} {k['layers']:>6} {k['heads']:>5} {k['groups']:>6} {k['p_equal']:>11.2f}")
+                     f"{lam:>8} {k['layers']:>6} {k['heads']:>5} {k['groups']:>6} {k['p_equal']:>11.2f}")
+    if any(k.get("lambda_saturated") for k in res.keepsets):
+        lines.append("  (sat.): no finite price reaches this size in expectation; the keep-set follows the posterior's "
+                     "exit-price order (docs/keepsets.md)")
     lines += ["", "Resized model vs dense (bundled test split; decode with KV cache, batch 1):",
               f"  {'model':<10} {'size':>6} {'perplexity':>10} {'decode tok/s':>12} {'speedup':>8} {'ideal':>6}"]
     for r in res.rows:
