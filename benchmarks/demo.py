@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ppn_bayes.demo import format_demo, run_demo
-from ppn_bayes.posterior import atomic_write_bytes
+from ppn_bayes.files import atomic_write_bytes
 
 HERE = Path(__file__).resolve().parent
 

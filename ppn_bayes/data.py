@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ppn_bayes.errors import DataError
+from ppn_bayes.files import sha256_file
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED = {"bundled": "austen", "austen": "austen", "kjv": "kjv"}
@@ -130,14 +131,6 @@ def load_corpus(name_or_path: str = "bundled", split: str = "test") -> list[str]
 # --------------------------------------------------------------------------------------------- identity
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of everything that decides how text becomes ids (vocab, merges, normalizer, EOS)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -153,7 +146,7 @@ def _corpus_fingerprint(data: str, split: str) -> str:
     files = _split_files(data, split)
     if files is None:
         return f"hub:{data}:{split}"
-    return "files:" + ",".join(_sha256_file(f) for f in files)
+    return "files:" + ",".join(sha256_file(f) for f in files)
 
 
 # --------------------------------------------------------------------------------------------- blocks

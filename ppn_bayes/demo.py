@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -138,7 +139,7 @@ def run_demo(out: str | Path = "runs/demo", sizes: tuple[float, ...] = (0.75, 0.
         f"resized model ({info['form']})": str(resized_dir),
         "demo summary (JSON)": str(out / "demo.json"),
     }
-    from ppn_bayes.posterior import atomic_write_bytes
+    from ppn_bayes.files import atomic_write_bytes
 
     atomic_write_bytes(out / "demo.json", json.dumps(res.to_dict(), indent=2).encode())
     return res
@@ -147,8 +148,8 @@ def run_demo(out: str | Path = "runs/demo", sizes: tuple[float, ...] = (0.75, 0.
 def format_demo(res: DemoResult) -> str:
     """The short table ``ppn demo`` ends with."""
     lines = ["", "Keep-sets (one trained network, every size):",
-             f"  {'size':>6} {'params':>7} {'FLOPs':>7} {'lambda*':>8} {'layers':>6} {'heads':>5} {'groups':>6} "
-             f"{'P(draw=set)':>11}"]
+             (f"  {'size':>6} {'params':>7} {'FLOPs':>7} {'lambda*':>8} {'layers':>6} {'heads':>5} {'groups':>6} "
+              f"{'P(draw=set)':>11}")]
     for k in res.keepsets:
         lam = "   (sat.)" if k.get("lambda_saturated") else f"{k['lambda']:>8.3g}"
         lines.append(f"  {k['requested']:>6.2f} {k['achieved_params']:>7.3f} {k['achieved_flops']:>7.3f} "

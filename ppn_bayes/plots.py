@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from ppn_bayes.posterior import atomic_write_bytes
+from ppn_bayes.files import atomic_write_bytes
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 HEATMAP = "cividis"

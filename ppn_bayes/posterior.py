@@ -16,54 +16,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pyro
 import torch
 from pyro.infer import Predictive
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ppn_bayes.backbone.units import UnitInventory
 from ppn_bayes.config import GuideConfig, PriorConfig, PushConfig
 from ppn_bayes.errors import RunError
+from ppn_bayes.files import atomic_save_tensors, atomic_write_bytes
 from ppn_bayes.guides import guide_state, make_guide
 from ppn_bayes.prior import ScorePrior
 from ppn_bayes.push import Push
 
 FILES = ("posterior.json", "units.safetensors", "guide.safetensors", "push.safetensors")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """``safetensors.torch.save_file`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -110,7 +79,7 @@ class Posterior:
         self.tempering = tempering
 
     @classmethod
-    def from_dir(cls, run_dir: str | Path) -> "Posterior":
+    def from_dir(cls, run_dir: str | Path) -> Posterior:
         run_dir = Path(run_dir)
         meta_path = run_dir / "posterior.json"
         if not meta_path.is_file():

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from ppn_bayes.files import atomic_write_bytes
 from ppn_bayes.keepsets import KeepsetResult, KeepsetSolver
-from ppn_bayes.posterior import atomic_write_bytes
 
 
 def _exit_text(x: float) -> str:

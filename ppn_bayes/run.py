@@ -37,7 +37,8 @@ from safetensors.torch import load_file, save_file
 from ppn_bayes.backbone.units import UnitInventory
 from ppn_bayes.config import Recipe, dump_recipe, load_recipe
 from ppn_bayes.errors import RunError
-from ppn_bayes.posterior import Posterior, atomic_save_tensors, atomic_write_bytes
+from ppn_bayes.files import atomic_save_tensors, atomic_write_bytes
+from ppn_bayes.posterior import Posterior
 
 CONFIG, MANIFEST, METRICS = "config.yaml", "manifest.json", "metrics.jsonl"
 WEIGHTS, ADAPTER = "weights.safetensors", "adapter.safetensors"

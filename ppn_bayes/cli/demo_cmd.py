@@ -9,15 +9,6 @@ from typing import Any
 HELP = "fit the bundled SmolLM2-135M, report, resize to 0.5 and compare it with dense"
 
 
-def _sizes(text: str) -> tuple[float, ...]:
-    from ppn_bayes.errors import ConfigError
-
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"--sizes {text!r}: give comma-separated fractions such as 0.75,0.5,0.25") from None
-
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("demo", help=HELP, description=HELP)
     p.add_argument("--out", default="runs/demo", help="where the run, report and resized model go (default: runs/demo)")
@@ -33,12 +24,13 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ppn_bayes.bench import parse_list
     from ppn_bayes.demo import format_demo, run_demo
     from ppn_bayes.errors import ConfigError
 
     if args.eval_blocks < 1 or args.new_tokens < 1:
         raise ConfigError("--eval-blocks and --new-tokens must be at least 1")
-    res = run_demo(args.out, sizes=_sizes(args.sizes), resize_size=args.resize, eval_blocks=args.eval_blocks,
+    res = run_demo(args.out, sizes=tuple(parse_list(args.sizes, float, "--sizes")), resize_size=args.resize, eval_blocks=args.eval_blocks,
                    new_tokens=args.new_tokens, overrides=args.overrides, progress=not args.no_progress)
     print(json.dumps(res.to_dict()) if args.json else format_demo(res))
     return 0

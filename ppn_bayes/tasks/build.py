@@ -141,7 +141,7 @@ def render(items: list[dict]) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     from ppn_bayes.data import load_corpus
-    from ppn_bayes.posterior import atomic_write_bytes
+    from ppn_bayes.files import atomic_write_bytes
     from ppn_bayes.tasks import DATA_FILE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
