@@ -43,7 +43,7 @@ _EXPORTS: dict[str, str] = {
     "perplexity": "ppn_bayes.evaluate",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__"] + list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,7 @@ adapter in :mod:`ppn_bayes.backbone.family` only names four modules per layer.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -148,7 +148,7 @@ class GatedLM(nn.Module):
         return dict(self._gates)
 
     @contextlib.contextmanager
-    def gates(self, **gates: torch.Tensor | None) -> Iterator["GatedLM"]:
+    def gates(self, **gates: torch.Tensor | None) -> Iterator[GatedLM]:
         """Temporarily set gates: ``with gated.gates(layers=m): logits = gated(ids).logits``."""
         saved = dict(self._gates)
         self.set_gates(**gates)
@@ -158,7 +158,7 @@ class GatedLM(nn.Module):
             self._gates = saved
 
     @contextlib.contextmanager
-    def keep(self, keep: KeepSet) -> Iterator["GatedLM"]:
+    def keep(self, keep: KeepSet) -> Iterator[GatedLM]:
         """Temporarily apply the hard 0/1 masks of a keep-set."""
         m = self.inventory.masks(keep)
         with self.gates(layers=m["layers"], heads=m["heads"], groups=m["groups"]):

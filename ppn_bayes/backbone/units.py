@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 
@@ -78,7 +79,7 @@ class KeepSet:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "KeepSet":
+    def from_dict(cls, d: dict) -> KeepSet:
         return cls(
             layers=[int(x) for x in d.get("layers", [])],
             heads=[(int(a), int(b)) for a, b in d.get("heads", [])],
@@ -303,7 +304,7 @@ class UnitInventory:
                 "family": self.family, "embedding_params": self.embedding_params}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UnitInventory":
+    def from_dict(cls, d: dict) -> UnitInventory:
         return cls(dims=Dims(**d["dims"]), group_size=int(d["group_size"]), kinds=tuple(d["kinds"]),
                    family=d.get("family", ""), embedding_params=int(d.get("embedding_params", 0)))
 
