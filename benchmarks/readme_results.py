@@ -47,7 +47,8 @@ def compare_section(peers: dict | None, ppn: dict | None) -> list[str]:
     if not rows:
         return ["(no `ppn compare` results recorded yet)"]
     sizes = sorted({r["size"] for r in rows}, reverse=True)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: not m.startswith("ppn"))
+    labels = {"ppn": "**ppn** (the demo run: 60 steps, frozen weights, layer gates)"}
     dense = (peers or ppn or {}).get("dense", {}).get("perplexity")
     head = "| method | " + " | ".join(f"{s:g}" for s in sizes) + " |"
     title = "**Held-out perplexity vs fraction of decoder parameters kept** (SmolLM2-135M, bundled test split"
@@ -58,7 +59,7 @@ def compare_section(peers: dict | None, ppn: dict | None) -> list[str]:
         for s in sizes:
             hit = [r for r in rows if r["method"] == m and r["size"] == s]
             cells.append(f"{hit[0]['perplexity']:.4g}" if hit else "")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
     lines += ["", "Structured methods (ppn, gisp, shortgpt, prunepath, random) give real speed; wanda and sparsegpt "
               "are unstructured (no speed on dense kernels). Conditions, costs and decode speedups: "
               "`benchmarks/RESULTS.md`."]
