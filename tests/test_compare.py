@@ -92,23 +92,6 @@ def test_ppn_rows_need_a_run():
         compare(model, b, b, [0.5], ["magic"], decode_tokens=0)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_llama_dir, tmp_path_factory):
-    """A 2-step frozen-weights PPN run on the tiny Llama (the Bayesian core's own fit)."""
-    from ppn_bayes.config import recipe_from_dict
-    from ppn_bayes.data import load_corpus
-    from ppn_bayes.train import fit
-
-    root = tmp_path_factory.mktemp("ppnrun")
-    corpus = root / "tiny.txt"
-    corpus.write_text(load_corpus("bundled", "validation")[0][:8_000], encoding="utf-8")
-    recipe = recipe_from_dict({"name": "tiny", "model": {"name": str(tiny_llama_dir)}, "units": {"group_size": 16},
-                               "data": {"corpus": str(corpus), "block_size": 32, "val_blocks": 2},
-                               "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "weights": "frozen",
-                                         "eval_lambdas": [0.5]}})
-    return fit(recipe, out=root / "run", progress=False).path
-
-
 def test_ppn_rows_from_a_run(tiny_run, tiny_llama_dir, tiny_tokenizer):
     from ppn_bayes.zoo import load_model
 

@@ -20,23 +20,6 @@ PPL = ["--data", "kjv", "--split", "validation", "--block-size", "32", "--max-bl
        "--device", "cpu", "--json"]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_llama_dir, tmp_path_factory):
-    """A 2-step frozen-weights PPN run on the tiny Llama (the real `ppn fit` path)."""
-    from ppn_bayes.config import recipe_from_dict
-    from ppn_bayes.data import load_corpus
-    from ppn_bayes.train import fit
-
-    root = tmp_path_factory.mktemp("evalrun")
-    corpus = root / "tiny.txt"
-    corpus.write_text(load_corpus("bundled", "validation")[0][:8_000], encoding="utf-8")
-    recipe = recipe_from_dict({"name": "tiny", "model": {"name": str(tiny_llama_dir)}, "units": {"group_size": 16},
-                               "data": {"corpus": str(corpus), "block_size": 32, "val_blocks": 2},
-                               "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "weights": "frozen",
-                                         "eval_lambdas": [0.5]}})
-    return fit(recipe, out=root / "run", progress=False).path
-
-
 def _eval(capsys, *argv) -> dict:
     assert main(["eval", *argv]) == 0
     return json.loads(capsys.readouterr().out)
