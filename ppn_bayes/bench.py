@@ -73,7 +73,7 @@ def run_keepsets(run: str | os.PathLike, sizes: list[float], quantile: float = 0
         raise RunError(f"cannot read runs in this installation ({err}); omit --run to use weight-norm keep-sets") \
             from None
     loaded = load_run(run)
-    return {s: loaded.keepset(size=s, quantile=quantile) for s in sizes}, loaded.inventory
+    return {s: loaded.keepset(size=s, quantile=quantile).keep for s in sizes}, loaded.inventory
 
 
 # ------------------------------------------------------------------------------------ FLOPs

@@ -81,8 +81,11 @@ class SubnetSwitch:
                         if getattr(config, a, None) is not None}
         holders = [(m, m.layer_idx) for l in keep.layers for m in fam.layer_idx_holders(layers[l])]
         amplitudes = amplitudes or {}
-        gates = {**self._masks(keep), "attn_scale": amplitudes.get("attn_scale"),
-                 "mlp_scale": amplitudes.get("mlp_scale")}
+        masks = self._masks(keep)
+        for kind in ("heads", "groups"):  # per-unit amplitude corrections multiply the 0/1 masks
+            if amplitudes.get(kind) is not None:
+                masks[kind] = amplitudes[kind] if masks[kind] is None else masks[kind] * amplitudes[kind]
+        gates = {**masks, "attn_scale": amplitudes.get("attn_scale"), "mlp_scale": amplitudes.get("mlp_scale")}
         self.active = keep
         try:
             if len(keep.layers) < len(layers):

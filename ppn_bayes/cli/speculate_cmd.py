@@ -40,25 +40,37 @@ def run(args: argparse.Namespace) -> int:
     if min(lengths) < 1 or args.max_new_tokens < 1 or args.repeats < 1:
         raise ConfigError("--draft-lengths, --max-new-tokens and --repeats must be >= 1")
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, device=device)
-    keepsets, inventory = keepsets_for(model, sizes, args.run)
+    amplitudes: dict[float, dict | None] = {}
+    if args.run:  # verifier = the run's trained network; drafts = its keep-sets with their amplitudes
+        from ppn_bayes.run import load_run
+
+        run_ = load_run(args.run)
+        results = {s: run_.keepset(size=s) for s in sizes}
+        keepsets, inventory = {s: r.keep for s, r in results.items()}, run_.inventory
+        amplitudes = {s: run_.posterior.push.amplitudes(r.lam) if r.lam > 0 else None for s, r in results.items()}
+        model, tokenizer = run_.load_model(str(device)), run_.load_tokenizer()
+    else:
+        model, tokenizer = load_model(args.model, device=device)
+        keepsets, inventory = keepsets_for(model, sizes, None)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
         raise ConfigError("--prompt is empty after tokenization; give some text")
     sw = SubnetSwitch(model, inventory)
     try:
-        result = benchmark_speculative(sw, ids, keepsets, lengths, args.max_new_tokens, repeats=args.repeats)
+        result = benchmark_speculative(sw, ids, keepsets, lengths, args.max_new_tokens, repeats=args.repeats,
+                                       amplitudes=amplitudes)
     finally:
         sw.close()
     out = result.to_dict()
-    out["model"] = args.model
+    out["model"] = args.run or args.model
     if result.best:
         best_keep = keepsets[result.best["size"]]
         from ppn_bayes.speculative import speculative_generate
 
         sw = SubnetSwitch(model, inventory)
         try:
-            text_ids, _ = speculative_generate(sw, best_keep, ids, args.max_new_tokens, result.best["draft_length"])
+            text_ids, _ = speculative_generate(sw, best_keep, ids, args.max_new_tokens, result.best["draft_length"],
+                                               amplitudes=amplitudes.get(result.best["size"]))
         finally:
             sw.close()
         out["text"] = tokenizer.decode(text_ids[0, ids.shape[1]:], skip_special_tokens=True)
