@@ -313,7 +313,7 @@ def format_result(result: SpecResult) -> str:
         lines.append(f"best: size {b['size']:.2f}, draft length {b['draft_length']}: {b['speedup']:.2f}x")
         if b["speedup"] < 1:
             lines.append("no draft beats dense decoding here: its acceptance is too low (decode densely, or "
-                         "draft with the keep-sets of a fitted run)")
+                         "draft with keep-sets from a longer or weight-trained run)")
     return "\n".join(lines)
 
 
