@@ -77,3 +77,13 @@ def tiny_run(tiny_llama_dir, tmp_path_factory) -> Path:
                                "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "weights": "frozen",
                                          "eval_lambdas": [0.5]}})
     return fit(recipe, out=root / "run", progress=False).path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A 12,000-character slice of the bundled validation novel as a local text corpus."""
+    from ppn_bayes.data import load_corpus
+
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(load_corpus("bundled", "validation")[0][:12_000], encoding="utf-8")
+    return path

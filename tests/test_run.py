@@ -16,15 +16,6 @@ from ppn_bayes.run import load_run
 from ppn_bayes.train import fit
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from ppn_bayes.data import load_corpus
-
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text(load_corpus("bundled", "validation")[0][:12_000], encoding="utf-8")
-    return path
-
-
 def recipe(model_dir, corpus, **train):
     t = {"steps": 2, "batch_size": 2, "checkpoint_every": 1, "eval_lambdas": [0.5], **train}
     return recipe_from_dict({"name": "tiny", "model": {"name": str(model_dir)}, "units": {"group_size": 16},

@@ -22,15 +22,6 @@ from ppn_bayes.train import batch_indices, build, elbo_terms, fit, lr_multiplier
 TRAIN_FIELDS = {"step", "elbo", "token_loss", "lambda", "sampled_size", "expected_size", "lr", "grad_norm", "seconds"}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from ppn_bayes.data import load_corpus
-
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text(load_corpus("bundled", "validation")[0][:12_000], encoding="utf-8")
-    return path
-
-
 def tiny_recipe(model_dir: Path, corpus: Path, **train):
     t = {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1, "lr_guide": 0.05, "lr_push": 0.05,
          "lr_weights": 0.01, "schedule": "constant", "eval_lambdas": [0.5], **train}

@@ -4,8 +4,6 @@ and resumes with a lower learning rate."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,15 +14,6 @@ from ppn_bayes.errors import NumericalError
 from ppn_bayes.train import fit
 
 POISON_AT = 3  # 0-based index of the step that goes wrong, i.e. step 4; checkpoints every 2 steps
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from ppn_bayes.data import load_corpus
-
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text(load_corpus("bundled", "validation")[0][:12_000], encoding="utf-8")
-    return path
 
 
 def recipe(model_dir, corpus, **train):
