@@ -4,7 +4,10 @@ Fairness, by construction:
 
 * **Same tokens.** Every peer is calibrated on the same calibration blocks (a seeded draw from the
   train split), and every row is evaluated on the same held-out test blocks with the same
-  :func:`ppn_bayes.evaluate.perplexity`.
+  :func:`ppn_bayes.evaluate.perplexity`. GISP with the margin objective (``gisp_objective="margin"``,
+  rows ``gisp-margin``) calibrates on choice examples instead; ``ppn compare`` cuts them from the
+  train novels by the shipped cloze task's rules (:mod:`ppn_bayes.tasks.choices`), never from the
+  task's evaluated items.
 * **Same currency.** A size is the fraction of *decoder* parameters kept
   (:meth:`UnitInventory.size_of`); embeddings and the LM head are never pruned and not counted. Each
   row reports the size it *achieved* (``param_fraction``, ``<=`` the request for every method but
@@ -40,6 +43,12 @@ from ppn_bayes.evaluate import perplexity
 PEERS = ("gisp", "shortgpt", "prunepath", "wanda", "sparsegpt", "random")
 PPN_METHODS = ("ppn", "ppn-paper")
 METHODS = PPN_METHODS + PEERS
+GISP_OBJECTIVES = ("perplexity", "margin")
+
+
+def gisp_label(objective: str) -> str:
+    """The ``method`` of GISP's rows: ``gisp`` (perplexity objective, as published) or ``gisp-margin``."""
+    return "gisp" if objective == "perplexity" else f"gisp-{objective}"
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
@@ -317,15 +326,25 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
             run_dir: str | None = None, paper_run_dir: str | None = None, seeds: Sequence[int] = (0, 1, 2),
             group_size: int = 1, gisp_step: float = 0.1, prunepath_experts: int = 16,
             decode_tokens: int = 16, batch_size: int = 8, progress: bool = False,
-            model_path: str | os.PathLike | None = None, fit_dir: str | os.PathLike | None = None
+            model_path: str | os.PathLike | None = None, fit_dir: str | os.PathLike | None = None,
+            gisp_objective: str = "perplexity", gisp_choices: Sequence[Any] | None = None
             ) -> dict[str, Any]:
     """Run ``methods`` at ``sizes`` on ``model``; ``{"dense", "results", "costs", "config"}``.
 
     ``model`` is never modified (peers work on copies or cut copies). ``heal_blocks``: train blocks
-    for optional healing (see module docstring).
+    for optional healing (see module docstring). ``gisp_objective``: ``"perplexity"`` (next-token NLL
+    of ``calib``; rows named ``gisp``) or ``"margin"`` (the margin loss on ``gisp_choices``, a list of
+    :class:`~ppn_bayes.baselines.gisp.ChoiceExample`, e.g. from
+    :func:`ppn_bayes.tasks.choices.calibration_items` and :func:`~ppn_bayes.tasks.choices.to_examples`;
+    rows named ``gisp-margin``). Every GISP row records its ``objective``.
     """
     sizes = check_sizes(sizes)
     methods = check_methods(methods)
+    if gisp_objective not in GISP_OBJECTIVES:
+        raise ConfigError(f"unknown GISP objective {gisp_objective!r}; choose from {','.join(GISP_OBJECTIVES)}")
+    if gisp_objective == "margin" and "gisp" in methods and not gisp_choices:
+        raise ConfigError("GISP's margin objective needs choice examples: pass gisp_choices=[ChoiceExample, ...] "
+                          "(ppn compare builds them from the bundled train novels)")
     calib, test = check_blocks(calib), check_blocks(test, "test")
     from ppn_bayes.backbone.family import family_for
 
@@ -339,7 +358,8 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
             print(f"ppn compare: {method}", flush=True, file=__import__("sys").stderr)
         rows += _method_rows(bench, method, calib, sizes, seeds=seeds, group_size=group_size, gisp_step=gisp_step,
                              prunepath_experts=prunepath_experts, run_dir=run_dir, paper_run_dir=paper_run_dir,
-                             model_path=model_path, fit_dir=fit_dir)
+                             model_path=model_path, fit_dir=fit_dir, gisp_objective=gisp_objective,
+                             gisp_choices=gisp_choices)
     costs: dict[str, float] = {}
     for r in rows:
         if "cost_seconds" not in r:
@@ -350,7 +370,9 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
             costs[r["method"]] = costs.get(r["method"], 0.0) + r["cost_seconds"]
     config = {"sizes": sizes, "methods": methods, "calib_blocks": int(calib.shape[0]),
               "test_blocks": int(test.shape[0]), "block_size": int(test.shape[1]), "seeds": list(seeds),
-              "group_size": group_size, "gisp_step": gisp_step, "prunepath_experts": prunepath_experts,
+              "group_size": group_size, "gisp_step": gisp_step, "gisp_objective": gisp_objective,
+              "gisp_choices": len(gisp_choices) if gisp_objective == "margin" and gisp_choices else 0,
+              "prunepath_experts": prunepath_experts,
               "heal_tokens": int(heal_blocks.numel()) if heal_blocks is not None else 0,
               "decode_tokens": decode_tokens}
     return {"dense": dense, "results": rows, "costs": costs, "config": config, "keepsets": bench.keepsets}
@@ -364,7 +386,11 @@ def _method_rows(bench: Bench, method: str, calib: torch.Tensor, sizes: list[flo
     if method == "gisp":
         from ppn_bayes.baselines.gisp import gisp
 
-        return structured_rows(bench, gisp(model, calib, sizes, step=kw["gisp_step"], group_size=kw["group_size"]))
+        objective = kw.get("gisp_objective", "perplexity")
+        res = gisp(model, calib, sizes, objective=objective, choices=kw.get("gisp_choices"),
+                   step=kw["gisp_step"], group_size=kw["group_size"])
+        res.method = gisp_label(objective)
+        return structured_rows(bench, res, {"objective": objective})
     if method == "shortgpt":
         from ppn_bayes.baselines.shortgpt import shortgpt
 

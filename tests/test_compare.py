@@ -149,3 +149,116 @@ def test_cli_errors_are_one_line(argv, needle, tiny_llama_dir, tmp_path, capsys)
     code = main(["compare", "--model", str(tiny_llama_dir), "--out", str(tmp_path), *argv])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- GISP's margin objective
+
+MARGIN_ARGV = ["--sizes", "0.7", "--methods", "gisp", "--gisp-objective", "margin", "--gisp-step", "0.3",
+               "--calib-blocks", "2", "--test-blocks", "2", "--block-size", "16", "--decode-tokens", "0"]
+
+
+def test_cli_gisp_margin_reaches_gisp(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    import ppn_bayes.baselines.gisp as gisp_mod
+    from ppn_bayes.baselines.gisp import ChoiceExample
+
+    seen = {}
+    real = gisp_mod.gisp
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gisp_mod, "gisp", spy)
+    code = main(["compare", "--model", str(tiny_llama_dir), *MARGIN_ARGV, "--gisp-choices", "3",
+                 "--out", str(tmp_path / "o"), "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert seen["objective"] == "margin" and len(seen["choices"]) == 3
+    assert all(isinstance(c, ChoiceExample) and len(c.context) + max(map(len, c.choices)) <= 128
+               for c in seen["choices"])  # contexts cut to the model's 128 positions
+    rows = out["results"]
+    assert [(r["method"], r["objective"]) for r in rows] == [("gisp-margin", "margin")]
+    assert rows[0]["param_fraction"] <= 0.7 + 1e-12 and set(out["costs"]) == {"gisp-margin"}
+    cfg = out["config"]
+    assert cfg["gisp_objective"] == "margin" and cfg["gisp_choices"] == 3 and cfg["gisp_choices_in_eval_task"] == 0
+    assert "train" in cfg["gisp_choices_source"]
+    table = (tmp_path / "o" / "compare.md").read_text()
+    assert "| gisp-margin | 0.70 |" in table
+    assert "gisp-margin" in json.loads((tmp_path / "o" / "keepsets.json").read_text())
+
+
+def test_gisp_rows_record_the_objective(result):
+    assert {r["objective"] for r in result["results"] if r["method"] == "gisp"} == {"perplexity"}
+    assert result["config"]["gisp_objective"] == "perplexity" and result["config"]["gisp_choices"] == 0
+
+
+def test_calibration_choices_are_disjoint_from_the_evaluated_task():
+    """The shipped task has one split (test, all scored by `ppn eval --tasks`); calibration items come from
+    the train novels, so none of their texts is in the task file or in the test novel at all."""
+    from ppn_bayes.data import load_corpus
+    from ppn_bayes.tasks.choices import calibration_items
+    from ppn_bayes.tasks.loader import load, read_items
+
+    items = calibration_items(12)
+    assert len(items) == 12 and {it["novel"] for it in items} == {0, 1, 2, 3}
+    assert items == calibration_items(12)  # deterministic
+    assert all(len(it["choices"]) == 4 and 0 <= it["label"] < 4 for it in items)
+    task = read_items()
+    task_texts = {t for it in task for t in (it["context"], *it["choices"])}
+    assert not task_texts & {t for it in items for t in (it["context"], *it["choices"])}
+    test_novel = " ".join(" ".join(load_corpus("bundled", "test")).split())
+    train = " ".join(" ".join(load_corpus("bundled", "train")).split())
+    assert all(it["context"] in train and it["context"] not in test_novel for it in items)
+    try:  # the evaluation scores the task's only split, and that is every item of the file
+        assert list(load().keys()) == ["test"] and len(load()["test"]) == len(task)
+    except ImportError:
+        pass
+
+
+def test_compare_margin_needs_choices():
+    model = tiny_model("llama")
+    b = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match="choice examples"):
+        compare(model, b, b, [0.5], ["gisp"], decode_tokens=0, gisp_objective="margin")
+    with pytest.raises(ConfigError, match="unknown GISP objective"):
+        compare(model, b, b, [0.5], ["gisp"], decode_tokens=0, gisp_objective="accuracy")
+
+
+@pytest.mark.parametrize("content, argv, needle", [
+    (None, [], "no such file"),
+    ('{"context": "a", "choices": ["b", "c"], "label": 0}\n{oops\n', [], "line 2 is not valid JSON"),
+    ('{"context": "a", "label": 0}\n', [], "lacks 'choices'"),
+    ('{"context": "a", "choices": ["b", "c"], "label": 2}\n', [], "'label' 2"),
+    ('["a"]\n', [], "not a JSON object"),
+    ("\n", [], "holds no examples"),
+    ('{"context": "a", "choices": ["b", "c"], "label": 0}\n', ["--gisp-objective", "perplexity"], "apply to"),
+    ('{"context": "a", "choices": ["b", "c"], "label": 0}\n', ["--methods", "shortgpt"], "add gisp"),
+    ('{"context": "a", "choices": ["b", "c"], "label": 0}\n', ["--gisp-choices", "0"], "--gisp-choices 0"),
+])
+def test_cli_bad_choices_file_is_one_line(content, argv, needle, tmp_path, capsys):
+    path = tmp_path / "choices.jsonl"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    # a model that does not exist: the choices must fail before any model is loaded
+    code = main(["compare", "--model", str(tmp_path / "no-model"), *MARGIN_ARGV, "--gisp-choices-file", str(path),
+                 "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+def test_cli_choices_file_is_used(tiny_llama_dir, tmp_path, capsys):
+    from ppn_bayes.tasks.loader import read_items
+
+    path = tmp_path / "mine.jsonl"
+    lines = [json.dumps({"context": f"The {w} was", "choices": [" red.", " blue.", " green."], "label": i % 3})
+             for i, w in enumerate(["sky", "sea", "grass"])]
+    lines.append(json.dumps({k: read_items()[0][k] for k in ("context", "choices", "label")}))  # an eval item
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code = main(["compare", "--model", str(tiny_llama_dir), *MARGIN_ARGV, "--gisp-choices-file", str(path),
+                 "--out", str(tmp_path / "o"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0
+    cfg = json.loads(captured.out)["config"]
+    assert cfg["gisp_choices"] == 4 and cfg["gisp_choices_source"] == str(path)
+    assert cfg["gisp_choices_in_eval_task"] == 1 and "warning: 1 of" in captured.err

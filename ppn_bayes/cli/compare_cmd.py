@@ -45,6 +45,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     p.add_argument("--group-size", type=int, default=1, help="MLP channels per unit for gisp/random (default 1)")
     p.add_argument("--gisp-step", type=float, default=0.1, help="GISP: params fraction removed per iteration")
+    p.add_argument("--gisp-objective", choices=("perplexity", "margin"), default="perplexity",
+                   help="GISP's importance loss: perplexity (next-token NLL of the calibration blocks; rows "
+                        "'gisp') or margin (the choice-task margin loss; rows 'gisp-margin') (default: perplexity)")
+    p.add_argument("--gisp-choices", type=int, default=None, metavar="N",
+                   help="margin objective: N cloze items cut from the bundled *train* novels by the shipped "
+                        "ppn_persuasion_cloze task's rules, disjoint from its evaluated test items (default 32); "
+                        "with --gisp-choices-file, its first N examples (default: all)")
+    p.add_argument("--gisp-choices-file", default=None, metavar="FILE",
+                   help='margin objective: your own JSONL of choice examples, one {"context": "...", '
+                        '"choices": ["...", ...], "label": INDEX} per line')
     p.add_argument("--experts", type=int, default=16, help="PrunePath: experts per MLP (default 16)")
     p.add_argument("--decode-tokens", type=int, default=16,
                    help="batch-1 decode steps timed for the speedup column; 0 skips timing (default 16)")
@@ -64,6 +74,37 @@ def _validate(args: argparse.Namespace) -> None:
     for flag in ("heal_tokens", "decode_tokens"):
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be 0 or more")
+    if args.gisp_objective != "margin" and (args.gisp_choices is not None or args.gisp_choices_file):
+        raise ConfigError("--gisp-choices and --gisp-choices-file apply to the margin objective; "
+                          "add --gisp-objective margin")
+    if args.gisp_choices is not None and args.gisp_choices < 1:
+        raise ConfigError(f"--gisp-choices {args.gisp_choices} must be at least 1")
+
+
+def _choice_items(args: argparse.Namespace, methods: list[str]) -> tuple[list[dict] | None, dict[str, Any]]:
+    """The margin objective's choice items (text) and what the config records about them; checked before
+    the model loads, so a bad file fails in a second."""
+    from ppn_bayes.errors import ConfigError
+
+    if args.gisp_objective != "margin":
+        return None, {}
+    if "gisp" not in methods:
+        raise ConfigError("--gisp-objective margin applies to GISP; add gisp to --methods")
+    from ppn_bayes.tasks import choices as ch
+
+    if args.gisp_choices_file:
+        items = ch.read_choices_file(args.gisp_choices_file)[: args.gisp_choices]
+        source = str(args.gisp_choices_file)
+    else:
+        items = ch.calibration_items(args.gisp_choices or ch.DEFAULT_CHOICES)
+        source = f"{ch.CALIBRATION_DATA}:{ch.CALIBRATION_SPLIT} cloze items ({ch.CALIBRATION_SEED})"
+    overlap = ch.overlap_with_task(items)
+    if overlap:
+        import sys
+
+        print(f"warning: {overlap} of the --gisp-choices-file examples are items of the evaluation task "
+              "ppn_persuasion_cloze; its zero-shot scores would then be on calibration data", file=sys.stderr)
+    return items, {"gisp_choices_source": source, "gisp_choices_in_eval_task": overlap}
 
 
 def _methods(args: argparse.Namespace) -> list[str]:
@@ -84,9 +125,15 @@ def run(args: argparse.Namespace) -> int:
     _validate(args)
     sizes = check_sizes(_floats(args.sizes))
     methods = _methods(args)
+    items, choice_info = _choice_items(args, methods)
     device = resolve_device(args.device)
     model, tok = load_model(args.model, device=device)
     ctx = getattr(model.config, "max_position_embeddings", None)
+    gisp_choices = None
+    if items is not None:
+        from ppn_bayes.tasks.choices import to_examples
+
+        gisp_choices = to_examples(items, tok, max_length=ctx)
     heal_n = -(-args.heal_tokens // args.block_size) if args.heal_tokens else 0
     drawn = calibration_blocks(tok, args.calib_blocks + heal_n, args.block_size, args.seed, args.data,
                                max_context=ctx)
@@ -97,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
                      gisp_step=args.gisp_step, prunepath_experts=args.experts, decode_tokens=args.decode_tokens,
                      batch_size=args.batch_size, progress=not args.json,
                      model_path=resolve_model(args.model) if {"ppn", "ppn-paper"} & set(methods) else None,
-                     fit_dir=args.out)
-    result["config"].update(model=args.model, data=args.data, seed=args.seed, device=str(device))
+                     fit_dir=args.out, gisp_objective=args.gisp_objective, gisp_choices=gisp_choices)
+    result["config"].update(model=args.model, data=args.data, seed=args.seed, device=str(device), **choice_info)
     paths = write_outputs(result, args.out)
     if args.json:
         print(json.dumps({"results": result["results"], "dense": result["dense"], "costs": result["costs"],
