@@ -63,6 +63,8 @@ class GatedLM(nn.Module):
             embedding_params=self.family.embedding_params(model),
         )
         self.register_buffer("_group_sizes", self.inventory.group_sizes(), persistent=False)
+        sizes = self._group_sizes.unique()
+        self._uniform_group: int | None = int(sizes[0]) if sizes.numel() == 1 else None
         self._gates: dict[str, torch.Tensor | None] = dict.fromkeys(GATE_NAMES)
         self._handles: list = []
         self._install_hooks()
@@ -84,8 +86,9 @@ class GatedLM(nn.Module):
             if g is None:
                 return None
             x = args[0]
-            scale = g[l].to(device=x.device, dtype=x.dtype).repeat_interleave(hd)
-            return (x * scale, *args[1:])
+            scale = g[l].to(device=x.device, dtype=x.dtype)
+            # A [..., H, hd] view times [H, 1]: no repeat_interleave, whose backward is a slow scatter.
+            return ((x.unflatten(-1, (scale.shape[0], hd)) * scale.unsqueeze(-1)).flatten(-2), *args[1:])
 
         return hook
 
@@ -95,9 +98,11 @@ class GatedLM(nn.Module):
             if g is None:
                 return None
             x = args[0]
-            sizes = self._group_sizes.to(x.device)
-            scale = torch.repeat_interleave(g[l].to(device=x.device, dtype=x.dtype), sizes,
-                                            output_size=x.shape[-1])
+            gl = g[l].to(device=x.device, dtype=x.dtype)
+            if self._uniform_group is not None:  # equal groups: a view, as for heads
+                return ((x.unflatten(-1, (gl.shape[0], self._uniform_group)) * gl.unsqueeze(-1)).flatten(-2),
+                        *args[1:])
+            scale = torch.repeat_interleave(gl, self._group_sizes.to(x.device), output_size=x.shape[-1])
             return (x * scale, *args[1:])
 
         return hook
@@ -107,11 +112,12 @@ class GatedLM(nn.Module):
             lg, sc = self._gates["layers"], self._gates[scale_name]
             if lg is None and sc is None:
                 return None
-            if sc is not None:
-                out = out * sc[l].to(device=out.device, dtype=out.dtype)
-            if lg is not None:
-                out = out * lg[l].to(device=out.device, dtype=out.dtype)
-            return out
+            # One multiplication of the activation (scale vector times layer gate first): the
+            # activation-sized products and their gradient reductions are most of the hooks' cost.
+            if sc is None:
+                return out * lg[l].to(device=out.device, dtype=out.dtype)
+            scale = sc[l] if lg is None else sc[l] * lg[l]
+            return out * scale.to(device=out.device, dtype=out.dtype)
 
         return hook
 
