@@ -12,10 +12,15 @@ only the abstract and a review are available to us), built on MoEfication (Zhang
 3. **Cumulative-mass routing.** Per token, sort experts by ``p_e(x)`` and keep the smallest prefix
    whose mass is ``>= tau``: an adaptive number of experts, and ``tau`` an inference-time knob of one
    checkpoint (``tau = 1`` keeps every expert: the dense MLP, exactly up to float summation order).
-4. **Kernel.** For one token (batch-1 decoding) the kept experts' weights are *gathered* as
-   contiguous slices of expert-major storage and only those products run (:func:`gather_mlp`), so
-   sparsity gives real speed on a CPU; for many tokens the masked dense product is used (same result,
-   batched). A Triton decoding kernel is **not implemented**: on CUDA the gather path is used too.
+4. **Kernel.** For one token (batch-1 decoding) only the kept experts' weights are touched
+   (:func:`decode_mlp`): on CPU they are *gathered* as contiguous slices of expert-major storage and
+   only those products run (:func:`gather_mlp`), so sparsity gives real speed; on CUDA tensors, with
+   the optional ``triton`` installed, a Triton kernel (:mod:`ppn_bayes.baselines.prunepath_triton`:
+   fused up/gate GEMV + activation, then the down GEMV, over the kept expert ids) is used instead,
+   else the gather path. ``MoEMLP.kernel`` / :meth:`PrunePathModel.set_kernel` or the environment
+   variable ``PPN_PRUNEPATH_KERNEL`` (``auto`` | ``gather`` | ``triton``) force a path; ``triton`` on
+   CPU tensors runs Triton's interpreter (tests only: slow). For many tokens the masked dense product
+   is used (same result, batched).
 
 Departs from the paper: no fine-tuning of the model with routing in the loop (the paper trains with
 ``tau_train``); only the routers are trained, post hoc, so the peer is "as published without
@@ -28,6 +33,7 @@ step of balanced k-means. Sizes are reached by choosing ``tau`` per size on cali
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -156,6 +162,7 @@ class MoEMLP(nn.Module):
         self.router = router
         self.tau = float(tau)
         self.register_buffer("experts", experts.clone(), persistent=False)
+        self.kernel: str | None = None  # batch-1 path: None defers to PPN_PRUNEPATH_KERNEL, then "auto"
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -192,7 +199,7 @@ class MoEMLP(nn.Module):
         self.active += float(mask.sum()) * self.k
         self.tokens += flat.shape[0]
         if flat.shape[0] == 1 and self.tau < 1.0:
-            y = gather_mlp(self, flat, mask[0])
+            y = decode_mlp(self, flat, mask[0])
         else:
             h = self.hidden(flat) * mask.unsqueeze(-1).to(flat.dtype)
             y = h.reshape(flat.shape[0], -1) @ self.w_out.reshape(self.E * self.k, -1)
@@ -242,6 +249,60 @@ def gather_mlp(m: MoEMLP, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return y
 
 
+KERNEL_ENV = "PPN_PRUNEPATH_KERNEL"
+KERNELS = ("auto", "gather", "triton")
+_TRITON: list = []  # [module or None, why it is None]: the lazy import, tried once
+
+
+def triton_kernel():
+    """``(module, reason)``: :mod:`prunepath_triton`, or ``None`` and why it cannot be imported."""
+    if not _TRITON:
+        try:
+            from ppn_bayes.baselines import prunepath_triton
+            _TRITON.extend([prunepath_triton, ""])
+        except Exception as exc:  # noqa: BLE001 -- ImportError without triton; anything a broken install raises
+            _TRITON.extend([None, f"{type(exc).__name__}: {exc}"])
+    return _TRITON[0], _TRITON[1]
+
+
+def resolve_kernel(m: MoEMLP, x: torch.Tensor, kernel: str | None = None) -> str:
+    """The batch-1 path for ``x``: ``"gather"`` or ``"triton"``.
+
+    ``kernel`` (else ``m.kernel``, else ``$PPN_PRUNEPATH_KERNEL``, else ``"auto"``): ``auto`` takes the
+    Triton kernel on CUDA tensors when ``triton`` imports and knows the activation and no gradient is
+    needed (the kernel has no backward), else the gather path;
+    ``gather`` / ``triton`` force one (``triton`` raises :class:`ConfigError` when it cannot run).
+    """
+    choice = (kernel or m.kernel or os.environ.get(KERNEL_ENV) or "auto").lower()
+    if choice not in KERNELS:
+        raise ConfigError(f"PrunePath kernel {choice!r}: choose one of {', '.join(KERNELS)} "
+                          f"(argument, MoEMLP.kernel or ${KERNEL_ENV})")
+    if choice == "gather":
+        return choice
+    if choice == "auto" and (not x.is_cuda or (torch.is_grad_enabled() and x.requires_grad)):
+        return "gather"  # without importing triton; the kernel has no backward, the gather path does
+    mod, why = triton_kernel()
+    known = mod is not None and mod.activation_code(m.act) is not None
+    if choice == "auto":
+        return "triton" if known else "gather"
+    if mod is None:
+        raise ConfigError(f"PrunePath kernel 'triton' asked for, but triton does not import ({why}); "
+                          "pip install 'ppn-bayes[triton]' or use kernel 'gather'")
+    if not known:
+        raise ConfigError(f"PrunePath's Triton kernel has no activation {type(m.act).__name__}; use 'gather'")
+    if not x.is_cuda and not mod.INTERPRETED:
+        raise ConfigError("PrunePath kernel 'triton' on CPU tensors runs only in Triton's interpreter: set "
+                          "TRITON_INTERPRET=1 before triton is first imported, or use kernel 'gather'")
+    return choice
+
+
+def decode_mlp(m: MoEMLP, x: torch.Tensor, keep: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+    """One token's MLP over the kept experts, on the path :func:`resolve_kernel` picks."""
+    if resolve_kernel(m, x, kernel) == "triton":
+        return triton_kernel()[0].triton_mlp(m, x, keep)
+    return gather_mlp(m, x, keep)
+
+
 # ----------------------------------------------------------------------------- building
 
 
@@ -263,6 +324,13 @@ class PrunePathModel:
             raise ConfigError(f"PrunePath tau {tau} must be in (0, 1]: the routing mass kept per token")
         for m in self.moe:
             m.tau = float(tau)
+
+    def set_kernel(self, kernel: str | None) -> None:
+        """Force every layer's batch-1 path (``auto`` | ``gather`` | ``triton``; ``None``: the default)."""
+        if kernel is not None and kernel.lower() not in KERNELS:
+            raise ConfigError(f"PrunePath kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+        for m in self.moe:
+            m.kernel = kernel
 
     def reset_stats(self) -> None:
         for m in self.moe:
