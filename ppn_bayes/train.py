@@ -20,12 +20,15 @@ with AdamW. Choices, and why:
 * **Parameter groups**: ``guide`` (lr_guide), ``push`` (splines, amplitudes, score levels; lr_push),
   ``weights`` (LoRA adapters or the decoder's matrices; lr_weights and weight decay) and
   ``weights_nodecay`` (the decoder's norms and biases). Only ``weights`` decays.
+
+The other steps of a run live next door: :mod:`ppn_bayes.distributed` (torchrun process group,
+DDP/FSDP wrapping, collectives), :mod:`ppn_bayes.checkpoint` (save/restore of the session, the
+run's exports) and :mod:`ppn_bayes.heldout` (the held-out evaluation logged during training).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import time
@@ -43,8 +46,11 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import nn
 
 from ppn_bayes import run as rundir
-from ppn_bayes.config import Recipe, apply_overrides, dump_recipe, load_recipe, recipe_from_dict
+from ppn_bayes.checkpoint import restore, save
+from ppn_bayes.config import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from ppn_bayes.distributed import barrier, init_distributed, reduce_mean, wrap_objective
 from ppn_bayes.errors import ConfigError, NumericalError, RunError
+from ppn_bayes.heldout import evaluate
 
 GROUPS = ("guide", "push", "weights", "weights_nodecay")
 
@@ -163,25 +169,6 @@ class Session:
         return self.rank == 0
 
 
-def init_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
-    """(rank, world size, device, whether we started the process group) from torchrun's environment."""
-    from ppn_bayes.device import resolve_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, resolve_device(device_name), False
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    started = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        started = True
-    return dist.get_rank(), dist.get_world_size(), device, started
-
-
 def _checkpointing_context(gated) -> Callable:
     """``context_fn`` for non-reentrant activation checkpointing: the recomputation in the backward pass
     runs after :meth:`GatedLM.gates` has been exited, so it must see the gates of the forward pass again."""
@@ -269,181 +256,12 @@ def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: 
     objective = Objective(ppn, guide, lora)
     wrapped: nn.Module = objective
     if world > 1:
-        wrapped = _wrap_distributed(objective, recipe, device, gated)
+        wrapped = wrap_objective(objective, recipe, device, gated)
     groups = _param_groups(recipe, ppn, guide, lora, named)
     optimizer = torch.optim.AdamW([{"params": ps, "name": n, **_group_hparams(recipe, n)} for n, ps in groups.items()],
                                   lr=t.lr_guide, betas=tuple(t.betas), eps=1e-8)
     return Session(recipe, Path(run_dir), device, rank, world, base_path, gated, ppn, guide, lora, objective,
                    wrapped, train_blocks, val_blocks, groups, named, optimizer, generator)
-
-
-def _wrap_distributed(objective: Objective, recipe: Recipe, device: torch.device, gated) -> nn.Module:
-    """DDP (default) or FSDP (``train.distributed: fsdp``: decoder layers sharded, for big models)."""
-    if recipe.train.distributed == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        layer_cls = {type(layer) for layer in gated.family.layers(gated.model)}
-        return FSDP(objective, auto_wrap_policy=ModuleWrapPolicy(layer_cls), use_orig_params=True,
-                    device_id=device if device.type == "cuda" else None, sync_module_states=True)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    # Unused parameters are normal: the push's splines get no gradient on dense (lambda = 0) steps.
-    return DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
-               find_unused_parameters=True, broadcast_buffers=False)
-
-
-# ------------------------------------------------------------------------------- state in and out
-
-
-def _full_params(s: Session):
-    """FSDP keeps shards; gather full parameters for saving (a no-op context otherwise)."""
-    if s.world > 1 and s.recipe.train.distributed == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        return FSDP.summon_full_params(s.wrapped, writeback=False)
-    return contextlib.nullcontext()
-
-
-def trained_weights(s: Session) -> dict[str, torch.Tensor]:
-    """What ``weights.safetensors``/``adapter.safetensors`` hold (base names; adapters' A and B)."""
-    if s.lora is not None:
-        return {k: v.detach().cpu().clone() for k, v in s.lora.state().items()}
-    return {k: p.detach().cpu().clone() for k, p in s.named_weights.items()}
-
-
-def state_tensors(s: Session) -> dict[str, torch.Tensor]:
-    out = {f"guide.{k}": v for k, v in s.guide.state_dict().items()}
-    out.update({f"model.{k}": v for k, v in s.ppn.state_dict().items() if not k.startswith("gated.")})
-    prefix = "lora." if s.lora is not None else "weights."
-    out.update({prefix + k: v for k, v in trained_weights(s).items()})
-    return {k: v.detach().cpu().clone().contiguous() for k, v in out.items()}
-
-
-def restore(s: Session, ckpt: dict[str, Any]) -> int:
-    """Load a checkpoint into the session; returns the step it was taken at."""
-    fsdp = s.world > 1 and s.recipe.train.distributed == "fsdp"
-    if fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.summon_full_params(s.wrapped, writeback=True):
-            _restore_tensors(s, ckpt["tensors"])
-        optim = FSDP.optim_state_dict_to_load(s.wrapped, s.optimizer, ckpt["optimizer"])
-    else:
-        _restore_tensors(s, ckpt["tensors"])
-        optim = ckpt["optimizer"]
-    s.optimizer.load_state_dict(optim)
-    for group in s.optimizer.param_groups:  # the recipe may have changed LRs (e.g. after a NaN)
-        group.update(_group_hparams(s.recipe, group["name"]))
-    rng = ckpt["rng"]
-    torch.set_rng_state(rng["torch_cpu"])
-    s.generator.set_state(rng["model_generator"])
-    s.seconds = float(ckpt["trainer"].get("seconds", 0.0))
-    return int(ckpt["trainer"]["step"])
-
-
-@torch.no_grad()
-def _restore_tensors(s: Session, tensors: dict[str, torch.Tensor]) -> None:
-
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    if part("guide."):
-        s.guide.load_state_dict(part("guide."))
-    s.ppn.load_state_dict({**s.ppn.state_dict(), **part("model.")})
-    if s.lora is not None:
-        s.lora.load_state(part("lora."))
-    for name, value in part("weights.").items():
-        s.named_weights[name].copy_(value)
-
-
-def _optimizer_state(s: Session) -> dict:
-    if s.world > 1 and s.recipe.train.distributed == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        return FSDP.optim_state_dict(s.wrapped, s.optimizer)
-    return s.optimizer.state_dict()
-
-
-def save(s: Session, step: int) -> None:
-    """Exports (posterior, weights/adapter) and the resumable checkpoint; rank 0 writes."""
-    from ppn_bayes.posterior import save_posterior
-
-    r = s.recipe
-    with _full_params(s):
-        tensors = state_tensors(s) if s.main else {}
-        weights = trained_weights(s) if s.main and r.train.weights != "frozen" else {}
-        if s.main:
-            save_posterior(s.run_dir, s.ppn.prior, s.ppn.push, s.guide, r.prior, r.push, r.guide, r.train.tempering)
-    opt = _optimizer_state(s)
-    if s.main:
-        meta = s.lora.metadata() if s.lora is not None else None
-        rundir.save_weights(s.run_dir, r.train.weights, weights, meta)
-        rng = {"torch_cpu": torch.get_rng_state(), "model_generator": s.generator.get_state()}
-        trainer = {"step": step, "seconds": s.seconds, "world_size": s.world,
-                   "recipe_sha256": hashlib.sha256(dump_recipe(r).encode()).hexdigest()}
-        rundir.save_checkpoint(s.run_dir, tensors, rng, opt, trainer)
-        rundir.update_manifest(s.run_dir, steps_done=step, checkpoint_step=step)
-    _barrier(s)
-
-
-def _barrier(s: Session) -> None:
-    if s.world > 1:
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def median_scores(ppn, guide) -> dict[str, torch.Tensor]:
-    """Unit scores at the guide's median (deterministic: what the held-out evaluation prunes by)."""
-    med = guide.median()
-    tr = poutine.trace(poutine.condition(ppn.prior, data=med)).get_trace()
-    return {k: tr.nodes[f"score_{k}"]["value"] for k in ppn.inventory.kinds}
-
-
-@torch.no_grad()
-def heldout(gated, ppn, guide, blocks: torch.Tensor, lambdas: list[float], batch_size: int = 8,
-            autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Held-out NLL per token of the dense network and of the hard sub-network at each price.
-
-    At price ``lambda`` a unit is kept when its own inclusion probability at the median scores is
-    above 1/2 (nesting applied), with the amplitude corrections of that price; ``size`` is the kept
-    fraction of decoder FLOPs (exact, GQA-aware).
-    """
-    from ppn_bayes.evaluate import perplexity
-
-    out: dict[str, Any] = {"dense": perplexity(gated, blocks, batch_size, autocast_dtype=autocast_dtype)["nll"],
-                           "lambdas": []}
-    scores = median_scores(ppn, guide)
-    for lam in lambdas:
-        own = ppn.push.unnest(ppn.push.inclusion(scores, lam))
-        masks = {k: (v > 0.5).to(v.dtype) for k, v in own.items()}
-        keep = ppn.inventory.keepset_from_masks({k: v.cpu() for k, v in ppn.push.nest(masks).items()})
-        size = ppn.inventory.size_of(keep, "flops")
-        with gated.gates(**ppn.push.gates(masks, lam)):
-            nll = perplexity(gated, blocks, batch_size, autocast_dtype=autocast_dtype)["nll"]
-        out["lambdas"].append({"lambda": float(lam), "loss": nll, "size": size})
-    return out
-
-
-def evaluate(s: Session, step: int) -> dict | None:
-    record = None
-    if s.world > 1 and s.recipe.train.distributed == "fsdp":
-        # Sharded layers cannot run outside their FSDP wrapper; evaluate the finished run instead
-        # (Run.load_model), which holds the whole model.
-        return None
-    if s.main:
-        t = s.recipe.train
-        amp = torch.bfloat16 if t.bf16 else None
-        with _full_params(s):
-            res = heldout(s.gated, s.ppn, s.guide, s.val_blocks.to(s.device), t.eval_lambdas, t.eval_batch_size, amp)
-        s.gated.model.train()
-        record = {"type": "eval", "step": step, **res, "seconds": s.seconds}
-        rundir.append_metrics(s.run_dir, record)
-    _barrier(s)
-    return record
 
 
 # ------------------------------------------------------------------------------------- one step
@@ -452,15 +270,6 @@ def evaluate(s: Session, step: int) -> dict | None:
 def _fork_rng(device: torch.device):
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     return torch.random.fork_rng(devices=devices)
-
-
-def _reduce_mean(s: Session, values: dict[str, float]) -> dict[str, float]:
-    if s.world <= 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=s.device)
-    dist.all_reduce(t)
-    return dict(zip(keys, (t / s.world).tolist()))
 
 
 def _check_terms(s: Session, terms: dict[str, float], step: int) -> None:
@@ -512,7 +321,7 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
             # (which names the term and the step), not stop as a ValueError deep inside a distribution.
             with autocast_context(s.device, amp), pyro.validation_enabled(False):
                 terms = s.wrapped(ids, mine.to(s.device))
-            values = _reduce_mean(s, {k: float(terms[k].detach()) for k in ("tokens", "compute", "kl", "loss")}
+            values = reduce_mean(s, {k: float(terms[k].detach()) for k in ("tokens", "compute", "kl", "loss")}
                                   | {"token_loss": s.ppn.last.token_loss})
             _check_terms(s, values, step + 1)
             (terms["loss"] / t.grad_accum).backward()
@@ -622,14 +431,18 @@ def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, 
     s = build(r, run_dir, rank, world, device)
     if s.main:
         _init_dir(run_dir, r)
-    _barrier(s)
+    barrier(s)
     ckpt_dir = rundir.find_checkpoint(run_dir) if resume else None
-    start = restore(s, rundir.load_checkpoint(ckpt_dir)) if ckpt_dir is not None else 0
+    start = 0
+    if ckpt_dir is not None:
+        start = restore(s, rundir.load_checkpoint(ckpt_dir))
+        for group in s.optimizer.param_groups:  # the recipe may have changed LRs (e.g. after a NaN)
+            group.update(_group_hparams(s.recipe, group["name"]))
     if s.main:
         rundir.truncate_metrics(run_dir, start)
         _manifest_start(s)
         rundir.update_manifest(run_dir, steps_done=start)
-    _barrier(s)
+    barrier(s)
     t = r.train
     if start == 0:
         evaluate(s, 0)
@@ -661,7 +474,7 @@ def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, 
             bar.close()
     if s.main:
         rundir.update_manifest(run_dir, status="finished", steps_done=t.steps, error=None, final_eval=True)
-    _barrier(s)
+    barrier(s)
     return rundir.load_run(run_dir)
 
 

@@ -1,0 +1,105 @@
+"""A training session's state in and out: the resumable checkpoint and the run's exports.
+
+:func:`save` writes (rank 0, after gathering FSDP shards) the posterior files, the trained weights
+(``weights.safetensors`` or ``adapter.safetensors``) and the checkpoint (tensors, RNG states,
+optimizer state, trainer counters; written next to the current one and swapped in, see
+:func:`ppn_bayes.run.save_checkpoint`). :func:`restore` loads a checkpoint back into a session on
+every rank. The file formats are :mod:`ppn_bayes.run`'s; this module maps a session onto them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ppn_bayes import run as rundir
+from ppn_bayes.config import dump_recipe
+from ppn_bayes.distributed import barrier, full_params, is_sharded
+
+if TYPE_CHECKING:
+    from ppn_bayes.train import Session
+
+
+def trained_weights(s: Session) -> dict[str, torch.Tensor]:
+    """What ``weights.safetensors``/``adapter.safetensors`` hold (base names; adapters' A and B)."""
+    if s.lora is not None:
+        return {k: v.detach().cpu().clone() for k, v in s.lora.state().items()}
+    return {k: p.detach().cpu().clone() for k, p in s.named_weights.items()}
+
+
+def state_tensors(s: Session) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors: ``guide.*``, ``model.*`` (the push and prior, not the base model) and
+    ``lora.*`` or ``weights.*``."""
+    out = {f"guide.{k}": v for k, v in s.guide.state_dict().items()}
+    out.update({f"model.{k}": v for k, v in s.ppn.state_dict().items() if not k.startswith("gated.")})
+    prefix = "lora." if s.lora is not None else "weights."
+    out.update({prefix + k: v for k, v in trained_weights(s).items()})
+    return {k: v.detach().cpu().clone().contiguous() for k, v in out.items()}
+
+
+def restore(s: Session, ckpt: dict[str, Any]) -> int:
+    """Load a checkpoint into the session; returns the step it was taken at. The optimizer's
+    hyperparameters come back as saved (:func:`ppn_bayes.train.fit` then applies the recipe's)."""
+    if is_sharded(s):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(s.wrapped, writeback=True):
+            _restore_tensors(s, ckpt["tensors"])
+        optim = FSDP.optim_state_dict_to_load(s.wrapped, s.optimizer, ckpt["optimizer"])
+    else:
+        _restore_tensors(s, ckpt["tensors"])
+        optim = ckpt["optimizer"]
+    s.optimizer.load_state_dict(optim)
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch_cpu"])
+    s.generator.set_state(rng["model_generator"])
+    s.seconds = float(ckpt["trainer"].get("seconds", 0.0))
+    return int(ckpt["trainer"]["step"])
+
+
+@torch.no_grad()
+def _restore_tensors(s: Session, tensors: dict[str, torch.Tensor]) -> None:
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    if part("guide."):
+        s.guide.load_state_dict(part("guide."))
+    s.ppn.load_state_dict({**s.ppn.state_dict(), **part("model.")})
+    if s.lora is not None:
+        s.lora.load_state(part("lora."))
+    for name, value in part("weights.").items():
+        s.named_weights[name].copy_(value)
+
+
+def optimizer_state(s: Session) -> dict:
+    """The optimizer's state dict (under FSDP the full, unsharded one; every rank must call this)."""
+    if is_sharded(s):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.optim_state_dict(s.wrapped, s.optimizer)
+    return s.optimizer.state_dict()
+
+
+def save(s: Session, step: int) -> None:
+    """Exports (posterior, weights/adapter) and the resumable checkpoint; rank 0 writes."""
+    from ppn_bayes.posterior import save_posterior
+
+    r = s.recipe
+    with full_params(s):
+        tensors = state_tensors(s) if s.main else {}
+        weights = trained_weights(s) if s.main and r.train.weights != "frozen" else {}
+        if s.main:
+            save_posterior(s.run_dir, s.ppn.prior, s.ppn.push, s.guide, r.prior, r.push, r.guide, r.train.tempering)
+    opt = optimizer_state(s)
+    if s.main:
+        meta = s.lora.metadata() if s.lora is not None else None
+        rundir.save_weights(s.run_dir, r.train.weights, weights, meta)
+        rng = {"torch_cpu": torch.get_rng_state(), "model_generator": s.generator.get_state()}
+        trainer = {"step": step, "seconds": s.seconds, "world_size": s.world,
+                   "recipe_sha256": hashlib.sha256(dump_recipe(r).encode()).hexdigest()}
+        rundir.save_checkpoint(s.run_dir, tensors, rng, opt, trainer)
+        rundir.update_manifest(s.run_dir, steps_done=step, checkpoint_step=step)
+    barrier(s)
