@@ -50,7 +50,7 @@ def register(subparsers: Any) -> None:
                         "'gisp') or margin (the choice-task margin loss; rows 'gisp-margin') (default: perplexity)")
     p.add_argument("--gisp-choices", type=int, default=None, metavar="N",
                    help="margin objective: N cloze items cut from the bundled *train* novels by the shipped "
-                        "ppn_persuasion_cloze task's rules, disjoint from its evaluated test items (default 32); "
+                        "ppn_persuasion_cloze task's rules, disjoint from its evaluated test items (default 16); "
                         "with --gisp-choices-file, its first N examples (default: all)")
     p.add_argument("--gisp-choices-file", default=None, metavar="FILE",
                    help='margin objective: your own JSONL of choice examples, one {"context": "...", '
