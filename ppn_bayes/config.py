@@ -54,7 +54,12 @@ class PushConfig:
     p_dense: float = 1.0 / 3.0  # probability of a dense (lambda = 0) step
     temperature: float = 0.5  # T in sigmoid((a - tau) / T)
     control_points: int = 10  # of each monotone cubic B-spline
-    threshold_max: float = 3.0  # initial threshold at lambda -> infinity
+    threshold_max: float = 3.0  # linear init: the initial threshold at lambda -> infinity
+    # Initial thresholds. ``linear``: control points evenly spaced from -1/T to threshold_max.
+    # ``size_curve``: solved so that the initial expected kept fraction, nesting included, is
+    # 1 / (1 + lambda / init_half_price) -- independent of how many unit kinds are nested.
+    init: Literal["linear", "size_curve"] = "linear"
+    init_half_price: float | None = None  # size_curve: price at which half is kept; None = 1 / rate
     amplitude: bool = True  # amplitude corrections exp(s * u(lambda))
     mask: Literal["sample", "expected"] = "sample"  # straight-through Bernoulli, or rho itself
 
@@ -130,7 +135,8 @@ class Recipe:
 PAPER_PRESET: dict[str, dict[str, Any]] = {
     "units": {"kinds": ["heads", "groups"], "group_size": 1},
     "prior": {"kind": "none"},
-    "push": {"rate": 0.3, "p_dense": 1.0 / 3.0, "temperature": 0.5, "control_points": 10, "amplitude": True},
+    "push": {"rate": 0.3, "p_dense": 1.0 / 3.0, "temperature": 0.5, "control_points": 10, "amplitude": True,
+             "init": "linear"},
     "train": {"betas": [0.9, 0.95], "weight_decay": 0.1, "schedule": "cosine"},
 }
 
@@ -232,6 +238,8 @@ def validate(recipe: Recipe) -> Recipe:
                      ("push.threshold_max", pu.threshold_max), ("train.tempering", t.tempering),
                      ("guide.init_scale", g.init_scale)):
         need(val > 0, key, f"must be > 0, got {val}")
+    need(pu.init_half_price is None or pu.init_half_price > 0, "push.init_half_price",
+         f"must be > 0 or null, got {pu.init_half_price}")
     need(0.0 <= pu.p_dense < 1.0, "push.p_dense", f"must be in [0, 1), got {pu.p_dense}")
     need(pu.control_points >= 4, "push.control_points", "a cubic B-spline needs >= 4 control points")
     need(g.rank >= 1, "guide.rank", "must be >= 1")

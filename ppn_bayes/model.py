@@ -81,6 +81,8 @@ class PPNModel(PyroModule):
         self.norms = {k: v.detach().cpu() for k, v in norms.items()}
         self.prior = ScorePrior(self.inventory, self.norms, prior)
         self.push = Push(self.inventory, push)
+        if push.init == "size_curve":
+            self.push.calibrate_thresholds(self.prior.initial_scores())
         self.num_sequences = int(num_sequences)
         self.num_tokens = float(num_sequences * (tokens_per_sequence - 1))
         self.tempering = float(tempering)

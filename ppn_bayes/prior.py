@@ -122,6 +122,12 @@ class ScorePrior(PyroModule):
             scores[kind] = pyro.deterministic(f"score_{kind}", levels[kind] + getattr(self, f"z_{kind}") + offsets[kind])
         return scores
 
+    @torch.no_grad()
+    def initial_scores(self) -> dict[str, torch.Tensor]:
+        """Scores with every latent offset at its prior centre 0: ``c_kind + z_u`` (for calibration)."""
+        levels = dict(zip(self.kinds, self.level.detach().unbind(-1)))
+        return {k: levels[k] + getattr(self, f"z_{k}") for k in self.kinds}
+
     def latent_names(self) -> list[str]:
         """Names of the latent sample sites, in a fixed order (empty for ``kind: none``)."""
         if self.config.kind == "none":

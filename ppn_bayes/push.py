@@ -83,6 +83,13 @@ class MonotoneSpline(nn.Module):
         self.theta = nn.Parameter(torch.full((n_series, n_ctrl - 1), _inv_softplus(step)))
         self.n_ctrl = n_ctrl
 
+    @torch.no_grad()
+    def set_control_points(self, values: torch.Tensor) -> None:
+        """Set every series' control points to ``values`` ``[n_ctrl]`` (non-decreasing; first = start)."""
+        inc = (values[1:] - values[:-1]).to(torch.float64).clamp_min(1e-3)
+        theta = inc + torch.log(-torch.expm1(-inc))  # inverse softplus
+        self.theta.copy_(theta.to(self.theta.dtype).expand_as(self.theta))
+
     def control_points(self) -> torch.Tensor:
         inc = F.softplus(self.theta)
         start = torch.full_like(inc[:, :1], self.start)
@@ -142,6 +149,51 @@ class Push(nn.Module):
             self.s_mlp = nn.Parameter(torch.zeros(L, d))
 
     # ----------------------------------------------------------- thresholds
+    def initial_size_target(self, lam: torch.Tensor) -> torch.Tensor:
+        """The ``size_curve`` init's kept fraction at price ``lam``: ``1 / (1 + lam / lam_half)``."""
+        half = self.config.init_half_price or 1.0 / self.config.rate
+        return 1.0 / (1.0 + lam / half)
+
+    @torch.no_grad()
+    def calibrate_thresholds(self, scores: dict[str, torch.Tensor], grid: int = 48, x_max: float = 0.97,
+                             max_threshold: float = 50.0) -> None:
+        """Start the thresholds on a size curve: ``E[size](lambda) ~= initial_size_target(lambda)``.
+
+        Why: with evenly spaced control points, the nested keep probability of a head is the product
+        of its own and its layer's sigmoid, so with several kinds gated most early non-dense steps
+        sample a wrecked network, and a pretrained model's likelihood then pushes the thresholds the
+        wrong way (benchmarks/RESULTS.md, "Push evidence").
+
+        How: on a grid of ``x = lambda / (lambda + 1)`` in ``(0, x_max]`` one threshold shared by every
+        layer and kind is solved by bisection so that the expected kept fraction at the initial
+        ``scores`` (offsets 0) hits the target (expected size falls monotonically in the threshold);
+        the spline's control points are then the least-squares fit to those thresholds with the first
+        one held at ``-1/T``, made non-decreasing so the spline stays monotone.
+        """
+        T = self.config.temperature
+        x = torch.linspace(0.0, x_max, grid + 1, dtype=torch.float64)[1:]
+        target = self.initial_size_target(x / (1.0 - x))
+        tau = torch.empty_like(x)
+        for i, goal in enumerate(target.tolist()):
+            lo, hi = -1.0 / T, max_threshold
+            for _ in range(50):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if self._size_at(scores, mid) > goal else (lo, mid)
+            tau[i] = hi
+        basis = bspline_basis(x, self.config.control_points)
+        c0 = -1.0 / T
+        rest = torch.linalg.lstsq(basis[:, 1:], (tau - basis[:, 0] * c0).unsqueeze(-1)).solution.squeeze(-1)
+        values = torch.cat([torch.tensor([c0], dtype=torch.float64), rest])
+        values = torch.cummax(values, dim=0).values  # monotone; set_control_points keeps steps >= 1e-3
+        self.thresholds_spline.set_control_points(values)
+
+    def _size_at(self, scores: dict[str, torch.Tensor], tau: float) -> float:
+        """Expected kept fraction when every layer and kind has threshold ``tau``."""
+        T = self.config.temperature
+        own = {k: torch.sigmoid((scores[k].detach().float().cpu() - tau) / T) for k in self.kinds}
+        rho = {k: v.to(self.cost_layers.device) for k, v in self.nest(own).items()}
+        return float(self.expected_size(rho))
+
     def thresholds(self, lam: float | torch.Tensor) -> dict[str, torch.Tensor]:
         """``tau_{l,k}(lambda)`` for every gated kind: ``{kind: [L]}``."""
         x = squash(lam).to(self.thresholds_spline.theta.device)

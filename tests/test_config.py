@@ -23,6 +23,8 @@ INFERENCE = Path(__file__).resolve().parents[1] / "inference"
     ({"units": {"kinds": ["layers", "experts"]}}, r"units\.kinds"),
     ({"train": {"steps": 0}}, r"train\.steps: must be >= 1"),
     ({"push": {"p_dense": 1.0}}, r"push\.p_dense"),
+    ({"push": {"init_half_price": 0}}, r"push\.init_half_price"),
+    ({"push": {"init": "quadratic"}}, r"push\.init"),
     ({"train": {"betas": [0.9]}}, r"train\.betas"),
     ({"train": {"eval_lambdas": [0.5, -1]}}, r"train\.eval_lambdas"),
     ({"train": {"distributed": "horovod"}}, r"train\.distributed"),

@@ -74,6 +74,43 @@ def test_thresholds_at_zero_are_minus_one_over_t():
     assert all(torch.all(tau_big[k] > -2.0) for k in tau_big)
 
 
+def _scores(inv: UnitInventory, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"layers": (inv.num_layers,), "heads": (inv.num_layers, inv.num_heads),
+              "groups": (inv.num_layers, inv.num_groups)}
+    return {k: torch.randn(shapes[k], generator=gen) for k in inv.kinds}
+
+
+@pytest.mark.parametrize("kinds", [("layers",), ("heads", "groups"), ("layers", "heads", "groups")])
+def test_size_curve_init_hits_the_target_size_at_every_price(kinds):
+    """After calibration the expected kept fraction (nesting included) follows 1 / (1 + rate * lambda).
+
+    Tolerance 0.04 for lambda in (0, 10]: the thresholds are a least-squares spline fit to the exact
+    per-price solution, and a 4-layer inventory's size is a steep function of the threshold.
+    """
+    inv = _inv(L=4, H=4, kv=4, G=4, kinds=kinds)
+    cfg = PushConfig(rate=0.3, temperature=0.5)
+    push = Push(inv, cfg)
+    scores = _scores(inv, seed=len(kinds))
+    push.calibrate_thresholds(scores)
+    for lam in (0.1, 0.5, 1.0, 3.0, 10.0):
+        size = float(push.expected_size(push.inclusion(scores, lam)))
+        assert size == pytest.approx(1.0 / (1.0 + 0.3 * lam), abs=0.04), (lam, size)
+    ctrl = push.thresholds_spline.control_points()
+    assert torch.all(ctrl[:, 0] == -2.0) and torch.all(ctrl.diff(dim=-1) > 0)
+
+
+def test_size_curve_init_half_price_moves_the_curve():
+    inv = _inv(L=4, kinds=("layers",))
+    scores = _scores(inv, seed=0)
+    sizes = []
+    for half in (1.0, 10.0):
+        push = Push(inv, PushConfig(init_half_price=half))
+        push.calibrate_thresholds(scores)
+        sizes.append(float(push.expected_size(push.inclusion(scores, half))))
+    assert sizes == pytest.approx([0.5, 0.5], abs=0.04)
+
+
 # ------------------------------------------------------------------ lambda
 def test_draw_lambda_dense_fraction_and_exponential_tail():
     cfg = PushConfig(rate=0.3, p_dense=1 / 3)
