@@ -16,22 +16,23 @@ import torch
 
 from ppn_bayes import run as rundir
 from ppn_bayes.config import dump_recipe
-from ppn_bayes.distributed import barrier, full_params, is_sharded
+from ppn_bayes.distributed import barrier, full_tensor, is_sharded, shard_like
 
 if TYPE_CHECKING:
     from ppn_bayes.train import Session
 
 
 def trained_weights(s: Session) -> dict[str, torch.Tensor]:
-    """What ``weights.safetensors``/``adapter.safetensors`` hold (base names; adapters' A and B)."""
+    """What ``weights.safetensors``/``adapter.safetensors`` hold (base names; adapters' A and B). Under
+    FSDP every rank must call this (full-mode weights are gathered from their shards)."""
     if s.lora is not None:
         return {k: v.detach().cpu().clone() for k, v in s.lora.state().items()}
-    return {k: p.detach().cpu().clone() for k, p in s.named_weights.items()}
+    return {k: full_tensor(p.detach()).cpu().clone() for k, p in s.named_weights.items()}
 
 
 def state_tensors(s: Session) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors: ``guide.*``, ``model.*`` (the push and prior, not the base model) and
-    ``lora.*`` or ``weights.*``."""
+    ``lora.*`` or ``weights.*``; whole tensors whatever the wrapping (every rank calls this under FSDP)."""
     out = {f"guide.{k}": v for k, v in s.guide.state_dict().items()}
     out.update({f"model.{k}": v for k, v in s.ppn.state_dict().items() if not k.startswith("gated.")})
     prefix = "lora." if s.lora is not None else "weights."
@@ -41,17 +42,18 @@ def state_tensors(s: Session) -> dict[str, torch.Tensor]:
 
 def restore(s: Session, ckpt: dict[str, Any]) -> int:
     """Load a checkpoint into the session; returns the step it was taken at. The optimizer's
-    hyperparameters come back as saved (:func:`ppn_bayes.train.fit` then applies the recipe's)."""
-    if is_sharded(s):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.summon_full_params(s.wrapped, writeback=True):
-            _restore_tensors(s, ckpt["tensors"])
-        optim = FSDP.optim_state_dict_to_load(s.wrapped, s.optimizer, ckpt["optimizer"])
-    else:
-        _restore_tensors(s, ckpt["tensors"])
-        optim = ckpt["optimizer"]
-    s.optimizer.load_state_dict(optim)
+    hyperparameters come back as saved (:func:`ppn_bayes.train.fit` then applies the recipe's).
+    Checkpoints hold whole tensors, so one written by any number of processes, DDP or FSDP, loads
+    into any other."""
+    _restore_tensors(s, ckpt["tensors"])
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    if is_sharded(s):  # optimizer state of FSDP-sharded parameters: whole tensors -> this rank's shards
+        for group in s.optimizer.param_groups:
+            for p in group["params"]:
+                state = s.optimizer.state.get(p, {})
+                for k, v in state.items():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        state[k] = shard_like(p, v)
     rng = ckpt["rng"]
     torch.set_rng_state(rng["torch_cpu"])
     s.generator.set_state(rng["model_generator"])
@@ -71,30 +73,30 @@ def _restore_tensors(s: Session, tensors: dict[str, torch.Tensor]) -> None:
     if s.lora is not None:
         s.lora.load_state(part("lora."))
     for name, value in part("weights.").items():
-        s.named_weights[name].copy_(value)
+        s.named_weights[name].copy_(shard_like(s.named_weights[name], value))
 
 
 def optimizer_state(s: Session) -> dict:
-    """The optimizer's state dict (under FSDP the full, unsharded one; every rank must call this)."""
+    """The optimizer's state dict, with whole tensors (under FSDP every rank must call this: the state
+    of sharded parameters is gathered)."""
+    state = s.optimizer.state_dict()
     if is_sharded(s):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        return FSDP.optim_state_dict(s.wrapped, s.optimizer)
-    return s.optimizer.state_dict()
+        state["state"] = {i: {k: full_tensor(v) for k, v in st.items()} for i, st in state["state"].items()}
+    return state
 
 
 def save(s: Session, step: int) -> None:
-    """Exports (posterior, weights/adapter) and the resumable checkpoint; rank 0 writes."""
+    """Exports (posterior, weights/adapter) and the resumable checkpoint; rank 0 writes (under FSDP
+    after every rank has helped gather the shards)."""
     from ppn_bayes.posterior import save_posterior
 
     r = s.recipe
-    with full_params(s):
-        tensors = state_tensors(s) if s.main else {}
-        weights = trained_weights(s) if s.main and r.train.weights != "frozen" else {}
-        if s.main:
-            save_posterior(s.run_dir, s.ppn.prior, s.ppn.push, s.guide, r.prior, r.push, r.guide, r.train.tempering)
+    gather = is_sharded(s)
+    tensors = state_tensors(s) if s.main or gather else {}
+    weights = trained_weights(s) if (s.main or gather) and r.train.weights != "frozen" else {}
     opt = optimizer_state(s)
     if s.main:
+        save_posterior(s.run_dir, s.ppn.prior, s.ppn.push, s.guide, r.prior, r.push, r.guide, r.train.tempering)
         meta = s.lora.metadata() if s.lora is not None else None
         rundir.save_weights(s.run_dir, r.train.weights, weights, meta)
         rng = {"torch_cpu": torch.get_rng_state(), "model_generator": s.generator.get_state()}

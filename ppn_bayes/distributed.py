@@ -1,5 +1,6 @@
 """Data-parallel training under ``torchrun``: the process group, the DDP/FSDP wrapper, and the
-collectives the training loop needs (barrier, mean of logged values over ranks, full parameters).
+collectives the training loop needs (barrier, mean of logged values over ranks, gradient averaging
+and norms under FSDP, whole tensors from FSDP shards).
 
 Every rank builds the same model, guide and optimizer (:func:`ppn_bayes.train.build`); the wrapper
 averages the gradients of each rank's shard of the global batch. Single-process runs go through the
@@ -8,7 +9,6 @@ same functions, which are then no-ops.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import TYPE_CHECKING
 
@@ -42,14 +42,9 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
 
 
 def wrap_objective(objective: Objective, recipe: Recipe, device: torch.device, gated) -> nn.Module:
-    """DDP (default) or FSDP (``train.distributed: fsdp``: decoder layers sharded, for big models)."""
+    """DDP (default) or FSDP (``train.distributed: fsdp``: the base model sharded, for big models)."""
     if recipe.train.distributed == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        layer_cls = {type(layer) for layer in gated.family.layers(gated.model)}
-        return FSDP(objective, auto_wrap_policy=ModuleWrapPolicy(layer_cls), use_orig_params=True,
-                    device_id=device if device.type == "cuda" else None, sync_module_states=True)
+        return shard_base_model(objective, device, gated)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # Unused parameters are normal: the push's splines get no gradient on dense (lambda = 0) steps.
@@ -57,18 +52,99 @@ def wrap_objective(objective: Objective, recipe: Recipe, device: torch.device, g
                find_unused_parameters=True, broadcast_buffers=False)
 
 
+def shard_base_model(objective: Objective, device: torch.device, gated) -> nn.Module:
+    """FSDP2 (``fully_shard``): one unit per decoder layer plus one for the rest of the base model
+    (embeddings, final norm, LM head); returns ``objective`` itself, changed in place.
+
+    Only the base model is sharded, because only it is big. Its parameters become ``DTensor`` shards
+    (gathered by the units' own hooks around each forward, so the model runs anywhere: the loss, the
+    held-out evaluation) and the gradients of the trainable ones (``weights: full``) are reduce-scattered.
+    The guide, the push and LoRA adapters stay whole on every rank (replicated, as under DDP):
+    :func:`average_replicated_grads` averages their gradients before the optimizer step.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in gated.family.layers(gated.model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(gated.model, mesh=mesh)
+    # Gather once now: FSDP allocates each unit's whole-parameter buffers on first use and reuses them, and
+    # buffers first made under torch.inference_mode (the held-out evaluation) could not be written later.
+    for module in [*gated.family.layers(gated.model), gated.model]:
+        module.unshard()
+        module.reshard()
+    with torch.no_grad():  # every rank built them from the same seed; make sure, as DDP does
+        for p in replicated_params(objective.parameters()):
+            dist.broadcast(p.data, src=0)
+    return objective
+
+
+def is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def replicated_params(params) -> list[nn.Parameter]:
+    """The parameters that are whole tensors (not FSDP shards)."""
+    return [p for p in params if not is_dtensor(p)]
+
+
 def is_sharded(s: Session) -> bool:
-    """Whether this session's parameters are FSDP shards (``train.distributed: fsdp`` under torchrun)."""
+    """Whether this session's base model is FSDP-sharded (``train.distributed: fsdp`` under torchrun)."""
     return s.world > 1 and s.recipe.train.distributed == "fsdp"
 
 
-def full_params(s: Session):
-    """FSDP keeps shards; gather full parameters for saving (a no-op context otherwise)."""
-    if is_sharded(s):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (a collective: every rank must call it, in the same order);
+    any other tensor as it is."""
+    return t.full_tensor() if is_dtensor(t) else t
 
-        return FSDP.summon_full_params(s.wrapped, writeback=False)
-    return contextlib.nullcontext()
+
+def shard_like(dst: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor every rank holds) as a shard laid out like ``dst`` when ``dst`` is an
+    FSDP shard (no communication); otherwise ``value`` itself."""
+    if not is_dtensor(dst):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(device=dst.device, dtype=dst.dtype), dst.device_mesh, dst.placements,
+                             src_data_rank=None)
+
+
+def average_replicated_grads(s: Session) -> None:
+    """Under FSDP: the mean over ranks of the replicated parameters' gradients (what DDP does for
+    them), as one flat all-reduce; missing gradients count as zero, as in the step's guard."""
+    params = replicated_params(p for ps in s.groups.values() for p in ps)
+    if not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= s.world
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+def grad_norm(params: list[nn.Parameter]) -> float:
+    """The 2-norm of the parameters' gradients, FSDP shards included (the shards' sums of squares are
+    added over ranks: a collective when any gradient is a shard)."""
+    whole = torch.zeros((), dtype=torch.float32, device=params[0].grad.device)
+    shards = whole.clone()
+    for p in params:
+        if is_dtensor(p.grad):
+            shards += p.grad.to_local().detach().float().pow(2).sum()
+        else:
+            whole += p.grad.detach().float().pow(2).sum()
+    if any(is_dtensor(p.grad) for p in params):
+        dist.all_reduce(shards)
+    return float((whole + shards).sqrt())
 
 
 def barrier(s: Session) -> None:

@@ -2,7 +2,7 @@
 sub-network at each of ``train.eval_lambdas``, logged to ``metrics.jsonl`` as ``eval`` records.
 
 :func:`heldout` works on the live objects (also usable outside a run); :func:`evaluate` is the
-training loop's call (rank 0 evaluates, every rank waits).
+training loop's call (rank 0 evaluates and logs; under FSDP every rank evaluates).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from pyro import poutine
 
 from ppn_bayes import run as rundir
-from ppn_bayes.distributed import barrier, full_params, is_sharded
+from ppn_bayes.distributed import barrier, is_sharded
 
 if TYPE_CHECKING:
     from ppn_bayes.train import Session
@@ -53,19 +53,17 @@ def heldout(gated, ppn, guide, blocks: torch.Tensor, lambdas: list[float], batch
 
 
 def evaluate(s: Session, step: int) -> dict | None:
-    """The ``eval`` record of step ``step`` (rank 0 computes and logs it; ``None`` on other ranks)."""
+    """The ``eval`` record of step ``step`` (rank 0 computes and logs it; ``None`` on other ranks).
+    Under FSDP every rank runs the evaluation (the sharded layers gather their weights collectively)
+    and rank 0 logs it."""
     record = None
-    if is_sharded(s):
-        # Sharded layers cannot run outside their FSDP wrapper; evaluate the finished run instead
-        # (Run.load_model), which holds the whole model.
-        return None
-    if s.main:
+    if s.main or is_sharded(s):
         t = s.recipe.train
         amp = torch.bfloat16 if t.bf16 else None
-        with full_params(s):
-            res = heldout(s.gated, s.ppn, s.guide, s.val_blocks.to(s.device), t.eval_lambdas, t.eval_batch_size, amp)
+        res = heldout(s.gated, s.ppn, s.guide, s.val_blocks.to(s.device), t.eval_lambdas, t.eval_batch_size, amp)
         s.gated.model.train()
-        record = {"type": "eval", "step": step, **res, "seconds": s.seconds}
-        rundir.append_metrics(s.run_dir, record)
+        if s.main:
+            record = {"type": "eval", "step": step, **res, "seconds": s.seconds}
+            rundir.append_metrics(s.run_dir, record)
     barrier(s)
     return record

@@ -48,7 +48,15 @@ from torch import nn
 from ppn_bayes import run as rundir
 from ppn_bayes.checkpoint import restore, save
 from ppn_bayes.config import Recipe, apply_overrides, load_recipe, recipe_from_dict
-from ppn_bayes.distributed import barrier, init_distributed, reduce_mean, wrap_objective
+from ppn_bayes.distributed import (
+    average_replicated_grads,
+    barrier,
+    grad_norm,
+    init_distributed,
+    is_sharded,
+    reduce_mean,
+    wrap_objective,
+)
 from ppn_bayes.errors import ConfigError, NumericalError, RunError
 from ppn_bayes.heldout import evaluate
 
@@ -123,8 +131,8 @@ def elbo_terms(model: Callable, guide: Callable, *args, **kwargs) -> dict[str, t
 
 
 class Objective(nn.Module):
-    """Everything that is trained, in one module (what DDP/FSDP wrap); ``forward`` gives the ELBO terms
-    and ``loss = -ELBO / N_tokens``."""
+    """Everything that is trained, in one module (what DDP wraps; FSDP shards its base model);
+    ``forward`` gives the ELBO terms and ``loss = -ELBO / N_tokens``."""
 
     def __init__(self, model: nn.Module, guide: nn.Module, lora: nn.Module | None = None):
         super().__init__()
@@ -190,13 +198,16 @@ def _setup_weights(recipe: Recipe, gated, seed: int):
     mode = recipe.train.weights
     if mode == "lora":
         return LoRA(gated, rank=recipe.train.lora_rank, alpha=recipe.train.lora_alpha, seed=seed), {}
-    named: dict[str, nn.Parameter] = {}
     if mode == "full":
-        for i, layer in enumerate(gated.family.layers(model)):
-            for name, p in layer.named_parameters():
-                p.requires_grad_(True)
-                named[gated.family.layer_prefix(i) + name] = p
-    return None, named
+        for layer in gated.family.layers(model):
+            layer.requires_grad_(True)
+    return None, _decoder_weights(gated) if mode == "full" else {}
+
+
+def _decoder_weights(gated) -> dict[str, nn.Parameter]:
+    """``{export name: param}`` of every decoder-layer tensor (what ``weights: full`` trains)."""
+    return {gated.family.layer_prefix(i) + name: p
+            for i, layer in enumerate(gated.family.layers(gated.model)) for name, p in layer.named_parameters()}
 
 
 def _param_groups(recipe: Recipe, ppn, guide, lora, named_weights) -> dict[str, list[nn.Parameter]]:
@@ -257,6 +268,8 @@ def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: 
     wrapped: nn.Module = objective
     if world > 1:
         wrapped = wrap_objective(objective, recipe, device, gated)
+        if named:  # FSDP replaces the layers' parameters by shards
+            named = _decoder_weights(gated)
     groups = _param_groups(recipe, ppn, guide, lora, named)
     optimizer = torch.optim.AdamW([{"params": ps, "name": n, **_group_hparams(recipe, n)} for n, ps in groups.items()],
                                   lr=t.lr_guide, betas=tuple(t.betas), eps=1e-8)
@@ -288,7 +301,10 @@ def _grad_norms(s: Session, step: int) -> dict[str, float]:
         for p in params:
             if p.grad is None:  # unused this step (e.g. the splines on a dense step): a zero gradient
                 p.grad = torch.zeros_like(p)
-        norms[name] = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+        if is_sharded(s):
+            norms[name] = grad_norm(params)
+        else:
+            norms[name] = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
     bad = [f"{k}={v}" for k, v in norms.items() if not math.isfinite(v)]
     if bad:
         lr_key = {"guide": "lr_guide", "push": "lr_push"}.get(bad[0].split("=")[0], "lr_weights")
@@ -327,10 +343,16 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
             (terms["loss"] / t.grad_accum).backward()
         for k in sums:
             sums[k] += values[k] / t.grad_accum
+    if is_sharded(s):  # FSDP reduced the shards' gradients; the replicated parameters' are averaged here
+        average_replicated_grads(s)
     norms = _grad_norms(s, step + 1)
     params = [p for ps in s.groups.values() for p in ps]
     total_norm = float(torch.linalg.vector_norm(torch.tensor(list(norms.values()))))
-    if t.clip_grad > 0:
+    if t.clip_grad > 0 and is_sharded(s):  # clip_grad_norm_'s arithmetic, on the norm computed above
+        coef = min(1.0, t.clip_grad / (total_norm + 1e-6))
+        for p in params:
+            p.grad.mul_(coef)
+    elif t.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
     mult = lr_multiplier(step, t.steps, t.warmup_steps, t.schedule)
     for group in s.optimizer.param_groups:
