@@ -2,11 +2,10 @@
 
     python benchmarks/readme_results.py
 
-Reads ``benchmarks/demo_smollm2.json`` (``benchmarks/demo.py``), ``benchmarks/peers_smollm2.json``
-(``ppn compare`` of the peers) and ``benchmarks/ppn_smollm2.json`` (``ppn compare --methods ppn``
-on the demo run, same calibration and test blocks), and rewrites the text between
-``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md. Missing inputs are skipped
-with a note, never invented.
+Reads ``benchmarks/demo_smollm2.json`` (``benchmarks/demo.py``) and ``benchmarks/compare_smollm2.json``
+(``benchmarks/compare_smollm2.py``: every method on the same calibration and test blocks), and rewrites
+the text between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md. Missing inputs
+are skipped with a note, never invented.
 """
 
 from __future__ import annotations
@@ -42,37 +41,38 @@ def demo_section(demo: dict) -> list[str]:
     return lines
 
 
-def compare_section(peers: dict | None, ppn: dict | None) -> list[str]:
-    rows = (peers or {}).get("results", []) + [r for r in (ppn or {}).get("results", []) if r["method"].startswith("ppn")]
+def compare_section(merged: dict | None) -> list[str]:
+    rows = [r for r in (merged or {}).get("results", []) if "skipped" not in r]
     if not rows:
-        return ["(no `ppn compare` results recorded yet)"]
+        return ["(no `benchmarks/compare_smollm2.py` result recorded yet)"]
     sizes = sorted({r["size"] for r in rows}, reverse=True)
     methods = sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: not m.startswith("ppn"))
-    labels = {"ppn": "**ppn** (the demo run: 60 steps, frozen weights, layer gates)"}
-    dense = (peers or ppn or {}).get("dense", {}).get("perplexity")
+    dense = merged["dense"]["perplexity"]
     head = "| method | " + " | ".join(f"{s:g}" for s in sizes) + " |"
-    title = "**Held-out perplexity vs fraction of decoder parameters kept** (SmolLM2-135M, bundled test split"
-    title += f", 16 x 128 tokens; dense {dense:.2f})" if dense else ")"
+    title = ("**Held-out perplexity vs fraction of decoder parameters kept** (SmolLM2-135M, bundled test split, "
+             f"16 x 128 tokens; dense {dense:.2f}; blank = not run at that size)")
     lines = [title, "", head, "| --- | " + " | ".join("---:" for _ in sizes) + " |"]
     for m in methods:
         cells = []
         for s in sizes:
             hit = [r for r in rows if r["method"] == m and r["size"] == s]
             cells.append(f"{hit[0]['perplexity']:.4g}" if hit else "")
-        lines.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "Structured methods (ppn, gisp, shortgpt, prunepath, random) give real speed; wanda and sparsegpt "
-              "are unstructured (no speed on dense kernels). Conditions, costs and decode speedups: "
-              "`benchmarks/RESULTS.md`."]
+              "are unstructured (no speed on dense kernels). One PPN run gives every size; the peers need a run "
+              "(and a healing run) per size. Conditions, costs and decode speedups: `benchmarks/RESULTS.md`; "
+              "plot: `benchmarks/compare_smollm2.png`."]
     return lines
 
 
 def build() -> str:
-    demo, peers, ppn = _load("demo_smollm2.json"), _load("peers_smollm2.json"), _load("ppn_smollm2.json")
+    demo, merged = _load("demo_smollm2.json"), _load("compare_smollm2.json")
     lines = ["Measured on this project's development machine; `benchmarks/RESULTS.md` has every figure, its",
              "conditions and the command that regenerates it. Regenerate this block with",
-             "`python benchmarks/readme_results.py`.", ""]
+             "`python benchmarks/readme_results.py` (`python benchmarks/compare_smollm2.py` re-runs the comparison",
+             "and calls it).", ""]
     lines += demo_section(demo) if demo else ["(no `benchmarks/demo.py` result recorded yet)"]
-    lines += [""] + compare_section(peers, ppn)
+    lines += [""] + compare_section(merged)
     return "\n".join(lines)
 
 

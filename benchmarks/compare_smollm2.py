@@ -1,0 +1,176 @@
+"""The SmolLM2-135M comparison table and plot (README + RESULTS.md), in one command.
+
+    python benchmarks/compare_smollm2.py                 # run the stages whose JSON is missing, merge
+    python benchmarks/compare_smollm2.py --refresh ppn-lora,healed   # re-run some stages
+    python benchmarks/compare_smollm2.py --merge-only    # only rebuild the table, plot and README block
+
+Every stage is one ``ppn compare`` invocation on the *same* calibration and test blocks (8 x 128 train
+tokens drawn with seed 0; the first 16 x 128 tokens of the test split), and writes its JSON to
+``benchmarks/compare/<stage>.json`` so that the merge is cheap and every figure has its command:
+
+* ``peers``      GISP, ShortGPT, PrunePath, Wanda, SparseGPT, random, as published (no retraining).
+* ``ppn-frozen`` our Bayesian PPN, the demo recipe (frozen weights, layer gates, 60 steps).
+* ``paper-frozen`` PPN as published (``paper`` preset: heads + single neurons, no latent offsets,
+  linear thresholds) with the demo's data and training budget.
+* ``ppn-lora``   our PPN trained jointly with LoRA adapters (``inference/smollm2-full.yaml``).
+* ``healed``     ShortGPT and GISP fine-tuned after pruning with the *same token budget* as the joint
+  PPN run, per size (the peers need one healing run per size; PPN one run for all sizes).
+
+Runs are kept under ``runs/compare/`` (ignored by git); a killed joint run resumes. The merged
+``benchmarks/compare_smollm2.{json,md,png}`` label each row with its training regime, and
+``benchmarks/readme_results.py`` is called last to rewrite the README's results block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+STAGE_DIR = HERE / "compare"
+RUNS = ROOT / "runs" / "compare"
+SIZES = "0.9,0.75,0.6,0.5,0.4"
+HEAL_SIZES = "0.75,0.5"
+COMMON = ["--model", "smollm2-135m", "--calib-blocks", "8", "--test-blocks", "16", "--block-size", "128"]
+STAGES = ("peers", "ppn-frozen", "paper-frozen", "ppn-lora", "healed")
+LABELS = {  # (stage, method) -> row label in the merged table
+    ("ppn-frozen", "ppn"): "ppn, frozen (demo: layers, 60 steps)",
+    ("paper-frozen", "ppn-paper"): "ppn-paper, frozen (60 steps)",
+    ("ppn-lora", "ppn"): "ppn, joint LoRA (smollm2-full)",
+}
+
+
+def _ppn(*args: str) -> None:
+    cmd = [sys.executable, "-m", "ppn_bayes.cli", *args]
+    print("+ ppn " + " ".join(args), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def _compare(stage: str, *args: str) -> None:
+    out = RUNS / f"{stage}-out"
+    _ppn("compare", *COMMON, *args, "--out", str(out))
+    data = json.loads((out / "compare.json").read_text())
+    data["command"] = "ppn compare " + " ".join([*COMMON, *args])
+    _write_json(STAGE_DIR / f"{stage}.json", data)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _lora_run() -> Path:
+    """The joint run (fitted here if missing; resumed if a previous attempt was killed)."""
+    run = RUNS / "ppn-lora"
+    if not (run / "manifest.json").is_file() or not _finished(run):
+        args = ["fit", "inference/smollm2-full.yaml", "--out", str(run)]
+        _ppn(*args, *(["--resume"] if (run / "checkpoint").exists() else []))
+    return run
+
+
+def _finished(run: Path) -> bool:
+    manifest = json.loads((run / "manifest.json").read_text())
+    return manifest.get("status") == "finished"
+
+
+def trained_tokens(run: Path) -> int:
+    """Tokens the joint run trained on: steps x batch x accumulation x block size (the healing budget)."""
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    t, d = cfg["train"], cfg["data"]
+    return int(t["steps"]) * int(t["batch_size"]) * int(t.get("grad_accum", 1)) * int(d["block_size"])
+
+
+def run_stage(stage: str) -> None:
+    if stage == "peers":
+        _compare(stage, "--sizes", SIZES, "--seeds", "3", "--decode-tokens", "8")
+    elif stage == "ppn-frozen":
+        run = RUNS / "ppn-frozen"
+        if not (run / "manifest.json").is_file():
+            _ppn("fit", "inference/smollm2-demo.yaml", "--out", str(run))
+        _compare(stage, "--sizes", SIZES, "--methods", "ppn", "--run", str(run), "--decode-tokens", "8")
+    elif stage == "paper-frozen":  # `ppn compare` fits the paper preset with the demo recipe's budget
+        _compare(stage, "--sizes", SIZES, "--methods", "ppn-paper", "--decode-tokens", "8")
+    elif stage == "ppn-lora":
+        run = _lora_run()
+        _compare(stage, "--sizes", SIZES, "--methods", "ppn", "--run", str(run), "--decode-tokens", "8")
+    elif stage == "healed":
+        tokens = trained_tokens(_lora_run())
+        _compare(stage, "--sizes", HEAL_SIZES, "--methods", "shortgpt,gisp", "--heal-tokens", str(tokens),
+                 "--decode-tokens", "0")
+    else:
+        raise SystemExit(f"unknown stage {stage!r}; choose from {','.join(STAGES)}")
+
+
+def label(stage: str, row: dict) -> str:
+    if (stage, row["method"]) in LABELS:
+        return LABELS[(stage, row["method"])]
+    if row.get("healed_tokens"):
+        return f"{row['method']}, healed ({row['healed_tokens'] / 1000:.0f}k tokens per size)"
+    return row["method"]
+
+
+def merge() -> dict:
+    """All stages' rows, relabelled, with one dense row (every stage evaluates the same test blocks)."""
+    rows, costs, dense, commands = [], {}, None, {}
+    for stage in STAGES:
+        path = STAGE_DIR / f"{stage}.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        dense = dense or data["dense"]
+        if abs(data["dense"]["perplexity"] - dense["perplexity"]) > 1e-3 * dense["perplexity"]:
+            raise SystemExit(f"{path}: dense perplexity {data['dense']['perplexity']:.3f} differs from "
+                             f"{dense['perplexity']:.3f}: the stages did not use the same test blocks")
+        commands[stage] = data.get("command", "")
+        for r in data["results"]:
+            name = label(stage, r)
+            rows.append({**r, "method": name, "stage": stage})
+            cost = data.get("costs", {}).get(r["method"])
+            if cost is not None:
+                costs[name] = cost
+    if dense is None:
+        raise SystemExit("no stage JSON under benchmarks/compare/; run without --merge-only first")
+    return {"dense": dense, "results": rows, "costs": costs, "config": {"commands": commands}}
+
+
+def write_merged(result: dict) -> None:
+    sys.path.insert(0, str(ROOT))
+    from ppn_bayes.compare import markdown_table, plot
+
+    _write_json(HERE / "compare_smollm2.json", result)
+    md = HERE / "compare_smollm2.md"
+    md.write_text(markdown_table(result))
+    plot(result, HERE / "compare_smollm2.png")
+    print(f"wrote {HERE / 'compare_smollm2.json'}, {md}, {HERE / 'compare_smollm2.png'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--refresh", default="", help=f"comma-separated stages to re-run ({','.join(STAGES)}, or all)")
+    p.add_argument("--stages", default=",".join(STAGES), help="stages to include (default: all)")
+    p.add_argument("--merge-only", action="store_true", help="only merge the stage JSONs and regenerate the README")
+    args = p.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    refresh = set(STAGES) if args.refresh == "all" else {s for s in args.refresh.split(",") if s}
+    for s in stages + sorted(refresh):
+        if s not in STAGES:
+            raise SystemExit(f"unknown stage {s!r}; choose from {','.join(STAGES)}")
+    if not args.merge_only:
+        for stage in stages:
+            if stage in refresh or not (STAGE_DIR / f"{stage}.json").is_file():
+                run_stage(stage)
+    write_merged(merge())
+    subprocess.run([sys.executable, str(HERE / "readme_results.py")], check=True, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    main()
