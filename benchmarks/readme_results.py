@@ -25,8 +25,8 @@ def _load(name: str) -> dict | None:
 
 def demo_section(demo: dict) -> list[str]:
     fit_s = next((v for k, v in demo["seconds"].items() if k.startswith("fit")), 0.0)
-    lines = [f"**`ppn demo`** on the bundled default ({demo['device']}; wall time "
-             f"{sum(demo['seconds'].values()):.0f} s, of which the fit {fit_s:.0f} s):",
+    lines = [(f"**`ppn demo`** on the bundled default ({demo['device']}; wall time "
+              f"{sum(demo['seconds'].values()):.0f} s, of which the fit {fit_s:.0f} s):"),
              "", "| model | decoder params kept | test perplexity | decode tok/s | speedup | ideal (FLOPs) |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in demo["rows"]:
@@ -58,10 +58,10 @@ def compare_section(merged: dict | None) -> list[str]:
             hit = [r for r in rows if r["method"] == m and r["size"] == s]
             cells.append(f"{hit[0]['perplexity']:.4g}" if hit else "")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "Structured methods (ppn, gisp, shortgpt, prunepath, random) give real speed; wanda and sparsegpt "
-              "are unstructured (no speed on dense kernels). One PPN run gives every size; the peers need a run "
-              "(and a healing run) per size. Conditions, costs and decode speedups: `benchmarks/RESULTS.md`; "
-              "plot: `benchmarks/compare_smollm2.png`."]
+    lines += ["", ("Structured methods (ppn, gisp, shortgpt, prunepath, random) give real speed; wanda and sparsegpt "
+                   "are unstructured (no speed on dense kernels). One PPN run gives every size; the peers need a run "
+                   "(and a healing run) per size. Conditions, costs and decode speedups: `benchmarks/RESULTS.md`; "
+                   "plot: `benchmarks/compare_smollm2.png`.")]
     return lines
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
+from tiny_models import FAMILIES, VOCAB, tiny_model
 
 from ppn_bayes.backbone import ALL_KINDS, GatedLM, KeepSet, gate, supported_model_types
 from ppn_bayes.backbone.materialize import materialize
 from ppn_bayes.errors import ConfigError, ModelError
-from tiny_models import FAMILIES, VOCAB, tiny_model
 
 # Exact equality is expected where only multiplications by 1.0 happen; comparisons against a
 # structurally different (sliced / layer-deleted) model change the summation order inside matmuls,

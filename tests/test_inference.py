@@ -14,7 +14,7 @@ from scipy import stats
 
 from ppn_bayes.backbone.gated import gate
 from ppn_bayes.config import PriorConfig, PushConfig
-from ppn_bayes.diagnostics import layer_score_draws, fit_svi, nuts_check
+from ppn_bayes.diagnostics import fit_svi, layer_score_draws, nuts_check
 from ppn_bayes.model import PPNModel
 from tests.synthetic import NUTS_CHECK, RECOVERY, sample_sequences, synthetic_stack
 
