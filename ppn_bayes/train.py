@@ -140,7 +140,13 @@ class Objective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, subsample: torch.Tensor) -> dict[str, torch.Tensor]:
         terms = elbo_terms(self.model, self.guide, input_ids, subsample=subsample)
-        terms["loss"] = -terms["elbo"] / self.model.num_tokens
+        loss = -terms["elbo"] / self.model.num_tokens
+        if not loss.requires_grad:
+            # A dense step with nothing to learn from it (the paper preset has no latents, and frozen
+            # weights): a zero gradient, but through the graph, so backward and DDP's reducer see the
+            # same step as always (AdamW still moves by momentum, as for unused splines on dense steps).
+            loss = loss + 0.0 * sum(p.sum() for p in self.model.push.parameters())
+        terms["loss"] = loss
         return terms
 
 

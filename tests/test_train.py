@@ -52,6 +52,19 @@ def test_fit_writes_metrics_and_a_loadable_run(tiny_llama_dir, corpus, tmp_path)
     assert gated.inventory.num_groups == 4
 
 
+def test_paper_preset_with_frozen_weights_survives_dense_steps(tiny_llama_dir, corpus, tmp_path):
+    """No latents (paper preset) and frozen weights: a dense step's loss has no graph; the step must
+    still run (zero gradients), not fail in backward. p_dense 0.9 makes most of the 4 steps dense."""
+    data = tiny_recipe(tiny_llama_dir, corpus).to_dict()
+    data = {k: v for k, v in data.items() if k not in ("units", "prior", "push", "preset")}
+    data["train"] = {k: v for k, v in data["train"].items() if k not in ("betas", "weight_decay", "schedule")}
+    data.update(preset="paper", push={"p_dense": 0.9})
+    run = fit(recipe_from_dict(data), out=tmp_path / "run", progress=False)
+    train = run.train_metrics()
+    assert run.status == "finished" and any(r["lambda"] == 0.0 for r in train)
+    assert all(r["grad_norms"]["push"] == 0.0 for r in train if r["lambda"] == 0.0)
+
+
 def _max_change(before: dict[str, torch.Tensor], model) -> dict[str, float]:
     after = dict(model.named_parameters())
     return {k: float((after[k].detach() - v).abs().max()) for k, v in before.items() if k in after}
