@@ -284,7 +284,13 @@ def quantile_rows(x: torch.Tensor, q: float) -> torch.Tensor:
     lo = math.floor(pos)
     hi = min(lo + 1, s.shape[0] - 1)
     w = pos - lo
-    return s[lo] * (1 - w) + s[hi] * w
+    if w == 0.0:
+        return s[lo].clone()
+    # ``a + w (b - a)``, capped at ``b``, is non-decreasing in ``q`` even after rounding (the textbook
+    # ``a (1 - w) + b w`` is not: two quantiles 4e-18 apart could swap by an ulp). Equal neighbours,
+    # infinite ones included, give ``a`` itself.
+    gap = s[hi] - s[lo]
+    return torch.where(gap > 0, torch.minimum(s[lo] + w * gap, s[hi]), s[lo])
 
 
 # ------------------------------------------------------------------------------------------- filling
