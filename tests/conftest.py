@@ -8,11 +8,21 @@ Tests that exercise caches pass their own ``tmp_path`` directories explicitly.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("PPN_HOME", str(Path.home() / ".cache" / "ppn-bayes"))
+
+# Without a GPU, PrunePath's Triton kernel tests run in Triton's CPU interpreter (when the optional
+# triton is installed). The switch is read when triton is first imported, and other test modules may
+# import it indirectly at collection, so it is set here, before any of them.
+if "triton" not in sys.modules:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
