@@ -13,6 +13,8 @@ tokens drawn with seed 0; the first 16 x 128 tokens of the test split), and writ
 * ``paper-frozen`` PPN as published (``paper`` preset: heads + single neurons, no latent offsets,
   linear thresholds) with the demo's data and training budget.
 * ``ppn-lora``   our PPN trained jointly with LoRA adapters (``inference/smollm2-full.yaml``).
+* ``paper-lora`` PPN as published, trained jointly with LoRA adapters on the same data and budget
+  (``inference/smollm2-paper.yaml``).
 * ``healed``     ShortGPT and GISP fine-tuned after pruning with the *same token budget* as the joint
   PPN run, per size (the peers need one healing run per size; PPN one run for all sizes).
 
@@ -37,11 +39,12 @@ RUNS = ROOT / "runs" / "compare"
 SIZES = "0.9,0.75,0.6,0.5,0.4"
 HEAL_SIZES = "0.75,0.5"
 COMMON = ["--model", "smollm2-135m", "--calib-blocks", "8", "--test-blocks", "16", "--block-size", "128"]
-STAGES = ("peers", "ppn-frozen", "paper-frozen", "ppn-lora", "healed")
+STAGES = ("peers", "ppn-frozen", "paper-frozen", "ppn-lora", "paper-lora", "healed")
 LABELS = {  # (stage, method) -> row label in the merged table
     ("ppn-frozen", "ppn"): "ppn, frozen (demo: layers, 60 steps)",
     ("paper-frozen", "ppn-paper"): "ppn-paper, frozen (60 steps)",
     ("ppn-lora", "ppn"): "ppn, joint LoRA (smollm2-full)",
+    ("paper-lora", "ppn-paper"): "ppn-paper, joint LoRA (smollm2-paper)",
 }
 
 
@@ -66,11 +69,11 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _lora_run() -> Path:
-    """The joint run (fitted here if missing; resumed if a previous attempt was killed)."""
-    run = RUNS / "ppn-lora"
+def _joint_run(name: str = "ppn-lora", recipe: str = "inference/smollm2-full.yaml") -> Path:
+    """A joint run (fitted here if missing; resumed if a previous attempt was killed)."""
+    run = RUNS / name
     if not (run / "manifest.json").is_file() or not _finished(run):
-        args = ["fit", "inference/smollm2-full.yaml", "--out", str(run)]
+        args = ["fit", recipe, "--out", str(run)]
         _ppn(*args, *(["--resume"] if (run / "checkpoint").exists() else []))
     return run
 
@@ -100,10 +103,13 @@ def run_stage(stage: str) -> None:
     elif stage == "paper-frozen":  # `ppn compare` fits the paper preset with the demo recipe's budget
         _compare(stage, "--sizes", SIZES, "--methods", "ppn-paper", "--decode-tokens", "8")
     elif stage == "ppn-lora":
-        run = _lora_run()
+        run = _joint_run()
         _compare(stage, "--sizes", SIZES, "--methods", "ppn", "--run", str(run), "--decode-tokens", "8")
+    elif stage == "paper-lora":
+        run = _joint_run("paper-lora", "inference/smollm2-paper.yaml")
+        _compare(stage, "--sizes", SIZES, "--methods", "ppn-paper", "--paper-run", str(run), "--decode-tokens", "8")
     elif stage == "healed":
-        tokens = trained_tokens(_lora_run())
+        tokens = trained_tokens(_joint_run())
         _compare(stage, "--sizes", HEAL_SIZES, "--methods", "shortgpt,gisp", "--heal-tokens", str(tokens),
                  "--decode-tokens", "0")
     else:
