@@ -153,10 +153,15 @@ class Bench:
         r = perplexity(model, self.test, batch_size=self.batch_size)
         return {"perplexity": r["perplexity"], "nll": r["nll"]}
 
-    def maybe_heal(self, model: nn.Module) -> tuple[nn.Module, int]:
+    def maybe_heal(self, model: nn.Module) -> tuple[nn.Module, dict[str, float]]:
+        """Heal ``model`` when healing is on; ``(model, {"healed_tokens", "heal_seconds"})``.
+
+        Healing runs once per size, so its time is part of what producing that size costs."""
         if self.heal_blocks is None or self.heal_blocks.shape[0] == 0:
-            return model, 0
-        return heal(model, self.heal_blocks), int(self.heal_blocks.numel())
+            return model, {"healed_tokens": 0, "heal_seconds": 0.0}
+        with timed() as t:
+            model = heal(model, self.heal_blocks)
+        return model, {"healed_tokens": int(self.heal_blocks.numel()), "heal_seconds": t.seconds}
 
 
 # ----------------------------------------------------------------------------- rows
@@ -167,25 +172,25 @@ def structured_rows(bench: Bench, res: NestedKeepSets, extra: dict | None = None
     for size, keep in res.keepsets.items():
         bench.keepsets.setdefault(res.method, {}).setdefault(str(size), keep.to_dict())
         small = materialize(bench.model, keep, res.inventory)
-        small, healed = bench.maybe_heal(small)
+        small, healing = bench.maybe_heal(small)
         rows.append({"method": res.method, "size": size, **bench.ppl(small),
                      "param_fraction": res.inventory.size_of(keep, "params"),
                      "flops_fraction": res.inventory.size_of(keep, "flops"),
                      "decode_speedup": bench.speedup(small), "cost_seconds": res.seconds,
-                     "one_run_for_all_sizes": True, "healed_tokens": healed,
+                     "one_run_for_all_sizes": True, **healing,
                      "layers_kept": len(keep.layers), **(extra or {})})
     return rows
 
 
 def unstructured_row(bench: Bench, res: UnstructuredResult, size: float) -> dict:
-    model, healed = bench.maybe_heal(res.model)
+    model, healing = bench.maybe_heal(res.model)
     from ppn_bayes.baselines import decoder_param_fraction
 
     frac = decoder_param_fraction(model)
     name = res.method if res.pattern == "unstructured" else f"{res.method}-2:4"
     return {"method": name, "size": size, "pattern": res.pattern, **bench.ppl(model), "param_fraction": frac,
             "flops_fraction": frac, "cost_seconds": res.seconds, "one_run_for_all_sizes": False,
-            "healed_tokens": healed, "sparse_speedup": "none on dense kernels"}
+            **healing, "sparse_speedup": "none on dense kernels"}
 
 
 def random_rows(bench: Bench, sizes: list[float], seeds: Sequence[int], group_size: int) -> list[dict]:
@@ -202,7 +207,8 @@ def random_rows(bench: Bench, sizes: list[float], seeds: Sequence[int], group_si
                      "param_fraction": statistics.mean(r["param_fraction"] for r in runs),
                      "flops_fraction": statistics.mean(r["flops_fraction"] for r in runs),
                      "decode_speedup": runs[0]["decode_speedup"], "seeds": list(seeds),
-                     "cost_seconds": sum(r["cost_seconds"] for r in runs) / len(runs)})
+                     "cost_seconds": sum(r["cost_seconds"] for r in runs) / len(runs),
+                     "heal_seconds": sum(r["heal_seconds"] for r in runs)})
     return rows
 
 
@@ -361,13 +367,15 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
                              model_path=model_path, fit_dir=fit_dir, gisp_objective=gisp_objective,
                              gisp_choices=gisp_choices)
     costs: dict[str, float] = {}
-    for r in rows:
+    for r in rows:  # a one-run method's run once (per seed for random); per-size runs and heals summed
         if "cost_seconds" not in r:
             continue
+        m = r["method"]
         if r.get("one_run_for_all_sizes"):
-            costs[r["method"]] = r["cost_seconds"] * (len(seeds) if r["method"] == "random" else 1)
+            costs.setdefault(m, r["cost_seconds"] * (len(seeds) if m == "random" else 1))
         else:
-            costs[r["method"]] = costs.get(r["method"], 0.0) + r["cost_seconds"]
+            costs[m] = costs.get(m, 0.0) + r["cost_seconds"]
+        costs[m] += r.get("heal_seconds", 0.0)
     config = {"sizes": sizes, "methods": methods, "calib_blocks": int(calib.shape[0]),
               "test_blocks": int(test.shape[0]), "block_size": int(test.shape[1]), "seeds": list(seeds),
               "group_size": group_size, "gisp_step": gisp_step, "gisp_objective": gisp_objective,

@@ -61,6 +61,16 @@ def test_json_schema_and_budgets(result):
     assert set(result["costs"]) >= {"gisp", "shortgpt", "prunepath", "wanda", "sparsegpt", "random"}
 
 
+def test_costs_count_every_size_s_healing_once_per_size(result):
+    """Healing runs per size, so a one-run method's cost is its run plus each size's heal."""
+    rows = {m: [r for r in result["results"] if r["method"] == m] for m in ("gisp", "shortgpt", "wanda")}
+    for m, rs in rows.items():
+        assert all(r["heal_seconds"] > 0.0 for r in rs), m
+        heals = sum(r["heal_seconds"] for r in rs)
+        run = rs[0]["cost_seconds"] if rs[0]["one_run_for_all_sizes"] else sum(r["cost_seconds"] for r in rs)
+        assert result["costs"][m] == pytest.approx(run + heals, rel=1e-9), m
+
+
 def test_keepsets_nest_across_sizes(result):
     for method in ("gisp", "shortgpt", "random"):
         ks = {float(s): KeepSet.from_dict(k) for s, k in result["keepsets"][method].items()}
