@@ -451,20 +451,29 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
     for r in result["results"]:
         if "skipped" not in r:
             by_method.setdefault(r["method"], []).append(r)
+    colors = plt.get_cmap("tab20").colors  # up to 20 methods without a repeated colour
+    dense = result["dense"]["perplexity"]
+    top = max(r["perplexity"] for rs in by_method.values() for r in rs) if by_method else dense
+    clip = dense * 30.0 if top > dense * 30.0 else None  # keep the informative range readable
     for ax, key, label in ((axes[0], "param_fraction", "fraction of decoder parameters kept"),
                            (axes[1], "flops_fraction", "fraction of decoder FLOPs per token")):
-        for method, rs in by_method.items():
+        for i, (method, rs) in enumerate(by_method.items()):
             rs = sorted(rs, key=lambda r: r[key])
             name = method + (" (active per token)" if method == "prunepath" else "")
-            ax.plot([r[key] for r in rs], [r["perplexity"] for r in rs], marker="o", label=name)
-        ax.axhline(result["dense"]["perplexity"], color="k", ls="--", lw=1, label="dense")
+            healed = any(r.get("healed_tokens") for r in rs)
+            ax.plot([r[key] for r in rs], [r["perplexity"] for r in rs], marker="o", label=name,
+                    color=colors[i % len(colors)], ls="--" if healed else "-",
+                    lw=2.2 if method.startswith("ppn") else 1.2)
+        ax.axhline(dense, color="k", ls=":", lw=1, label="dense")
         ax.set_xlabel(label)
         ax.set_yscale("log")
+        if clip is not None:
+            ax.set_ylim(top=clip)
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("held-out perplexity")
-    axes[1].legend(fontsize=8)
+    axes[0].set_ylabel("held-out perplexity" + (" (clipped at 30x dense)" if clip is not None else ""))
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
-    _atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    _atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight"))
     plt.close(fig)
 
 
