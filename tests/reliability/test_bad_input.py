@@ -48,20 +48,6 @@ def text_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def fitted_run(tiny_llama_dir, text_corpus, tmp_path_factory) -> Path:
-    """A 2-step frozen-weights run on the tiny Llama (the real ``ppn fit`` path)."""
-    from ppn_bayes.config import recipe_from_dict
-    from ppn_bayes.train import fit
-
-    root = tmp_path_factory.mktemp("relrun")
-    recipe = recipe_from_dict({"name": "tiny", "model": {"name": str(tiny_llama_dir)}, "units": {"group_size": 16},
-                               "data": {"corpus": str(text_corpus), "block_size": 32, "val_blocks": 2},
-                               "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "weights": "frozen",
-                                         "eval_lambdas": [0.5]}})
-    return fit(recipe, out=root / "run", progress=False).path
-
-
-@pytest.fixture(scope="session")
 def other_base_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A tiny Llama with the same tokenizer but another shape (wider MLP): a different base model."""
     from tests.conftest import make_tiny_llama
@@ -72,12 +58,12 @@ def other_base_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def foreign_run(fitted_run, other_base_dir, tmp_path_factory) -> Path:
-    """A copy of ``fitted_run`` whose recorded base path now holds another model: its manifest hashes
+@pytest.fixture(scope="module")
+def foreign_run(tiny_run, other_base_dir, tmp_path_factory) -> Path:
+    """A copy of ``tiny_run`` whose recorded base path now holds another model: its manifest hashes
     no longer match what is on disk there (a moved run, or a base directory overwritten since)."""
     path = tmp_path_factory.mktemp("foreign") / "run"
-    shutil.copytree(fitted_run, path)
+    shutil.copytree(tiny_run, path)
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["base"]["path"] = str(other_base_dir)
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -272,10 +258,10 @@ def test_set_override_errors(override, needles, tiny_llama_dir, text_corpus, inp
     fit_fails(capsys, inputs, recipe_text(tiny_llama_dir, text_corpus), *needles, extra=("--set", override))
 
 
-def test_existing_run_is_never_overwritten(fitted_run, tiny_llama_dir, text_corpus, inputs, work, capsys):
+def test_existing_run_is_never_overwritten(tiny_run, tiny_llama_dir, text_corpus, inputs, work, capsys):
     recipe = write(inputs / "again.yaml", recipe_text(tiny_llama_dir, text_corpus))
-    fails(capsys, ["fit", recipe, "--out", fitted_run, "--no-progress"], "already holds a run", "--resume",
-          watch=[fitted_run])
+    fails(capsys, ["fit", recipe, "--out", tiny_run, "--no-progress"], "already holds a run", "--resume",
+          watch=[tiny_run])
 
 
 def test_out_is_a_file(tiny_llama_dir, text_corpus, inputs, work, capsys):
@@ -284,10 +270,10 @@ def test_out_is_a_file(tiny_llama_dir, text_corpus, inputs, work, capsys):
     fails(capsys, ["fit", recipe, "--out", work / "taken", "--no-progress"], "is a file", "directory")
 
 
-def test_resume_with_another_model_changes_nothing(fitted_run, other_base_dir, text_corpus, inputs, work, capsys):
+def test_resume_with_another_model_changes_nothing(tiny_run, other_base_dir, text_corpus, inputs, work, capsys):
     recipe = write(inputs / "other.yaml", recipe_text(other_base_dir, text_corpus))
-    fails(capsys, ["fit", recipe, "--out", fitted_run, "--resume", "--no-progress"], "cannot resume",
-          "model.name", watch=[fitted_run])
+    fails(capsys, ["fit", recipe, "--out", tiny_run, "--resume", "--no-progress"], "cannot resume",
+          "model.name", watch=[tiny_run])
 
 
 def test_batch_larger_than_the_data(tiny_llama_dir, text_corpus, inputs, work, capsys):
@@ -310,8 +296,8 @@ def test_batch_larger_than_the_data(tiny_llama_dir, text_corpus, inputs, work, c
     (["--size", "0.5", "--quantile", "1.5"], ["quantile"]),
     (["--size", "0.5", "--draws", "0"], ["draws"]),
 ])
-def test_keepset_size_out_of_range(flags, needles, fitted_run, work, capsys):
-    fails(capsys, ["keepset", fitted_run, *flags], *needles, watch=[fitted_run])
+def test_keepset_size_out_of_range(flags, needles, tiny_run, work, capsys):
+    fails(capsys, ["keepset", tiny_run, *flags], *needles, watch=[tiny_run])
 
 
 def test_keepset_missing_run(work, capsys):
@@ -323,8 +309,8 @@ def test_keepset_not_a_run(tiny_llama_dir, work, capsys):
 
 
 @pytest.mark.parametrize("size,needle", [("2", "(0, 1]"), ("0", "> 0"), ("1e-6", "below the smallest model")])
-def test_eval_run_size_out_of_range(size, needle, fitted_run, work, capsys):
-    fails(capsys, ["eval", "--run", fitted_run, "--size", size, *SMALL_EVAL], needle, watch=[fitted_run])
+def test_eval_run_size_out_of_range(size, needle, tiny_run, work, capsys):
+    fails(capsys, ["eval", "--run", tiny_run, "--size", size, *SMALL_EVAL], needle, watch=[tiny_run])
 
 
 @pytest.mark.parametrize("sizes,needle", [("abc", "--sizes"), ("0", "--sizes 0 is out of range"),
@@ -340,23 +326,23 @@ def test_bench_bad_counts(flag, work, capsys):
 
 
 @pytest.mark.parametrize("sizes,needle", [("0.5,1.5", "(0, 1]"), ("0.5,x", "sizes"), ("1e-6", "below the smallest")])
-def test_report_bad_sizes(sizes, needle, fitted_run, work, capsys):
-    fails(capsys, ["report", fitted_run, "--sizes", sizes, "--draws", "8", "--out", work / "report"], needle,
-          watch=[fitted_run])
-    fails(capsys, ["report", fitted_run, "--sizes", sizes, "--draws", "8"], needle, watch=[fitted_run])  # out: the run
+def test_report_bad_sizes(sizes, needle, tiny_run, work, capsys):
+    fails(capsys, ["report", tiny_run, "--sizes", sizes, "--draws", "8", "--out", work / "report"], needle,
+          watch=[tiny_run])
+    fails(capsys, ["report", tiny_run, "--sizes", sizes, "--draws", "8"], needle, watch=[tiny_run])  # out: the run
 
 
-def test_uncertainty_size_out_of_range(fitted_run, work, capsys):
-    fails(capsys, ["uncertainty", fitted_run, "--size", "1.5"], "(0, 1]", watch=[fitted_run])
+def test_uncertainty_size_out_of_range(tiny_run, work, capsys):
+    fails(capsys, ["uncertainty", tiny_run, "--size", "1.5"], "(0, 1]", watch=[tiny_run])
 
 
-def test_resize_keeps_an_existing_out(fitted_run, work, capsys):
+def test_resize_keeps_an_existing_out(tiny_run, work, capsys):
     _needs_resize_cli()
     out = work / "small"
     out.mkdir()
     write(out / "mine.txt", "do not touch")
-    fails(capsys, ["resize", fitted_run, "--size", "0.5", "--out", out], "already exists", "--force",
-          watch=[fitted_run])
+    fails(capsys, ["resize", tiny_run, "--size", "0.5", "--out", out], "already exists", "--force",
+          watch=[tiny_run])
 
 
 def test_resize_bad_keepset_file(tiny_llama_dir, inputs, work, capsys):
@@ -420,9 +406,9 @@ def test_pickle_weights_are_refused(tiny_llama_dir, tmp_path, work, capsys):
     ("posterior", "posterior"),
     ("guide", "guide.safetensors"),
 ])
-def test_damaged_run(damage, needle, fitted_run, tmp_path, work, capsys):
+def test_damaged_run(damage, needle, tiny_run, tmp_path, work, capsys):
     run = tmp_path / "run"
-    shutil.copytree(fitted_run, run)
+    shutil.copytree(tiny_run, run)
     if damage == "manifest":
         write(run / "manifest.json", '{"status": "fini')
         argv = ["eval", "--run", run, "--size", "0.5", *SMALL_EVAL]
@@ -478,9 +464,9 @@ def test_resize_from_another_base(with_model, foreign_run, other_base_dir, work,
 @pytest.mark.parametrize("flags,needle", [
     (["--size", "0"], "> 0"), (["--size", "1.5"], "(0, 1]"), (["--size", "1e-6"], "below the smallest model"),
 ])
-def test_resize_size_out_of_range(flags, needle, fitted_run, work, capsys):
+def test_resize_size_out_of_range(flags, needle, tiny_run, work, capsys):
     _needs_resize_cli()
-    fails(capsys, ["resize", fitted_run, *flags, "--out", work / "small"], needle, watch=[fitted_run])
+    fails(capsys, ["resize", tiny_run, *flags, "--out", work / "small"], needle, watch=[tiny_run])
 
 
 def test_keepset_reads_only_the_posterior(foreign_run, capsys):
@@ -575,9 +561,9 @@ def test_fit_gpu_where_none(tiny_llama_dir, text_corpus, inputs, work, capsys):
 
 
 @NO_GPU
-def test_other_commands_gpu_where_none(fitted_run, tiny_llama_dir, work, capsys):
-    fails(capsys, ["keepset", fitted_run, "--size", "0.5", "--eval", "--device", "cuda"], "no CUDA device",
-          watch=[fitted_run])
+def test_other_commands_gpu_where_none(tiny_run, tiny_llama_dir, work, capsys):
+    fails(capsys, ["keepset", tiny_run, "--size", "0.5", "--eval", "--device", "cuda"], "no CUDA device",
+          watch=[tiny_run])
     fails(capsys, ["bench", "speed", "--model", tiny_llama_dir, "--device", "cuda"], "no CUDA device")
     fails(capsys, ["compare", "--model", tiny_llama_dir, "--device", "cuda", "--out", work / "cmp"],
           "no CUDA device")
