@@ -73,19 +73,9 @@ RUN = {
 
 def make_tokenizer():
     """The 320-token byte-level BPE of ``tests/conftest.py::tiny_tokenizer`` (same recipe, same text)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from ppn_bayes.data import load_corpus, train_bpe_tokenizer
 
-    from ppn_bayes.data import load_corpus
-
-    text = load_corpus("bundled", "validation")[0][:60_000]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([text], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return train_bpe_tokenizer(load_corpus("bundled", "validation")[0][:60_000], vocab_size=320)
 
 
 def eval_blocks(tokenizer) -> torch.Tensor:

@@ -131,6 +131,24 @@ def load_corpus(name_or_path: str = "bundled", split: str = "test") -> list[str]
 # --------------------------------------------------------------------------------------------- identity
 
 
+def train_bpe_tokenizer(text: str, vocab_size: int = 320, eos_token: str = "<eos>") -> Any:
+    """A byte-level BPE trained on ``text``, as a ``transformers`` fast tokenizer with an EOS token.
+
+    For tiny from-scratch models (tests, benchmarks that pretrain a small base): fast, offline and
+    deterministic, where a pretrained tokenizer would need the Hub. Uses ``tokenizers``' own trainer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos_token],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token)
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of everything that decides how text becomes ids (vocab, merges, normalizer, EOS)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

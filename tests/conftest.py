@@ -36,19 +36,9 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A 320-token byte-level BPE trained in-test on Austen, with an EOS token: fast and offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from ppn_bayes.data import load_corpus, train_bpe_tokenizer
 
-    from ppn_bayes.data import load_corpus
-
-    text = load_corpus("bundled", "validation")[0][:60_000]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([text], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return train_bpe_tokenizer(load_corpus("bundled", "validation")[0][:60_000], vocab_size=320)
 
 
 def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
