@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,10 +62,9 @@ def _compare(stage: str, *args: str) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from ppn_bayes.files import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _joint_run(name: str = "ppn-lora", recipe: str = "inference/smollm2-full.yaml") -> Path:
@@ -79,17 +77,18 @@ def _joint_run(name: str = "ppn-lora", recipe: str = "inference/smollm2-full.yam
 
 
 def _finished(run: Path) -> bool:
-    manifest = json.loads((run / "manifest.json").read_text())
-    return manifest.get("status") == "finished"
+    from ppn_bayes.run import MANIFEST, read_json
+
+    return read_json(run / MANIFEST).get("status") == "finished"
 
 
 def trained_tokens(run: Path) -> int:
     """Tokens the joint run trained on: steps x batch x accumulation x block size (the healing budget)."""
-    import yaml
+    from ppn_bayes.config import load_recipe
+    from ppn_bayes.run import CONFIG
 
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    t, d = cfg["train"], cfg["data"]
-    return int(t["steps"]) * int(t["batch_size"]) * int(t.get("grad_accum", 1)) * int(d["block_size"])
+    r = load_recipe(run / CONFIG)
+    return r.train.steps * r.train.batch_size * r.train.grad_accum * r.data.block_size
 
 
 def run_stage(stage: str) -> None:
@@ -153,8 +152,10 @@ def write_merged(result: dict) -> None:
     from ppn_bayes.compare import markdown_table, plot
 
     _write_json(HERE / "compare_smollm2.json", result)
+    from ppn_bayes.files import atomic_write_bytes
+
     md = HERE / "compare_smollm2.md"
-    md.write_text(markdown_table(result))
+    atomic_write_bytes(md, markdown_table(result).encode())
     plot(result, HERE / "compare_smollm2.png")
     print(f"wrote {HERE / 'compare_smollm2.json'}, {md}, {HERE / 'compare_smollm2.png'}")
 
