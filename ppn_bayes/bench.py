@@ -112,17 +112,13 @@ def ideal_ratios(inventory: UnitInventory, keep: KeepSet, vocab: int, prompt_len
 # ------------------------------------------------------------------------------------ timing
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def param_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters (tied tensors counted once)."""
     seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+    for p in model.parameters():  # shared Parameter objects come once; tied copies share a data pointer
+        ptr = p.data_ptr()
+        if ptr == 0 or ptr not in seen:  # 0: no storage (the meta device), never tied
+            seen.add(ptr)
             total += p.numel() * p.element_size()
     return total
 
@@ -139,22 +135,23 @@ def _cache_bytes(cache: Any) -> int:
 @torch.inference_mode()
 def time_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
     """One prefill and ``new_tokens`` greedy decode steps with a KV cache: seconds of each, cache bytes."""
+    from ppn_bayes.device import synchronize
     from ppn_bayes.speculative import cache_kwarg, output_cache
 
     device = prompt.device
     kw = cache_kwarg(model)
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
+    synchronize(device)
     t1 = time.perf_counter()
     cache = output_cache(out)
     for _ in range(new_tokens):
         out = model(input_ids=tok, use_cache=True, **{kw: cache})
         cache = output_cache(out)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
+    synchronize(device)
     t2 = time.perf_counter()
     return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "kv_cache_bytes": _cache_bytes(cache)}
 
@@ -177,10 +174,15 @@ def _measure_batch(cands: list[Candidate], batch: int, prompt_len: int, new_toke
     for rep in range(warmup + repeats):
         for i, c in enumerate(cands):
             if device.type == "cuda":
+                # Every candidate is resident at once, so the allocator's peak is mostly the others'
+                # weights: count what this run adds over what was allocated before it, plus this
+                # model's own weights (the peak of a process that holds this model alone).
+                resident = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             r = time_generation(c.model, prompt, new_tokens)
             if device.type == "cuda":
-                peaks[i] = int(torch.cuda.max_memory_allocated(device))
+                extra = int(torch.cuda.max_memory_allocated(device)) - resident
+                peaks[i] = max(peaks.get(i) or 0, extra + param_bytes(c.model))
             if rep >= warmup:
                 samples[i].append(r)
     rows = []

@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,19 +61,12 @@ def check_methods(methods: Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------------------- measuring
 
 
-@torch.inference_mode()
 def decode_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int, trials: int = 3) -> float:
-    """Best-of-``trials`` seconds for ``new_tokens`` greedy batch-1 decode steps with a KV cache."""
-    best = float("inf")
-    for _ in range(trials):
-        out = model(input_ids=prompt, use_cache=True)
-        cache, tok = out["cache"], out.logits[:, -1:].argmax(-1)  # transformers 5: ``cache``, not past_key_values
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(input_ids=tok, cache=cache, use_cache=True)
-            cache, tok = out["cache"], out.logits[:, -1:].argmax(-1)
-        best = min(best, time.perf_counter() - start)
-    return best
+    """Best-of-``trials`` seconds for ``new_tokens`` greedy batch-1 decode steps with a KV cache (the
+    speed bench's timer, synchronized on CUDA)."""
+    from ppn_bayes.bench import time_generation
+
+    return min(time_generation(model, prompt, new_tokens)["decode_s"] for _ in range(trials))
 
 
 def heal(model: nn.Module, blocks: torch.Tensor, lr: float = 5e-5, batch_size: int = 4) -> nn.Module:

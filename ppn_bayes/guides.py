@@ -13,6 +13,10 @@ reads only these parameters.
   local scale that mean-field misses (PYRO-NOTES.md), at ``O(r * #latents)`` parameters.
 
 The paper preset has no latent offsets (``prior.kind: none``); its guide is :class:`EmptyGuide`.
+
+The guides run in float32 whatever autocast says (:func:`ppn_bayes.device.fp32`): the low-rank
+guide's ``LowRankMultivariateNormal`` forms its capacitance matrix by a matmul that bf16 autocast
+would run in bf16 and then calls ``cholesky``, which has no bf16 CUDA kernel.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal, init
 from pyro.nn import PyroModule
 
 from ppn_bayes.config import GuideConfig
+from ppn_bayes.device import fp32
 from ppn_bayes.errors import ConfigError
 from ppn_bayes.prior import ScorePrior
 
@@ -42,9 +47,11 @@ class ScoreGuide(PyroModule):
             raise ConfigError(f"guide.kind: unknown guide {config.kind!r}; use mean_field or low_rank")
         self.auto()  # create the parameters now (lazy creation breaks DDP and checkpoint loading)
 
+    @fp32
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         return self.auto()
 
+    @fp32
     def median(self) -> dict[str, torch.Tensor]:
         return self.auto.median()
 

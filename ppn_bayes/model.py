@@ -23,6 +23,11 @@ Design choices (PYRO-NOTES.md, "Putting the push into a Pyro model"):
   so the prior's weight relative to the data is ``1 / beta``.
 * The compute factor is scaled by the data set's token count ``N`` for the same reason: the paper's
   per-token objective is ``mean NLL + lambda * rho_bar``; multiplying by ``N`` keeps the balance.
+* Mixed precision covers the language model alone: with ``autocast_dtype`` set (bf16 on CUDA) only
+  the masked LM's forward pass runs under autocast; the prior, the push, the token NLL's reductions
+  and the factors stay float32 (see :mod:`ppn_bayes.device`).
+* Nothing in a step waits for the device: :class:`StepInfo` keeps 0-dim tensors, read (one sync)
+  when the step's record is logged.
 """
 
 from __future__ import annotations
@@ -36,18 +41,24 @@ from pyro.nn import PyroModule
 
 from ppn_bayes.backbone.gated import GatedLM
 from ppn_bayes.config import PriorConfig, PushConfig
+from ppn_bayes.device import autocast_context
 from ppn_bayes.prior import ScorePrior
 from ppn_bayes.push import Push, draw_lambda
 
 
 @dataclass
 class StepInfo:
-    """What one model execution saw, for progress bars and metrics."""
+    """What one model execution saw, for progress bars and metrics: floats or 0-dim tensors (on the
+    device, so that the step does not wait for it); :meth:`values` reads them."""
 
-    token_loss: float = float("nan")
+    token_loss: float | torch.Tensor = float("nan")
     lam: float = 0.0
-    sampled_size: float = 1.0
-    expected_size: float = 1.0
+    sampled_size: float | torch.Tensor = 1.0
+    expected_size: float | torch.Tensor = 1.0
+
+    def values(self) -> dict[str, float]:
+        return {"token_loss": float(self.token_loss), "lam": float(self.lam),
+                "sampled_size": float(self.sampled_size), "expected_size": float(self.expected_size)}
 
 
 def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
@@ -70,15 +81,17 @@ class PPNModel(PyroModule):
         num_sequences: sequences in the training set (plate size); ``tokens_per_sequence`` sets N.
         norms: unit weight norms (defaults to ``gated.unit_norms()``), the score anchors.
         tempering: likelihood tempering factor beta.
+        autocast_dtype: the LM's forward pass under autocast in this dtype (CUDA only; ``None``: off).
     """
 
     def __init__(self, gated: GatedLM, prior: PriorConfig, push: PushConfig, num_sequences: int,
-                 tokens_per_sequence: int, norms: dict[str, torch.Tensor] | None = None, tempering: float = 1.0):
+                 tokens_per_sequence: int, norms: dict[str, torch.Tensor] | None = None, tempering: float = 1.0,
+                 autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.gated = gated
         self.inventory = gated.inventory
         norms = gated.unit_norms() if norms is None else norms
-        self.norms = {k: v.detach().cpu() for k, v in norms.items()}
+        self.norms = {k: v.detach() for k, v in norms.items()}  # where the weights are; .to() moves the rest
         self.prior = ScorePrior(self.inventory, self.norms, prior)
         self.push = Push(self.inventory, push)
         if push.init == "size_curve":
@@ -86,6 +99,7 @@ class PPNModel(PyroModule):
         self.num_sequences = int(num_sequences)
         self.num_tokens = float(num_sequences * (tokens_per_sequence - 1))
         self.tempering = float(tempering)
+        self.autocast_dtype = autocast_dtype
         self.last = StepInfo()
         self._generator: torch.Generator | None = None
 
@@ -109,17 +123,17 @@ class PPNModel(PyroModule):
             rho_bar = self.push.expected_size(rho)
             pyro.factor("compute", -self.num_tokens * self.tempering * lam * rho_bar)
             hard = self.push.nest({k: v.detach() for k, v in masks.items()})
-            sampled = float(self.push.expected_size(hard))
-            expected = float(rho_bar.detach())
+            sampled = self.push.expected_size(hard).detach()
+            expected = rho_bar.detach()
         else:
             masks, sampled, expected = None, 1.0, 1.0
         gates = self.push.gates(masks, lam)
         batch = input_ids.shape[0]
-        idx = torch.arange(batch) if subsample is None else subsample
-        with self.gated.gates(**gates):
+        idx = torch.arange(batch, device=input_ids.device) if subsample is None else subsample
+        with self.gated.gates(**gates), autocast_context(input_ids.device, self.autocast_dtype):
             logits = self.gated(input_ids=input_ids, attention_mask=attention_mask).logits
         nll, count = sequence_nll(logits, input_ids, attention_mask)
         with pyro.plate("seqs", size=self.num_sequences, subsample=idx):
             pyro.factor("tokens", -self.tempering * nll)
-        self.last = StepInfo(float(nll.detach().sum() / count.sum()), float(lam), sampled, expected)
+        self.last = StepInfo((nll.detach().sum() / count.sum()), float(lam), sampled, expected)
         return nll.sum()

@@ -28,6 +28,8 @@ sites at all (the paper's preset: scores are the norms).
 Non-centred forms keep the posterior geometry benign for SVI and NUTS (NumPyro's "bad posterior
 geometry" notes); the scales are clamped below at ``1e-6`` (see docs/method.md, "Numerical guards").
 
+The prior runs in float32 whatever autocast says (:func:`ppn_bayes.device.fp32`).
+
 The scores are recorded as ``pyro.deterministic`` sites ``score_layers``/``score_heads``/
 ``score_groups`` so that :class:`pyro.infer.Predictive` returns posterior draws of them directly.
 """
@@ -41,6 +43,7 @@ from pyro.nn import PyroModule, PyroParam
 
 from ppn_bayes.backbone.units import UnitInventory
 from ppn_bayes.config import PriorConfig
+from ppn_bayes.device import fp32
 
 # Pyro parameters live on their modules (Pyro's examples/svi_torch.py pattern), so torch optimizers,
 # state_dict() and DDP see them; nothing goes through the global param store.
@@ -105,6 +108,7 @@ class ScorePrior(PyroModule):
             e = pyro.sample(f"e_{kind}", dist.Normal(0.0 * one, one))
         return parent.unsqueeze(-1) + sig.unsqueeze(-1) * e
 
+    @fp32
     def forward(self) -> dict[str, torch.Tensor]:
         inv = self.inventory
         levels = dict(zip(self.kinds, self.level.unbind(-1)))
@@ -123,6 +127,7 @@ class ScorePrior(PyroModule):
         return scores
 
     @torch.no_grad()
+    @fp32
     def initial_scores(self) -> dict[str, torch.Tensor]:
         """Scores with every latent offset at its prior centre 0: ``c_kind + z_u`` (for calibration)."""
         levels = dict(zip(self.kinds, self.level.detach().unbind(-1)))

@@ -22,6 +22,11 @@ Amplitude corrections: surviving units are rescaled by ``exp(s_u * v(lambda))`` 
 each block output by ``exp(s_d * v(lambda))`` (per hidden dimension), ``v`` a shared monotone spline
 with ``v(0) = 0``. Together they are a rank-1 (in log space) rescaling of each output projection, so
 they fold into the weights at export, and they vanish on dense steps.
+
+Precision: the push runs in float32 whatever autocast says (:func:`ppn_bayes.device.fp32` on every
+public method), and the splines are evaluated in float64 (basis and control points) and rounded once
+to the parameters' dtype, so that training, evaluation and export see the same thresholds: a bf16
+matmul would move them by ~1e-2 logits.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from torch import nn
 
 from ppn_bayes.backbone.units import UnitInventory
 from ppn_bayes.config import PushConfig
+from ppn_bayes.device import fp32
 
 DEGREE = 3
 
@@ -95,10 +101,11 @@ class MonotoneSpline(nn.Module):
         start = torch.full_like(inc[:, :1], self.start)
         return torch.cat([start, start + inc.cumsum(-1)], dim=-1)
 
+    @fp32
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Values ``[..., n_series]`` at points ``x`` (any shape)."""
-        basis = bspline_basis(x, self.n_ctrl).to(self.theta.dtype)  # [..., n_ctrl]
-        return basis @ self.control_points().transpose(0, 1)
+        """Values ``[..., n_series]`` at points ``x`` (any shape), computed in float64."""
+        basis = bspline_basis(x, self.n_ctrl)  # [..., n_ctrl], float64
+        return (basis @ self.control_points().double().transpose(0, 1)).to(self.theta.dtype)
 
 
 def squash(lam: torch.Tensor | float) -> torch.Tensor:
@@ -155,6 +162,7 @@ class Push(nn.Module):
         return 1.0 / (1.0 + lam / half)
 
     @torch.no_grad()
+    @fp32
     def calibrate_thresholds(self, scores: dict[str, torch.Tensor], grid: int = 48, x_max: float = 0.97,
                              max_threshold: float = 50.0) -> None:
         """Start the thresholds on a size curve: ``E[size](lambda) ~= initial_size_target(lambda)``.
@@ -194,12 +202,14 @@ class Push(nn.Module):
         rho = {k: v.to(self.cost_layers.device) for k, v in self.nest(own).items()}
         return float(self.expected_size(rho))
 
+    @fp32
     def thresholds(self, lam: float | torch.Tensor) -> dict[str, torch.Tensor]:
         """``tau_{l,k}(lambda)`` for every gated kind: ``{kind: [L]}``."""
         x = squash(lam).to(self.thresholds_spline.theta.device)
         vals = self.thresholds_spline(x).view(len(self.kinds), self.inventory.num_layers)
         return dict(zip(self.kinds, vals.unbind(0)))
 
+    @fp32
     def inclusion(self, scores: dict[str, torch.Tensor], lam: float | torch.Tensor) -> dict[str, torch.Tensor]:
         """Inclusion probabilities ``rho`` with nesting (children multiplied by their layer's)."""
         tau = self.thresholds(lam)
@@ -210,6 +220,7 @@ class Push(nn.Module):
             own[kind] = torch.sigmoid((scores[kind] - t) / T)
         return self.nest(own)
 
+    @fp32
     def nest(self, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Multiply child probabilities (or masks) by their layer's."""
         out = dict(own)
@@ -219,6 +230,7 @@ class Push(nn.Module):
                     out[kind] = own[kind] * own["layers"].unsqueeze(-1)
         return out
 
+    @fp32
     def expected_size(self, rho: dict[str, torch.Tensor]) -> torch.Tensor:
         """``rho_bar``: cost-weighted mean inclusion (nested rho), i.e. the expected kept fraction."""
         ones = torch.ones(self.inventory.num_layers, device=self.cost_layers.device)
@@ -236,6 +248,7 @@ class Push(nn.Module):
         return total
 
     # ----------------------------------------------------------------- masks
+    @fp32
     def sample_masks(self, rho: dict[str, torch.Tensor], generator: torch.Generator | None = None
                      ) -> dict[str, torch.Tensor]:
         """Straight-through Bernoulli masks of the *own* (un-nested) probabilities.
@@ -250,6 +263,7 @@ class Push(nn.Module):
             return own
         return {k: straight_through_bernoulli(v, generator) for k, v in own.items()}
 
+    @fp32
     def unnest(self, rho: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = dict(rho)
         if "layers" in rho:
@@ -259,6 +273,7 @@ class Push(nn.Module):
                     out[kind] = (rho[kind] / parent).clamp(0.0, 1.0)
         return out
 
+    @fp32
     def amplitudes(self, lam: float | torch.Tensor) -> dict[str, torch.Tensor] | None:
         """``{"heads": [L, H], "groups": [L, G], "attn_scale": [L, d], "mlp_scale": [L, d]}`` multipliers."""
         if not self.config.amplitude:
@@ -271,6 +286,7 @@ class Push(nn.Module):
             "mlp_scale": torch.exp(self.s_mlp * v),
         }
 
+    @fp32
     def gates(self, masks: dict[str, torch.Tensor] | None, lam: float | torch.Tensor) -> dict[str, torch.Tensor]:
         """Gate tensors for :meth:`GatedLM.gates`: masks times amplitude corrections.
 

@@ -72,8 +72,14 @@ def verify_draft(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, *, gree
 
     ``p`` is ``[k + 1, V]`` (verifier distributions after each draft prefix), ``q`` ``[k, V]`` (the
     draft's distributions the drafts were drawn from), ``drafts`` ``[k]``. Greedy ignores ``q``.
+
+    Random draws happen on the CPU with ``generator`` (a CPU generator, as ``torch.Generator()``
+    makes): the distributions come over once per round (the loop reads them on the host anyway), so
+    a seed gives the same tokens whatever device the models run on.
     """
     k = drafts.shape[0]
+    if not greedy:
+        p, q = p.float().cpu(), q.float().cpu()
     for i in range(k):
         d = int(drafts[i])
         if greedy:
@@ -96,7 +102,9 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _pick(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> int:
-    return int(probs.argmax()) if greedy else int(torch.multinomial(probs, 1, generator=generator))
+    """Greedy: argmax where ``probs`` are; sampled: drawn on the CPU with a CPU ``generator`` (see
+    :func:`verify_draft`)."""
+    return int(probs.argmax()) if greedy else int(torch.multinomial(probs.float().cpu(), 1, generator=generator))
 
 
 def _crop(cache: Any, length: int) -> None:

@@ -48,6 +48,7 @@ from torch import nn
 from ppn_bayes import run as rundir
 from ppn_bayes.checkpoint import restore, save
 from ppn_bayes.config import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from ppn_bayes.device import full_precision
 from ppn_bayes.distributed import (
     average_replicated_grads,
     barrier,
@@ -139,7 +140,10 @@ class Objective(nn.Module):
         self.model, self.guide, self.lora = model, guide, lora
 
     def forward(self, input_ids: torch.Tensor, subsample: torch.Tensor) -> dict[str, torch.Tensor]:
-        terms = elbo_terms(self.model, self.guide, input_ids, subsample=subsample)
+        # float32 throughout (guide samples and log densities, the push, the ELBO's sums); the model
+        # turns autocast on around the LM's forward pass alone (PPNModel.autocast_dtype)
+        with full_precision():
+            terms = elbo_terms(self.model, self.guide, input_ids, subsample=subsample)
         loss = -terms["elbo"] / self.model.num_tokens
         if not loss.requires_grad:
             # A dense step with nothing to learn from it (the paper preset has no latents, and frozen
@@ -261,7 +265,8 @@ def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: 
     gated = gate(model, group_size=recipe.units.group_size, kinds=tuple(recipe.units.kinds))
     torch.manual_seed(t.seed)  # the guide's init_to_median draws from the prior
     ppn = PPNModel(gated, recipe.prior, recipe.push, num_sequences=train_blocks.shape[0],
-                   tokens_per_sequence=d.block_size, tempering=t.tempering).to(device)
+                   tokens_per_sequence=d.block_size, tempering=t.tempering,
+                   autocast_dtype=torch.bfloat16 if t.bf16 else None).to(device)
     guide = make_guide(ppn.prior, recipe.guide).to(device)
     lora, named = _setup_weights(recipe, gated, t.seed)
     gated.model.train()  # activation checkpointing in transformers only runs in train mode
@@ -326,9 +331,6 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
     t = s.recipe.train
     seed = step_seed(t.seed, step)
     per_rank = t.batch_size // s.world
-    amp = torch.bfloat16 if t.bf16 else None
-    from ppn_bayes.device import autocast_context
-
     sums = {"tokens": 0.0, "compute": 0.0, "kl": 0.0, "loss": 0.0, "token_loss": 0.0}
     tic = time.perf_counter()
     for micro in range(t.grad_accum):
@@ -341,10 +343,11 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
             s.generator.manual_seed(seed ^ 0x5DEECE66D)
             # Distribution argument checks are off in the loop: a NaN must reach the per-term check below
             # (which names the term and the step), not stop as a ValueError deep inside a distribution.
-            with autocast_context(s.device, amp), pyro.validation_enabled(False):
+            with pyro.validation_enabled(False):  # bf16 autocast: PPNModel turns it on around the LM alone
                 terms = s.wrapped(ids, mine.to(s.device))
+            # the step's one host sync: the terms are checked before backward, so a NaN names its term
             values = reduce_mean(s, {k: float(terms[k].detach()) for k in ("tokens", "compute", "kl", "loss")}
-                                  | {"token_loss": s.ppn.last.token_loss})
+                                  | {"token_loss": float(s.ppn.last.token_loss)})
             _check_terms(s, values, step + 1)
             (terms["loss"] / t.grad_accum).backward()
         for k in sums:
@@ -366,10 +369,10 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     s.seconds += time.perf_counter() - tic
-    info = s.ppn.last
+    info = s.ppn.last.values()
     return {"type": "train", "step": step + 1, "elbo": -sums["loss"], "token_loss": sums["token_loss"],
             "kl": sums["kl"] / s.ppn.num_tokens, "compute": sums["compute"] / s.ppn.num_tokens,
-            "lambda": info.lam, "sampled_size": info.sampled_size, "expected_size": info.expected_size,
+            "lambda": info["lam"], "sampled_size": info["sampled_size"], "expected_size": info["expected_size"],
             "lr": {g["name"]: g["lr"] for g in s.optimizer.param_groups}, "grad_norm": total_norm,
             "grad_norms": norms, "seconds": s.seconds}
 

@@ -24,12 +24,12 @@ how far one coordinate can move in ``steps`` steps: every bound below is a fract
   step. Such coordinates are rare; allowed: ``TAIL = 5e-3`` of ``steps * lr``. Measured: 2.7e-4 of it
   (1.09e-5 on one machine, where the earlier fixed ``atol=1e-5`` failed).
 
-A real divergence is not a tail event: a rank whose gradient is not averaged (a missed shard) moves
-every coordinate of the replicated parameters by O(lr), 1e3 times ``BULK``; a sum instead of a mean
-leaves AdamW's steps nearly unchanged (it is scale-invariant) but doubles the logged gradient norm,
-which is compared with ``rel=1e-4`` (a norm over ~2e4 coordinates carries ~1e-6 relative reordering
-error). :func:`test_broken_gradient_averaging_fails_the_comparison` runs both broken variants and
-checks that this comparison rejects them.
+A real divergence is not a tail event. :func:`test_broken_gradient_averaging_fails_the_comparison`
+runs two broken variants (3 pruned steps) and checks that this comparison rejects them: a missed
+all-reduce (each rank steps on its own half-batch gradient) puts the guide's 99th percentile at 5e-3,
+3000 times ``BULK``; a sum instead of a mean (AdamW is nearly scale-invariant, so the steps change
+little) at 3.6e-5, 24 times ``BULK``, and doubles the logged gradient norms, which are compared with
+``rel=1e-4`` (a norm over ~2e4 coordinates carries ~1e-6 relative reordering error).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def test_tokens_factor_is_scaled_summed_nll(setup):
     site = tr.nodes["tokens"]
     assert site["scale"] == pytest.approx(N_SEQ / B)
     torch.testing.assert_close(site["log_prob_sum"], -beta * ref * N_SEQ / B, rtol=1e-5, atol=1e-4)
-    assert model.last.token_loss == pytest.approx(float(ref / mask[:, 1:].sum()), rel=1e-5)
+    assert float(model.last.token_loss) == pytest.approx(float(ref / mask[:, 1:].sum()), rel=1e-5)
     assert "compute" not in tr.nodes  # no compute price on dense steps
 
 
@@ -85,7 +85,7 @@ def test_compute_factor_is_minus_n_beta_lambda_rho_bar(setup):
     n_tokens = N_SEQ * (T - 1)
     torch.testing.assert_close(tr.nodes["compute"]["log_prob_sum"], -n_tokens * beta * lam * rho_bar)
     assert 0.0 < float(rho_bar) < 1.0
-    assert model.last.expected_size == pytest.approx(float(rho_bar), rel=1e-6)
+    assert float(model.last.expected_size) == pytest.approx(float(rho_bar), rel=1e-6)
 
 
 def test_dense_step_logits_equal_base_model(setup):

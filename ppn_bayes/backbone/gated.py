@@ -133,6 +133,7 @@ class GatedLM(nn.Module):
         """Set (or with ``None`` clear) gate tensors: ``layers [L]``, ``heads [L, H]``, ``groups [L, G]``,
         ``attn_scale``/``mlp_scale`` ``[L, hidden]``. Unnamed gates are left as they are."""
         inv = self.inventory
+        device = self.device
         shapes = {
             "layers": (inv.num_layers,),
             "heads": (inv.num_layers, inv.num_heads),
@@ -145,7 +146,9 @@ class GatedLM(nn.Module):
                 raise ConfigError(f"unknown gate {name!r}; choose from {list(shapes)}")
             if value is not None and tuple(value.shape) != shapes[name]:
                 raise ConfigError(f"gate {name!r} has shape {tuple(value.shape)}, expected {shapes[name]}")
-            self._gates[name] = value
+            # Once here, not in every hook call: a CPU gate would be copied to the GPU (with a host
+            # sync) four times per layer per forward pass. A no-op for gates made on the device.
+            self._gates[name] = None if value is None else value.to(device)
 
     def clear_gates(self) -> None:
         self._gates = dict.fromkeys(GATE_NAMES)
@@ -178,6 +181,11 @@ class GatedLM(nn.Module):
     def config(self):
         return self.model.config
 
+    @property
+    def device(self) -> torch.device:
+        """Where the wrapped model's first parameter lives (its decoder's device)."""
+        return next(self.model.parameters()).device
+
     # ------------------------------------------------------------------ norms
     @torch.no_grad()
     def unit_norms(self) -> dict[str, torch.Tensor]:
@@ -188,10 +196,13 @@ class GatedLM(nn.Module):
         """
         inv = self.inventory
         rules = self.family.slice_rules(self.config)
-        heads = torch.zeros(inv.num_layers, inv.num_heads)
-        groups = torch.zeros(inv.num_layers, inv.num_groups)
+        # Accumulated where the weights are (index_add_/+= into CPU tensors fail for CUDA weights);
+        # float32 whatever the weights' dtype, as unit_sq_norms returns.
+        device = self.device
+        heads = torch.zeros(inv.num_layers, inv.num_heads, device=device)
+        groups = torch.zeros(inv.num_layers, inv.num_groups, device=device)
         sizes = inv.group_sizes()
-        owner = torch.repeat_interleave(torch.arange(inv.num_groups), sizes)
+        owner = torch.repeat_interleave(torch.arange(inv.num_groups), sizes).to(device)
         for l, layer in enumerate(self.family.layers(self.model)):
             params = dict(layer.named_parameters())
             for rule in rules:
@@ -199,9 +210,9 @@ class GatedLM(nn.Module):
                     continue
                 sq = unit_sq_norms(params[rule.name], rule, inv.dims)
                 if rule.unit == "ch":
-                    groups[l].index_add_(0, owner, sq)
+                    groups[l].index_add_(0, owner, sq.float())
                 else:
-                    heads[l] += sq
+                    heads[l] += sq.float()
         layers = (heads.sum(1) + groups.sum(1)).sqrt()
         return {"layers": layers, "heads": heads.sqrt(), "groups": groups.sqrt()}
 

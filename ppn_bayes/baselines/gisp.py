@@ -130,8 +130,9 @@ def taylor_importance(g: GatedLM, loss_terms: list[tuple[Callable[[], torch.Tens
         with torch.enable_grad():
             for closure, weight in loss_terms:
                 (closure() * weight).backward()
-        heads = torch.zeros(inv.num_layers, inv.num_heads, dtype=torch.float64)
-        chans = torch.zeros(inv.num_layers, inv.dims.intermediate, dtype=torch.float64)
+        device = wp[0][2].device if wp else torch.device("cpu")  # accumulated where the gradients are
+        heads = torch.zeros(inv.num_layers, inv.num_heads, dtype=torch.float64, device=device)
+        chans = torch.zeros(inv.num_layers, inv.dims.intermediate, dtype=torch.float64, device=device)
         hd, kvg = inv.dims.head_dim, inv.dims.kv_group
         for l, rule, p in wp:
             if p.grad is None:
@@ -142,16 +143,17 @@ def taylor_importance(g: GatedLM, loss_terms: list[tuple[Callable[[], torch.Tens
             if rule.segments > 1:
                 per = per.view(rule.segments, -1).sum(0)
             if rule.unit == "ch":
-                chans[l] += per.cpu()
+                chans[l] += per.to(device)
             else:
-                ph = per.view(-1, hd).sum(1).cpu()
+                ph = per.view(-1, hd).sum(1).to(device)
                 heads[l] += ph.repeat_interleave(kvg) / kvg if rule.unit == "kv" else ph
     finally:
         for p in g.parameters():
             p.requires_grad_(saved[id(p)])
             p.grad = None
-    owner = torch.repeat_interleave(torch.arange(inv.num_groups), inv.group_sizes())
-    groups = torch.zeros(inv.num_layers, inv.num_groups, dtype=torch.float64).index_add_(1, owner, chans)
+    owner = torch.repeat_interleave(torch.arange(inv.num_groups), inv.group_sizes()).to(chans.device)
+    groups = torch.zeros(inv.num_layers, inv.num_groups, dtype=torch.float64, device=chans.device).index_add_(
+        1, owner, chans)
     return {"heads": heads, "groups": groups}
 
 

@@ -166,7 +166,7 @@ class MoEMLP(nn.Module):
         self.reset_stats()
 
     def reset_stats(self) -> None:
-        self.active = 0.0
+        self.active: float | torch.Tensor = 0.0  # a device tensor while counting: no host sync per token
         self.tokens = 0
 
     # -- the per-expert pieces
@@ -196,7 +196,9 @@ class MoEMLP(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         mask = self.routing(flat)
-        self.active += float(mask.sum()) * self.k
+        # Counted on the device (read once, by active_fraction): on the batch-1 decode path the only
+        # host sync per layer and token is then the kept experts' index list the gather/Triton path needs.
+        self.active = self.active + mask.sum() * self.k
         self.tokens += flat.shape[0]
         if flat.shape[0] == 1 and self.tau < 1.0:
             y = decode_mlp(self, flat, mask[0])
@@ -209,7 +211,7 @@ class MoEMLP(nn.Module):
 
     @property
     def active_fraction(self) -> float:
-        return self.active / max(1, self.tokens * self.E * self.k)
+        return float(self.active) / max(1, self.tokens * self.E * self.k)
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:

@@ -41,11 +41,13 @@ def _hidden(x) -> torch.Tensor:
 
 @torch.no_grad()
 def block_influence(model: nn.Module | GatedLM, blocks: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """BI of every decoder layer, ``[L]`` float64, averaged over all tokens of ``blocks``."""
+    """BI of every decoder layer, ``[L]`` float64 on the model's device, averaged over all tokens of
+    ``blocks``."""
     blocks = check_blocks(blocks)
     base = model.model if isinstance(model, GatedLM) else model
     layers = family_for(base.config).layers(base)
-    sums = torch.zeros(len(layers), dtype=torch.float64)
+    device = next(base.parameters()).device
+    sums = torch.zeros(len(layers), dtype=torch.float64, device=device)  # where the hidden states are
     count = 0
     handles = []
 
@@ -54,13 +56,12 @@ def block_influence(model: nn.Module | GatedLM, blocks: torch.Tensor, batch_size
             x = args[0] if args else kwargs["hidden_states"]
             y = _hidden(out)
             cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1, eps=1e-8)
-            sums[l] += cos.double().sum()
+            sums[l] += cos.double().sum().to(sums.device)
 
         return hook
 
     for l, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(hook_for(l), with_kwargs=True))
-    device = next(base.parameters()).device
     try:
         for start in range(0, blocks.shape[0], batch_size):
             batch = blocks[start:start + batch_size].to(device)

@@ -45,7 +45,8 @@ from ppn_bayes.errors import ConfigError
 class Hessian:
     """Running ``(2 / n) X^T X`` of a matrix product's input.
 
-    Accumulated in float32 as in the reference implementation (the inverse is taken in float64).
+    Accumulated in float32 as in the reference implementation (the inverse is taken in float64), on
+    the device of the inputs (created at the first :meth:`add`), where the weights it prunes are.
     q/k/v (and gate/up) read the same input tensor one after another, so the last Gram matrix is
     cached by tensor identity (the cache holds the tensor itself, so its memory cannot be reused by
     another tensor while it is cached) and shared instead of recomputed.
@@ -54,19 +55,22 @@ class Hessian:
     _last: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     def __init__(self, in_features: int):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.in_features = in_features
+        self.H: torch.Tensor | None = None
         self.n = 0
 
     @classmethod
     def gram(cls, x: torch.Tensor) -> torch.Tensor:
         if cls._last is not None and cls._last[0] is x and cls._last[1] == x._version:
             return cls._last[2]
-        flat = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
         g = flat.t() @ flat
         cls._last = (x, x._version, g)
         return g
 
     def add(self, x: torch.Tensor) -> None:
+        if self.H is None:
+            self.H = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
         m = x.reshape(-1, x.shape[-1]).shape[0]
         self.H *= self.n / (self.n + m)
         self.n += m
@@ -76,7 +80,7 @@ class Hessian:
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp I)^-1``, raising the damping until it factors."""
     damp = percdamp * float(torch.diag(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for _ in range(6):
         L, info = torch.linalg.cholesky_ex(H + damp * eye)
         if int(info) == 0:
@@ -97,7 +101,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
     """
     dtype = W.dtype
     W = W.detach().float().clone(memory_format=torch.contiguous_format)
-    H = H.double().clone()
+    H = H.to(W.device, torch.float64, copy=True)
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -155,7 +159,8 @@ def sparsegpt(model: nn.Module | GatedLM, blocks: torch.Tensor, size: float = 0.
 
         def prune(mod: nn.Module, stats: Hessian) -> None:
             w = weight_as_out_in(mod)
-            w.copy_(sparsegpt_prune(w, stats.H, sparsity, pattern, blocksize, percdamp))
+            H = stats.H if stats.H is not None else torch.zeros(w.shape[1], w.shape[1], device=w.device)
+            w.copy_(sparsegpt_prune(w, H, sparsity, pattern, blocksize, percdamp))
 
         def make(mod: nn.Module) -> Hessian:
             return Hessian(weight_as_out_in(mod).shape[1])

@@ -38,17 +38,20 @@ from ppn_bayes.errors import ConfigError
 
 
 class ColumnNorms:
-    """Running ``sum_t x_tj^2`` of a matrix product's input (float64: many tokens add up)."""
+    """Running ``sum_t x_tj^2`` of a matrix product's input (float64: many tokens add up), kept on the
+    inputs' device (no host copy per batch)."""
 
     def __init__(self, in_features: int):
-        self.sq = torch.zeros(in_features, dtype=torch.float64)
+        self.in_features = in_features
+        self.sq: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
-        self.sq += x.detach().reshape(-1, x.shape[-1]).double().pow(2).sum(0).cpu()
+        sq = x.detach().reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+        self.sq = sq if self.sq is None else self.sq + sq
 
     @property
     def norms(self) -> torch.Tensor:
-        return self.sq.sqrt()
+        return torch.zeros(self.in_features, dtype=torch.float64) if self.sq is None else self.sq.sqrt()
 
 
 def wanda_scores(weight: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
