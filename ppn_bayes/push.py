@@ -56,11 +56,12 @@ def bspline_basis(x: torch.Tensor, n_ctrl: int, degree: int = DEGREE) -> torch.T
 
     The right end ``x = 1`` is included in the last interval so that the spline is defined there.
     """
-    t = _clamped_knots(n_ctrl, degree).to(device=x.device)
+    knots = _clamped_knots(n_ctrl, degree)
+    last = int((knots[1:] > knots[:-1]).nonzero().max())  # the last non-empty interval: on the host, no sync
+    t = knots.to(device=x.device)
     x = x.to(torch.float64).clamp(0.0, 1.0).unsqueeze(-1)
     left, right = t[:-1], t[1:]
     basis = ((x >= left) & (x < right)).to(torch.float64)
-    last = int((right > left).nonzero().max())
     basis[..., last] = torch.where(x[..., 0] >= 1.0, torch.ones_like(basis[..., last]), basis[..., last])
     for k in range(1, degree + 1):
         n = basis.shape[-1] - 1

@@ -113,7 +113,7 @@ def elbo_terms(model: Callable, guide: Callable, *args, **kwargs) -> dict[str, t
     model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
-    zero = torch.zeros(())
+    zero = torch.zeros((), device=args[0].device if args and torch.is_tensor(args[0]) else None)  # the data's device
     tokens, compute, logp, logq = zero, zero, zero, zero
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
