@@ -337,7 +337,8 @@ def test_fsdp_checkpoint_gathered_to_rank_0_one_tensor_at_a_time(tiny_llama_dir,
     def two(*args: str, record: Path) -> list[dict]:
         record.mkdir()
         done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(runner), *fit, *args],
-                              env={**env, "SIZING_DIR": str(record)}, capture_output=True, text=True, timeout=600)
+                              env={**env, "SIZING_DIR": str(record)}, capture_output=True, text=True, timeout=600,
+                              check=False)
         assert done.returncode == 0, done.stderr[-3000:]
         return [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
 
