@@ -1,6 +1,7 @@
 """A training session's state in and out: the resumable checkpoint and the run's exports.
 
-:func:`save` writes (rank 0, after gathering FSDP shards) the posterior files, the trained weights
+:func:`save` writes (rank 0, after every rank has helped gather the FSDP shards to rank 0's host
+memory, one tensor at a time) the posterior files, the trained weights
 (``weights.safetensors`` or ``adapter.safetensors``) and the checkpoint (tensors, RNG states,
 optimizer state, trainer counters; written next to the current one and swapped in, see
 :func:`ppn_bayes.run.save_checkpoint`). :func:`restore` loads a checkpoint back into a session on
@@ -16,28 +17,30 @@ import torch
 
 from ppn_bayes import run as rundir
 from ppn_bayes.config import dump_recipe
-from ppn_bayes.distributed import barrier, full_tensor, is_sharded, shard_like
+from ppn_bayes.distributed import barrier, gather_to_host, is_sharded, shard_like
 
 if TYPE_CHECKING:
     from ppn_bayes.train import Session
 
 
 def trained_weights(s: Session) -> dict[str, torch.Tensor]:
-    """What ``weights.safetensors``/``adapter.safetensors`` hold (base names; adapters' A and B). Under
-    FSDP every rank must call this (full-mode weights are gathered from their shards)."""
-    if s.lora is not None:
-        return {k: v.detach().cpu().clone() for k, v in s.lora.state().items()}
-    return {k: full_tensor(p.detach()).cpu().clone() for k, p in s.named_weights.items()}
+    """What ``weights.safetensors``/``adapter.safetensors`` hold (base names; adapters' A and B), as CPU
+    copies on rank 0 and ``{}`` on the other ranks. Under FSDP every rank must call this: full-mode
+    weights are gathered from their shards one tensor at a time (:func:`~ppn_bayes.distributed.gather_to_host`)."""
+    weights = s.lora.state() if s.lora is not None else s.named_weights
+    return dict(gather_to_host(weights.items(), keep=s.main))
 
 
 def state_tensors(s: Session) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors: ``guide.*``, ``model.*`` (the push and prior, not the base model) and
-    ``lora.*`` or ``weights.*``; whole tensors whatever the wrapping (every rank calls this under FSDP)."""
-    out = {f"guide.{k}": v for k, v in s.guide.state_dict().items()}
-    out.update({f"model.{k}": v for k, v in s.ppn.state_dict().items() if not k.startswith("gated.")})
+    ``lora.*`` or ``weights.*``; whole tensors on the CPU whatever the wrapping, on rank 0 (``{}`` on the
+    other ranks, which under FSDP must call this too: they take part in gathering the shards)."""
+    out = dict(gather_to_host(((f"guide.{k}", v) for k, v in s.guide.state_dict().items()), keep=s.main))
+    out.update(gather_to_host(((f"model.{k}", v) for k, v in s.ppn.state_dict().items()
+                               if not k.startswith("gated.")), keep=s.main))
     prefix = "lora." if s.lora is not None else "weights."
     out.update({prefix + k: v for k, v in trained_weights(s).items()})
-    return {k: v.detach().cpu().clone().contiguous() for k, v in out.items()}
+    return out
 
 
 def restore(s: Session, ckpt: dict[str, Any]) -> int:
@@ -77,23 +80,40 @@ def _restore_tensors(s: Session, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def optimizer_state(s: Session) -> dict:
-    """The optimizer's state dict, with whole tensors (under FSDP every rank must call this: the state
-    of sharded parameters is gathered)."""
+    """The optimizer's state dict with whole tensors, on rank 0; ``{}`` on the other ranks.
+
+    Under FSDP every rank must call this: the state of sharded parameters (AdamW's two moments, each
+    as big as its parameter) is gathered one tensor at a time, in the same order on every rank, and
+    copied to the CPU on rank 0 only (:func:`~ppn_bayes.distributed.gather_to_host`), so no GPU ever
+    holds more than one whole state tensor and only rank 0's host memory holds the whole state. The
+    saved dict is the same whatever the wrapping: whole tensors that any world size can resume.
+    """
+    if not is_sharded(s):  # whole tensors already; torch.save copies them to the file from wherever they are
+        return s.optimizer.state_dict() if s.main else {}
     state = s.optimizer.state_dict()
-    if is_sharded(s):
-        state["state"] = {i: {k: full_tensor(v) for k, v in st.items()} for i, st in state["state"].items()}
-    return state
+    whole: dict[int, dict[str, Any]] = {}
+    for i in sorted(state["state"]):  # same order on every rank: each sharded tensor is gathered by a collective
+        st = state["state"][i]
+        tensors = dict(gather_to_host(((k, v) for k, v in st.items() if torch.is_tensor(v)), keep=s.main))
+        if s.main:
+            whole[i] = {k: tensors.get(k, v) for k, v in st.items()}
+    return {"state": whole, "param_groups": state["param_groups"]} if s.main else {}
 
 
 def save(s: Session, step: int) -> None:
-    """Exports (posterior, weights/adapter) and the resumable checkpoint; rank 0 writes (under FSDP
-    after every rank has helped gather the shards)."""
+    """Exports (posterior, weights/adapter) and the resumable checkpoint; rank 0 writes.
+
+    Every rank first helps gather the FSDP shards (:func:`state_tensors`, :func:`optimizer_state`:
+    only rank 0 keeps them). Then rank 0 writes while the others wait in the closing barrier, which is
+    the longest wait of a run (minutes for a multi-GB checkpoint): the process group's timeout,
+    :data:`~ppn_bayes.distributed.DIST_TIMEOUT_S` (``PPN_DIST_TIMEOUT_S``), is sized to cover it.
+    """
     from ppn_bayes.posterior import save_posterior
 
     r = s.recipe
-    gather = is_sharded(s)
-    tensors = state_tensors(s) if s.main or gather else {}
-    weights = trained_weights(s) if (s.main or gather) and r.train.weights != "frozen" else {}
+    tensors = state_tensors(s)
+    prefix = "lora." if s.lora is not None else "weights."
+    weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # gathered once, for both files
     opt = optimizer_state(s)
     if s.main:
         save_posterior(s.run_dir, s.ppn.prior, s.ppn.push, s.guide, r.prior, r.push, r.guide, r.train.tempering)

@@ -9,34 +9,91 @@ same functions, which are then no-ops.
 
 from __future__ import annotations
 
+import math
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ppn_bayes.config import Recipe
+from ppn_bayes.errors import ConfigError
 
 if TYPE_CHECKING:
     from ppn_bayes.train import Objective, Session
 
 
+DIST_TIMEOUT_S = 3600.0
+"""Seconds any collective may wait (the process group's timeout), unless ``PPN_DIST_TIMEOUT_S`` says otherwise.
+
+The longest wait in a run is the barrier at the end of every checkpoint (:func:`ppn_bayes.checkpoint.save`):
+rank 0 alone writes the exports and the checkpoint (several GB for a multi-billion-parameter model with
+its AdamW state, fsynced) while the other ranks wait. NCCL's default (10 minutes) can run out during a
+write to a slow network file system and kill a healthy run; an hour covers a write of tens of GB at the
+slowest disks a training cluster has. The price: a rank that really hangs is noticed after this long.
+"""
+
+
+def dist_timeout() -> timedelta:
+    """The process group's timeout: ``PPN_DIST_TIMEOUT_S`` (seconds, > 0) if set, else :data:`DIST_TIMEOUT_S`."""
+    raw = os.environ.get("PPN_DIST_TIMEOUT_S", "").strip()
+    if not raw:
+        return timedelta(seconds=DIST_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"PPN_DIST_TIMEOUT_S={raw!r} is not a positive number of seconds; set it to e.g. 7200 "
+                          f"(or unset it for the default of {DIST_TIMEOUT_S:g})")
+    return timedelta(seconds=seconds)
+
+
+def local_device(local_rank: int, device_count: int) -> int:
+    """The CUDA device index of the process with ``LOCAL_RANK`` ``local_rank`` when it sees ``device_count`` GPUs.
+
+    torchrun lets every process see every GPU of its node, and local rank i takes GPU i. Some launchers
+    (SLURM's ``--gpus-per-task``, Kubernetes device plugins) instead set ``CUDA_VISIBLE_DEVICES`` per
+    process, so that each one sees a single GPU, ``cuda:0``, whatever its local rank: then the only
+    GPU it sees is its own. A local rank beyond the visible GPUs of a multi-GPU view is a launch
+    mistake (more processes per node than GPUs), said in one line rather than as a CUDA error.
+    """
+    if device_count < 1:
+        raise ConfigError("CUDA was requested under torchrun but this process sees no CUDA device; check "
+                          "CUDA_VISIBLE_DEVICES or use train.device: cpu")
+    if device_count == 1:
+        return 0
+    if not 0 <= local_rank < device_count:
+        raise ConfigError(f"LOCAL_RANK {local_rank} but this process sees only {device_count} CUDA devices; start at "
+                          f"most {device_count} processes per node (torchrun --nproc_per_node {device_count}) or "
+                          "give each process one GPU (CUDA_VISIBLE_DEVICES per rank)")
+    return local_rank
+
+
 def init_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
-    """(rank, world size, device, whether we started the process group) from torchrun's environment."""
+    """(rank, world size, device, whether we started the process group) from torchrun's environment.
+
+    On CUDA each rank takes :func:`local_device` (its own GPU, also when it sees only that one) and
+    makes it current before the process group and FSDP's device mesh exist (both use the current
+    device); the group waits up to :func:`dist_timeout` in any collective.
+    """
     from ppn_bayes.device import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, resolve_device(device_name), False
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = dist_timeout()  # a bad PPN_DIST_TIMEOUT_S fails before any GPU or process group is touched
     device = resolve_device(device_name)
     if device.type == "cuda":
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", local_device(local, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     started = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         started = True
     return dist.get_rank(), dist.get_world_size(), device, started
 
@@ -48,6 +105,7 @@ def wrap_objective(objective: Objective, recipe: Recipe, device: torch.device, g
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # Unused parameters are normal: the push's splines get no gradient on dense (lambda = 0) steps.
+    # device.index is init_distributed's choice (local_device), not LOCAL_RANK: they differ with one GPU per rank.
     return DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
                find_unused_parameters=True, broadcast_buffers=False)
 
@@ -100,6 +158,28 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP shard (a collective: every rank must call it, in the same order);
     any other tensor as it is."""
     return t.full_tensor() if is_dtensor(t) else t
+
+
+K = TypeVar("K")
+
+
+def gather_to_host(items: Iterable[tuple[K, torch.Tensor]], keep: bool) -> Iterator[tuple[K, torch.Tensor]]:
+    """``(key, whole tensor copied to the CPU)`` for each ``(key, tensor)``, one tensor at a time; nothing
+    when ``keep`` is false. Under FSDP every rank must run it over the same items in the same order
+    (each shard is gathered by a collective); only the rank that keeps (rank 0, the writer) yields.
+
+    Why one at a time: a whole optimizer state or model is as big as the model (twice it for AdamW's
+    moments), so gathering all of it before copying any would need that much free memory on every
+    GPU. Here each whole tensor exists on the device only until it is copied to the host (rank 0) or
+    dropped (the others): peak device memory is one whole tensor, and only rank 0's host memory holds
+    the gathered state. The copy is a new tensor also on the CPU, where it must not alias live state.
+    """
+    for key, value in items:
+        whole = full_tensor(value.detach())
+        host = whole.to("cpu", copy=True).contiguous() if keep else None
+        del whole  # before the next gather, and before the caller gets to hold on to anything
+        if host is not None:
+            yield key, host
 
 
 def shard_like(dst: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
