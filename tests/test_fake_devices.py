@@ -26,6 +26,7 @@ import pyro
 import pytest
 import torch
 from conftest import make_tiny_llama
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ppn_bayes.backbone.gated import gate
@@ -73,6 +74,22 @@ class DtypeLog(TorchDispatchMode):
 
     def low_precision(self) -> list[str]:
         return sorted(f for f, ds in self.dtypes.items() if ds & {torch.bfloat16, torch.float16})
+
+
+class GeneratorDevices(TorchFunctionMode):
+    """Raises when a random op draws with a generator of another device type than its output's (a CPU
+    ``torch.Generator()`` used for CUDA draws fails on CUDA; neither meta nor fake tensors check it)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        gen = kwargs.get("generator")
+        if gen is not None:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.device.type != gen.device.type:
+                    raise AssertionError(f"{getattr(func, '__name__', func)} drew {t.device.type} values with a "
+                                         f"{gen.device.type} generator")
+        return out
 
 
 @contextlib.contextmanager
@@ -140,7 +157,7 @@ def test_build_and_one_objective_pass_on_meta(tiny_llama_dir, corpus, tmp_path, 
         assert on == {"meta"}, on
         ids = s.train_blocks[:2].to(META)
         for lam in (0.0, 0.7):  # a dense step and a pruned one (masks, amplitudes, the compute factor)
-            with pyro.validation_enabled(False), _fixed_lambda(s.ppn, lam):
+            with pyro.validation_enabled(False), _fixed_lambda(s.ppn, lam), GeneratorDevices():
                 terms = s.objective(ids, torch.arange(2, device=META))
             assert {k: v.device for k, v in terms.items()} == dict.fromkeys(terms, META)
             terms["loss"].backward()
@@ -259,6 +276,15 @@ def test_dtype_log_sees_bf16_where_autocast_is_left_on(tiny_gated):
     assert log.low_precision(), log.dtypes
 
 
+def test_generator_device_check_catches_a_cpu_generator_on_another_device():
+    """Power check of :class:`GeneratorDevices` (torch itself does not check it on meta)."""
+    torch.rand(3, generator=torch.Generator(), device=META)  # passes silently without the check
+    with GeneratorDevices(), pytest.raises(AssertionError, match="meta values with a cpu generator"):
+        torch.rand(3, generator=torch.Generator(), device=META)
+    with GeneratorDevices():
+        torch.rand(3, generator=torch.Generator())  # the push's mask draws: CPU generator, CPU values
+
+
 def test_fake_cuda_catches_cpu_accumulators():
     """Power check of the fake device: the old unit-norm accumulation (into CPU tensors) raises."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -349,3 +375,19 @@ def test_bf16_threshold_arithmetic_would_be_caught():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = bspline_basis(x, 10).float() @ cp.T
     assert (low.float() - exact).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------- timing
+
+
+def test_decode_timers_synchronize_the_device(tiny_gated, monkeypatch):
+    """``ppn compare``'s decode time and the speed bench share one timer, which waits for the device
+    before reading the clock (CUDA kernels run asynchronously)."""
+    import ppn_bayes.device as device_mod
+    from ppn_bayes.compare import decode_seconds
+
+    calls = []
+    monkeypatch.setattr(device_mod, "synchronize", lambda device: calls.append(torch.device(device)))
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    assert decode_seconds(tiny_gated.remove_hooks(), prompt, 3, trials=2) >= 0
+    assert calls == [torch.device("cpu")] * 6  # before prefill, after prefill, after decode; per trial
