@@ -48,7 +48,7 @@ from torch import nn
 from ppn_bayes import run as rundir
 from ppn_bayes.checkpoint import restore, save
 from ppn_bayes.config import Recipe, apply_overrides, load_recipe, recipe_from_dict
-from ppn_bayes.device import full_precision
+from ppn_bayes.device import full_precision, synchronize
 from ppn_bayes.distributed import (
     average_replicated_grads,
     barrier,
@@ -368,6 +368,7 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
         group["lr"] = group["base_lr"] * mult
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
+    synchronize(s.device)  # the step's kernels have run: its seconds are its own (the next step would wait anyway)
     s.seconds += time.perf_counter() - tic
     info = s.ppn.last.values()
     return {"type": "train", "step": step + 1, "elbo": -sums["loss"], "token_loss": sums["token_loss"],
