@@ -3,6 +3,12 @@
 Each subcommand lives in its own module under :mod:`ppn_bayes.cli` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func``.  ``main`` only dispatches and turns
 :class:`~ppn_bayes.errors.PPNError` into a one-line message with exit status 2.
+
+An :class:`OSError` that reaches this boundary (a disk that filled up during the work, a permission
+changed under a running command) is the user's environment, not a bug: it is printed the same way,
+``error: <what> <path>: <strerror>; <fix>`` (:func:`ppn_bayes.files.os_error_message`), exit status 2.
+The commands remove their partial outputs on the way out; the foreseeable cases are refused before
+the work starts (:func:`ppn_bayes.files.check_writable`).
 """
 
 from __future__ import annotations
@@ -59,13 +65,20 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     if not getattr(args, "func", None):
-        parser.print_help()
+        parser.print_usage(sys.stderr)
+        print(f"error: ppn: no command given; choose one of {', '.join(COMMANDS)} (e.g. `ppn demo`), "
+              "see `ppn --help`", file=sys.stderr)
         return 2
     try:
         return int(args.func(args) or 0)
     except PPNError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        from ppn_bayes.files import os_error_message
+
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -30,7 +30,15 @@ def register(subparsers: Any) -> None:
     speed.add_argument("--json", action="store_true", help="print the result as JSON")
     speed.add_argument("--plot", default=None, metavar="PNG", help="also write a plot of measured vs ideal")
     speed.set_defaults(func=run_speed)
-    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+    parser.set_defaults(func=lambda args: _no_subcommand(parser))
+
+
+def _no_subcommand(parser: argparse.ArgumentParser) -> int:
+    import sys
+
+    parser.print_usage(sys.stderr)
+    print("error: ppn bench: no benchmark given; use `ppn bench speed`, see `ppn bench --help`", file=sys.stderr)
+    return 2
 
 
 def run_speed(args: argparse.Namespace) -> int:
