@@ -44,6 +44,10 @@ CONFIG, MANIFEST, METRICS = "config.yaml", "manifest.json", "metrics.jsonl"
 WEIGHTS, ADAPTER = "weights.safetensors", "adapter.safetensors"
 CHECKPOINT, CHECKPOINT_OLD = "checkpoint", "checkpoint.old"
 CKPT_FILES = ("state.safetensors", "rng.safetensors", "optimizer.pt", "trainer.json")
+POSTERIOR_FILES = ("posterior.json", "units.safetensors", "guide.safetensors", "push.safetensors")
+#: The files ``ppn fit`` writes at the top of a run directory (what an output must never overlap).
+RUN_FILES = (CONFIG, MANIFEST, METRICS, WEIGHTS, ADAPTER, *POSTERIOR_FILES)
+RUN_ENTRIES = (*RUN_FILES, CHECKPOINT, CHECKPOINT_OLD, f"{CHECKPOINT}.tmp-*")
 FORMAT = 1
 
 
@@ -173,10 +177,8 @@ def clean_stale(run_dir: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     if (run_dir / CHECKPOINT).is_dir() and find_checkpoint(run_dir) == run_dir / CHECKPOINT:
         shutil.rmtree(run_dir / CHECKPOINT_OLD, ignore_errors=True)
-    known = (CONFIG, MANIFEST, METRICS, WEIGHTS, ADAPTER, "posterior.json", "units.safetensors",
-             "guide.safetensors", "push.safetensors")
     for path in run_dir.iterdir():  # atomic_write_bytes / atomic_save_tensors temp names: ".<name>.<random>"
-        if path.is_file() and any(path.name.startswith(f".{k}.") for k in known):
+        if path.is_file() and any(path.name.startswith(f".{k}.") for k in RUN_FILES):
             path.unlink(missing_ok=True)
 
 
