@@ -333,11 +333,12 @@ class Run:
         """Per-unit inclusion probabilities at a size: :func:`ppn_bayes.keepsets.inclusion`."""
         return self.keepset(size, params, layers, flops, quantile, num_draws, seed).inclusion
 
-    def report(self, sizes=(0.25, 0.5, 0.75), num_draws: int = 256, quantile: float = 0.5, seed: int = 0, out=None):
+    def report(self, sizes=(0.25, 0.5, 0.75), num_draws: int = 256, quantile: float = 0.5, seed: int = 0, out=None,
+               overwrite: bool = False):
         """Write report.md, plots, keepsets.json and posterior.nc: :func:`ppn_bayes.report.write_report`."""
         from ppn_bayes.report import write_report
 
-        return write_report(self, sizes, num_draws, quantile, seed, out)
+        return write_report(self, sizes, num_draws, quantile, seed, out, overwrite)
 
     def uncertainty(self, size=None, k: int = 8, blocks: int = 4, device: str = "cpu", **target):
         """Posterior predictive over k sampled sub-networks: :func:`ppn_bayes.uncertainty.run_uncertainty`."""
