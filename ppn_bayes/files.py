@@ -47,19 +47,46 @@ from safetensors.torch import save_file
 from ppn_bayes.errors import OutputError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file (``mkstemp`` makes 0600; outputs are meant to be shared)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_temp(path: Path, data: bytes) -> str:
+    """``data`` in a fsynced temporary file next to ``path``; returns its name (removed on failure)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), _file_mode())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    atomic_write_many({Path(path): data})
+
+
+def atomic_write_many(files: dict[Path, bytes]) -> None:
+    """Write several files that belong together: every one to a temporary name first, and only when
+    all are written (a full disk fails here, with nothing replaced) renamed into place."""
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            temps.append((_write_temp(Path(path), data), Path(path)))
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -29,7 +29,14 @@ from typing import Any
 import torch
 
 from ppn_bayes.errors import OutputError
-from ppn_bayes.files import atomic_write_bytes, check_no_overlap, check_owned, check_writable, real, writer_lock
+from ppn_bayes.files import (
+    atomic_write_bytes,
+    check_no_overlap,
+    check_owned,
+    check_writable,
+    real,
+    writer_lock,
+)
 from ppn_bayes.keepsets import KeepsetResult, KeepsetSolver
 
 #: What a report writes into its directory.
