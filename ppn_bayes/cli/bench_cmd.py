@@ -49,6 +49,13 @@ def run_speed(args: argparse.Namespace) -> int:
     sizes = parse_list(args.sizes, float, "--sizes")
     batches = parse_list(args.batch_sizes, int, "--batch-sizes")
     _validate(sizes, batches, args)  # before the model loads: a typo costs a second, not a load
+    if args.plot:
+        import os
+
+        from ppn_bayes.bench import check_plot_path
+
+        check_plot_path(args.plot, [(what, p) for what, p in (("model", args.model), ("run directory", args.run))
+                                    if p is not None and os.path.lexists(os.path.expanduser(p))])
     device = resolve_device(args.device)
     model, _ = load_model(args.model, device=device)
     keepsets, inventory = keepsets_for(model, sizes, args.run)
