@@ -145,13 +145,17 @@ def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], rng: dict[s
     tmp = run_dir / f"{CHECKPOINT}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n", encoding="utf-8")
-    for name in CKPT_FILES:
-        _fsync_file(tmp / name)
-    _fsync_dir(tmp)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n", encoding="utf-8")
+        for name in CKPT_FILES:
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+    except BaseException:  # a full disk: the previous checkpoint stays, the half-written one goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     current, old = run_dir / CHECKPOINT, run_dir / CHECKPOINT_OLD
     if current.is_dir():
         shutil.rmtree(old, ignore_errors=True)
