@@ -770,7 +770,6 @@ def resize_run(
 
     run = run if isinstance(run, Run) else load_run(run)
     out = Path(out)
-    check_output(out, overwrite, [("run directory", run.path)])
     base_path = run.base_path() if base is None else resolve_model(base)
     inputs = [("run directory", run.path), ("base model", base_path)]
     check_output(out, overwrite, inputs)
@@ -845,11 +844,10 @@ def resize_keepset_file(base: str | os.PathLike, keepset_file: str | os.PathLike
     from ppn_bayes.zoo import check_checkpoint, resolve_model
 
     out = Path(out)
-    check_output(out, overwrite, [("keep-set file", keepset_file)])
-    keep = read_keepset_file(keepset_file)
     base_path = resolve_model(base)
     inputs = [("keep-set file", keepset_file), ("base model", base_path)]
     check_output(out, overwrite, inputs)
+    keep = read_keepset_file(keepset_file)
     check_checkpoint(base_path)
     inventory = inventory_for(base_path, group_size, kinds)
     _check_keep_indices(keep, inventory)

@@ -483,7 +483,7 @@ def fit(recipe: Recipe | str | os.PathLike | None = None, out: str | os.PathLike
     Under ``torchrun`` every rank calls this; rank 0 writes the run directory.
     """
     run_dir = Path(out) if out is not None else None
-    if run_dir is not None:  # before the recipe is read from it: a foreign config.yaml is not a snapshot
+    if run_dir is not None and resume:  # before a snapshot is read from it: a foreign config.yaml is none
         _check_dir(run_dir, resume)
     r = resolve_recipe(recipe, run_dir, resume, overrides)
     run_dir = run_dir or Path("runs") / r.name
