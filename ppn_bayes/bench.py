@@ -312,9 +312,9 @@ def check_plot_path(path: str | os.PathLike, inputs: list[tuple[str, Any]]) -> N
     from ppn_bayes.errors import OutputError
     from ppn_bayes.files import check_no_overlap, check_writable
 
+    check_writable(path, "--plot")
     if Path(path).is_dir():
         raise OutputError(f"--plot {path} is a directory; pass a file name such as speed.png")
-    check_writable(path, "--plot")
     check_no_overlap(path, inputs, flag="--plot")
 
 

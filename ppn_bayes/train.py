@@ -488,10 +488,11 @@ def fit(recipe: Recipe | str | os.PathLike | None = None, out: str | os.PathLike
     r = resolve_recipe(recipe, run_dir, resume, overrides)
     run_dir = run_dir or Path("runs") / r.name
     recipe_path = recipe if isinstance(recipe, (str, os.PathLike)) else None
+    _check_dir(run_dir, resume, r, recipe_path)  # before the lock file is made next to it
     rank, world, device, started = init_distributed(r.train.device)
     try:
         with _run_lock(run_dir, rank, world):
-            _check_dir(run_dir, resume, r, recipe_path)
+            _check_dir(run_dir, resume, r, recipe_path)  # again, now that no other writer can change it
             created = not run_dir.exists()
             try:
                 return _fit(r, run_dir, rank, world, device, resume, progress, callbacks or [])
