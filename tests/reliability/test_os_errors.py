@@ -150,6 +150,26 @@ def test_disk_full_during_a_new_fit_leaves_nothing_and_a_plain_rerun_works(recip
     assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
 
 
+def test_any_failure_before_the_first_checkpoint_leaves_no_run_behind(recipe, work, capsys, monkeypatch):
+    """The issue's negative seed failed in the first step and left a half-made run that a plain rerun
+    refused. Whatever fails once the run directory exists (here the step's seeding raising, as numpy
+    does for a negative seed), the run is removed when it has no checkpoint yet."""
+    import ppn_bayes.train as train
+
+    real = train.step_seed
+
+    def bad_seed(seed, step, stream=0):
+        raise ValueError("expected non-negative integer")
+
+    monkeypatch.setattr(train, "step_seed", bad_seed)
+    out = work / "run"
+    with pytest.raises(ValueError):  # not a user error that ppn-bayes knows of: a bug, exit 1 + traceback
+        main(["fit", str(recipe), "--out", str(out), "--no-progress"])
+    assert list(work.iterdir()) == []
+    monkeypatch.setattr(train, "step_seed", real)
+    assert main(["fit", str(recipe), "--out", str(out), "--no-progress"]) == 0
+
+
 def test_disk_full_after_a_checkpoint_leaves_a_resumable_run(own_run, text_corpus, inputs, tmp_path, work, capsys,
                                                              monkeypatch):
     """Once a checkpoint exists the run is kept (marked failed); a plain rerun says to resume, and
