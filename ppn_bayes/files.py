@@ -288,14 +288,19 @@ def lock_holder(target: str | os.PathLike[str]) -> str | None:
         os.close(fd)
 
 
-def _command() -> str:
+def _command(label: str | None) -> str:
+    """The holder's command line as the user typed it (``ppn fit recipe.yaml --out runs/x``); from
+    another program, ``label`` and that program's command line."""
     import shlex
     import sys
 
     argv = [os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
-    if argv[0] in ("__main__.py", "-m", "-c"):
+    if argv[0] == "__main__.py" and "ppn_bayes" in sys.argv[0]:  # python -m ppn_bayes.cli / torchrun -m
         argv[0] = "ppn"
-    return " ".join(shlex.quote(a) for a in argv)[:300]
+    line = " ".join(shlex.quote(a) for a in argv)
+    if argv[0] != "ppn" and label:
+        line = f"{label}, from {line}"
+    return line[:300]
 
 
 @contextlib.contextmanager
@@ -359,7 +364,7 @@ def _acquire(path: Path, target: Path, command: str | None) -> int:
             same = False
         if same:  # not a file its previous holder unlinked between our open and our lock
             os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} ({command or _command()})\n".encode())
+            os.write(fd, f"pid {os.getpid()} ({_command(command)})\n".encode())
             return fd
         os.close(fd)
     raise OutputError(f"cannot take the lock {path}; remove it if no ppn process is running, then rerun")
