@@ -490,14 +490,26 @@ def plot_png(result: dict[str, Any]) -> bytes:
 COMPARE_ENTRIES = ("compare.json", "keepsets.json", "compare.md", "compare.png", "ppn-run", "ppn-paper-run")
 
 
-def check_out(out_dir: str | os.PathLike, inputs: list[tuple[str, Any]]) -> None:
+def check_out(out_dir: str | os.PathLike, inputs: list[tuple[str, Any]], fits: Sequence[str] = ()) -> None:
     """Before the model loads: ``--out`` can be written, overlaps none of the ``(what, path)`` inputs and,
-    if it exists, holds only an earlier comparison (which is replaced); see :mod:`ppn_bayes.files`."""
+    if it exists, holds only an earlier comparison (which is replaced); see :mod:`ppn_bayes.files`.
+
+    ``fits``: the methods whose run is to be fitted into ``--out`` (:func:`fit_ppn_run`). A run an
+    earlier comparison fitted there is never refitted over; the user is told now how to reuse it,
+    not after the peers have been measured.
+    """
+    from ppn_bayes.errors import OutputError
     from ppn_bayes.files import check_no_overlap, check_owned, check_writable
 
     check_writable(out_dir)
     check_no_overlap(out_dir, inputs, writes=COMPARE_ENTRIES)
     check_owned(out_dir, COMPARE_ENTRIES, "ppn compare")
+    for method in fits:
+        earlier = Path(out_dir) / f"{method}-run"
+        if os.path.lexists(earlier):
+            flag = "--run" if method == "ppn" else "--paper-run"
+            raise OutputError(f"--out {out_dir} already holds the {method} run an earlier comparison fitted "
+                              f"({earlier}); pass {flag} {earlier} to reuse it, or choose another --out")
 
 
 def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:

@@ -135,9 +135,10 @@ def run(args: argparse.Namespace) -> int:
     methods = _methods(args)
     items, choice_info = _choice_items(args, methods)
     device = resolve_device(args.device)
-    check_out(args.out, _inputs(args))
+    fits = [m for m, given in (("ppn", args.run), ("ppn-paper", args.paper_run)) if m in methods and given is None]
+    check_out(args.out, _inputs(args), fits)
     with writer_lock(args.out, "ppn compare"):
-        check_out(args.out, _inputs(args))  # again, now that no other writer can change it
+        check_out(args.out, _inputs(args), fits)  # again, now that no other writer can change it
         return _run(args, sizes, methods, items, choice_info, device)
 
 

@@ -194,6 +194,16 @@ def test_compare_out_is_an_input(own_run, text_corpus, work, capsys):
           watch=[own_run.parent, text_corpus.parent])
 
 
+def test_compare_never_refits_over_an_earlier_fitted_run(own_run, work, capsys):
+    """Without ``--run`` the ppn rows fit a run into ``--out``; one an earlier comparison fitted there is
+    pointed out before the model loads (it used to fail after the peers had been measured)."""
+    earlier = work / "cmp" / "ppn-run"
+    earlier.mkdir(parents=True)
+    write(earlier / "manifest.json", "{}")
+    fails(capsys, ["compare", "--model", own_run.parent / "base", "--methods", "ppn,random", "--sizes", "0.5",
+                   "--device", "cpu", "--out", work / "cmp"], "already holds the ppn run", f"--run {earlier}")
+
+
 def test_bench_plot_is_an_input_or_a_directory(own_run, work, capsys):
     base = base_of(own_run)
     fails(capsys, ["bench", "speed", "--model", base, "--device", "cpu", "--plot", base / "config.json"],
