@@ -151,9 +151,14 @@ def check_report_out(run_dir: Path, out: Path, overwrite: bool = False) -> None:
     if real(out) == real(run_dir):
         return
     check_no_overlap(out, [("run directory", run_dir)], writes=REPORT_ENTRIES)
-    if (out / "manifest.json").is_file():
-        raise OutputError(f"--out {out} is another run; a report goes into its own run directory or a directory "
-                          "of its own; choose another --out")
+    own = real(run_dir)
+    for where in (real(out), *real(out).parents):
+        if where == own:
+            break  # inside its own run: a directory of its own there is fine
+        if (where / "manifest.json").is_file():
+            what = "is another run" if where == real(out) else f"lies inside another run ({where})"
+            raise OutputError(f"--out {out} {what}; a report goes into its own run directory or a directory "
+                              "of its own; choose another --out")
     if check_owned(out, REPORT_ENTRIES, "ppn report") and any(out.iterdir()) and not overwrite:
         raise OutputError(f"--out {out} already holds a report; pass --force to replace it, or choose another --out")
 

@@ -158,8 +158,11 @@ def test_fit_out_is_an_input(which, needle, tiny_llama_dir, text_corpus, inputs,
 def test_report_never_goes_into_another_run(force, own_run, tiny_run, work, capsys):
     """The issue's example (``ppn report RUN --out OTHER_RUN`` overwrote the other run's report): refused,
     and ``--force`` does not lift it."""
-    fails(capsys, ["report", own_run, "--draws", "8", "--out", tiny_run, *(["--force"] if force else [])],
-          "is another run", watch=[tiny_run, own_run])
+    flags = ["--force"] if force else []
+    fails(capsys, ["report", own_run, "--draws", "8", "--out", tiny_run, *flags], "is another run",
+          watch=[tiny_run, own_run])
+    fails(capsys, ["report", own_run, "--draws", "8", "--out", tiny_run / "new" / "report", *flags],
+          "lies inside another run", watch=[tiny_run, own_run])
 
 
 def test_report_out_holding_other_files_or_an_earlier_report(own_run, work, capsys):
