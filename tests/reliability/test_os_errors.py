@@ -35,7 +35,7 @@ RESIZE = ["--size", "0.5", "--draws", "8"]
 
 
 def enospc(path) -> OSError:
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), None if path is None else str(path))
 
 
 @pytest.fixture
@@ -295,3 +295,43 @@ def test_rejected_corpora_leave_no_lock_files(tiny_llama_dir, inputs, tmp_path, 
               needle)
     cache = tmp_path / "home" / "cache"
     assert not [p for p in cache.rglob("*.lock")], [str(p) for p in cache.rglob("*.lock")]
+
+
+class _Stdout:
+    """A stdout whose writes or flushes fail as a full disk (``--json > file``) or a closed pipe would."""
+
+    def __init__(self, err: OSError, on: str):
+        self.err, self.on, self.data = err, on, []
+
+    def write(self, text):
+        if self.on == "write":
+            raise self.err
+        self.data.append(text)
+        return len(text)
+
+    def flush(self):
+        if self.on == "flush":
+            raise self.err
+
+    def fileno(self):
+        raise OSError(errno.EBADF, "no descriptor")
+
+
+@pytest.mark.parametrize("on", ["write", "flush"])
+def test_stdout_on_a_full_disk_is_one_line(on, own_run, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys, "stdout", _Stdout(enospc(None), on))
+    assert main(["keepset", str(own_run), "--size", "0.5", "--draws", "8", "--json"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write to standard output: No space left"), lines
+
+
+@pytest.mark.parametrize("on", ["write", "flush"])
+def test_a_closed_pipe_ends_quietly(on, own_run, monkeypatch, capsys):
+    """``ppn keepset RUN --json | head -c 10``: the reader is done; no error line, status 141."""
+    import sys
+
+    monkeypatch.setattr(sys, "stdout", _Stdout(BrokenPipeError(errno.EPIPE, "Broken pipe"), on))
+    assert main(["keepset", str(own_run), "--size", "0.5", "--draws", "8", "--json"]) == 141
+    assert capsys.readouterr().err == ""
