@@ -19,8 +19,11 @@ import pytest
 
 from ppn_bayes.cli import main
 from ppn_bayes.files import lock_holder, lock_path
-from tests.reliability.test_bad_input import fails, snapshot, work  # noqa: F401 - fixtures, reused
-from tests.reliability.test_overlap import own_run  # noqa: F401 - fixture, reused
+from tests.reliability import test_bad_input as _bad
+from tests.reliability import test_overlap as _overlap
+
+# Helpers and fixtures of the bad-input and overlap tests, reused (found under their names here).
+fails, snapshot, work, own_run = _bad.fails, _bad.snapshot, _bad.work, _overlap.own_run
 
 HOLDER = """
 import sys
@@ -104,13 +107,12 @@ def test_every_rank_learns_that_rank_0_was_refused(own_run, monkeypatch):
 
     monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
     with held(own_run) as proc:
-        with pytest.raises(OutputError, match=f"pid {proc.pid}"):
-            with _run_lock(own_run, rank=0, world=2):
-                pass
+        with pytest.raises(OutputError, match=f"pid {proc.pid}"), _run_lock(own_run, rank=0, world=2):
+            pass
         assert sent and f"pid {proc.pid}" in sent[0]
-        with pytest.raises(OutputError, match=f"pid {proc.pid}"):  # rank 1 never touches the lock file
-            with _run_lock(own_run, rank=1, world=2):
-                pass
+        # rank 1 never touches the lock file: it raises what rank 0 sent
+        with pytest.raises(OutputError, match=f"pid {proc.pid}"), _run_lock(own_run, rank=1, world=2):
+            pass
     sent[:] = [None]  # rank 0 got the lock: rank 1 goes on, without touching the lock file
     with _run_lock(own_run, rank=1, world=2):
         assert lock_holder(own_run) is None and not lock_path(own_run).exists()
@@ -150,9 +152,9 @@ def test_two_fits_into_one_directory_do_not_interleave(tiny_llama_dir, tmp_path)
     while lock_holder(out) is None:
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.05)
-    second = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=300)
+    second = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=300, check=False)
     still_running = first.poll() is None
-    out1, err1 = first.communicate(timeout=600)
+    _, err1 = first.communicate(timeout=600)
     assert first.returncode == 0, err1[-2000:]
     assert still_running, "the first fit ended before the second one asked; raise steps"
     assert second.returncode == 2 and second.stdout == ""

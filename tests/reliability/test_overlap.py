@@ -17,15 +17,11 @@ from pathlib import Path
 import pytest
 
 from ppn_bayes.cli import main
-from tests.reliability.test_bad_input import (  # noqa: F401 - fixtures, reused
-    fails,
-    inputs,
-    recipe_text,
-    snapshot,
-    text_corpus,
-    work,
-    write,
-)
+from tests.reliability import test_bad_input as _bad
+
+# Helpers and fixtures of the bad-input tests, reused (a fixture is found under its name in this module).
+fails, recipe_text, snapshot, write = _bad.fails, _bad.recipe_text, _bad.snapshot, _bad.write
+inputs, text_corpus, work = _bad.inputs, _bad.text_corpus, _bad.work
 
 RESIZE = ["--size", "0.5", "--draws", "8"]
 
