@@ -493,12 +493,13 @@ def fit(recipe: Recipe | str | os.PathLike | None = None, out: str | os.PathLike
     try:
         with _run_lock(run_dir, rank, world):
             _check_dir(run_dir, resume, r, recipe_path)  # again, now that no other writer can change it
-            created = not run_dir.exists()
+            new = not (run_dir / rundir.MANIFEST).is_file()  # this call makes the run (dir absent or empty)
+            existed = run_dir.is_dir()
             try:
                 return _fit(r, run_dir, rank, world, device, resume, progress, callbacks or [])
             except BaseException as err:
-                if rank == 0 and created:
-                    _discard_unstarted(run_dir, err)
+                if rank == 0 and new:
+                    _discard_unstarted(run_dir, err, existed)
                 raise
     finally:
         if started and dist.is_initialized():
@@ -531,16 +532,18 @@ def _run_lock(run_dir: Path, rank: int, world: int):
         yield
 
 
-def _discard_unstarted(run_dir: Path, err: BaseException) -> None:
+def _discard_unstarted(run_dir: Path, err: BaseException, existed: bool) -> None:
     """A run this call created that failed before its first checkpoint holds nothing worth resuming:
-    remove it, so that a plain rerun (the input fixed) starts clean. Ctrl-C and NaN keep theirs, as
-    documented (their message says to resume)."""
+    remove it (back to the empty directory it was, if it ``existed``), so that a plain rerun (the
+    input fixed) starts clean. Ctrl-C and NaN keep theirs, as documented (their message says resume)."""
     import shutil
 
     if isinstance(err, (KeyboardInterrupt, NumericalError)) or not run_dir.is_dir():
         return
     if rundir.find_checkpoint(run_dir) is None:
         shutil.rmtree(run_dir, ignore_errors=True)
+        if existed:
+            run_dir.mkdir(exist_ok=True)
 
 
 def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, resume: bool, progress: bool,

@@ -162,6 +162,10 @@ def test_any_failure_before_the_first_checkpoint_leaves_no_run_behind(recipe, wo
     with pytest.raises(ValueError):  # not a user error that ppn-bayes knows of: a bug, exit 1 + traceback
         main(["fit", str(recipe), "--out", str(out), "--no-progress"])
     assert list(work.iterdir()) == []
+    out.mkdir()  # an empty directory made for the run beforehand stays as it was
+    with pytest.raises(ValueError):
+        main(["fit", str(recipe), "--out", str(out), "--no-progress"])
+    assert [p.name for p in work.iterdir()] == ["run"] and list(out.iterdir()) == []
     monkeypatch.setattr(train, "step_seed", real)
     assert main(["fit", str(recipe), "--out", str(out), "--no-progress"]) == 0
 
