@@ -26,10 +26,10 @@ overhead. The memory ideal is the ratio of parameter counts (embeddings + LM hea
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ from torch import nn
 from ppn_bayes.backbone.gated import GatedLM
 from ppn_bayes.backbone.units import KeepSet, UnitInventory
 from ppn_bayes.errors import ConfigError, RunError, SizeError
+from ppn_bayes.files import atomic_write_bytes
 
 # ------------------------------------------------------------------------------------ keep-sets
 
@@ -301,26 +302,27 @@ def plot_speed(result: dict[str, Any], path: str | os.PathLike) -> Path:
     axes[0].set_ylabel("speedup over dense")
     axes[1].legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
+def check_plot_path(path: str | os.PathLike, inputs: list[tuple[str, Any]]) -> None:
+    """Before the model loads: ``--plot`` names a writable file that is none of the inputs nor inside one."""
+    from ppn_bayes.errors import OutputError
+    from ppn_bayes.files import check_no_overlap, check_writable
+
+    check_writable(path, "--plot")
+    if Path(path).is_dir():
+        raise OutputError(f"--plot {path} is a directory; pass a file name such as speed.png")
+    check_no_overlap(path, inputs, flag="--plot")
+
+
 def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write a result atomically (temp file in the same directory, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(tmp, path)
+    """Write a result atomically (:func:`ppn_bayes.files.atomic_write_bytes`)."""
+    atomic_write_bytes(Path(path), json.dumps(result, indent=2).encode())
 
 
 def keepsets_for(model: nn.Module, sizes: list[float], run: str | os.PathLike | None = None,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from ppn_bayes.backbone.units import KeepSet
 from ppn_bayes.baselines import NestedKeepSets, UnstructuredResult, check_blocks, check_sizes, timed
 from ppn_bayes.errors import ConfigError, RunError
 from ppn_bayes.evaluate import perplexity
+from ppn_bayes.files import atomic_write_bytes, atomic_write_many
 
 PEERS = ("gisp", "shortgpt", "prunepath", "wanda", "sparsegpt", "random")
 PPN_METHODS = ("ppn", "ppn-paper")
@@ -432,7 +432,14 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """Held-out perplexity vs decoder-params kept (left) and vs FLOPs kept (right), log y."""
+    """Held-out perplexity vs decoder-params kept (left) and vs FLOPs kept (right), log y, as a PNG."""
+    atomic_write_bytes(Path(path), plot_png(result))
+
+
+def plot_png(result: dict[str, Any]) -> bytes:
+    """The PNG bytes of :func:`plot`'s figure."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -465,21 +472,36 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
     axes[0].set_ylabel("held-out perplexity" + (" (clipped at 30x dense)" if clip is not None else ""))
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
-    _atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight"))
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format="png", bbox_inches="tight")
     plt.close(fig)
+    return buf.getvalue()
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+#: What ``ppn compare`` writes into ``--out``: its four files and the runs it fits when none is given.
+COMPARE_ENTRIES = ("compare.json", "keepsets.json", "compare.md", "compare.png", "ppn-run", "ppn-paper-run")
+
+
+def check_out(out_dir: str | os.PathLike, inputs: list[tuple[str, Any]], fits: Sequence[str] = ()) -> None:
+    """Before the model loads: ``--out`` can be written, overlaps none of the ``(what, path)`` inputs and,
+    if it exists, holds only an earlier comparison (which is replaced); see :mod:`ppn_bayes.files`.
+
+    ``fits``: the methods whose run is to be fitted into ``--out`` (:func:`fit_ppn_run`). A run an
+    earlier comparison fitted there is never refitted over; the user is told now how to reuse it,
+    not after the peers have been measured.
+    """
+    from ppn_bayes.errors import OutputError
+    from ppn_bayes.files import check_no_overlap, check_owned, check_writable
+
+    check_writable(out_dir)
+    check_no_overlap(out_dir, inputs, writes=COMPARE_ENTRIES)
+    check_owned(out_dir, COMPARE_ENTRIES, "ppn compare")
+    for method in fits:
+        earlier = Path(out_dir) / f"{method}-run"
+        if os.path.lexists(earlier):
+            flag = "--run" if method == "ppn" else "--paper-run"
+            raise OutputError(f"--out {out_dir} already holds the {method} run an earlier comparison fitted "
+                              f"({earlier}); pass {flag} {earlier} to reuse it, or choose another --out")
 
 
 def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
@@ -491,11 +513,10 @@ def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike) -> dict[st
     paths = {"json": out / "compare.json", "keepsets": out / "keepsets.json", "markdown": out / "compare.md",
              "plot": out / "compare.png"}
     main = {k: v for k, v in result.items() if k != "keepsets"}
-    text = json.dumps(main, indent=2, sort_keys=True) + "\n"
-    _atomic(paths["json"], lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    ks = json.dumps(result.get("keepsets", {}), sort_keys=True) + "\n"
-    _atomic(paths["keepsets"], lambda tmp: Path(tmp).write_text(ks, encoding="utf-8"))
-    table = markdown_table(result)
-    _atomic(paths["markdown"], lambda tmp: Path(tmp).write_text(table, encoding="utf-8"))
-    plot(result, paths["plot"])
+    atomic_write_many({  # all four or none: a full disk leaves the previous set as it was
+        paths["json"]: (json.dumps(main, indent=2, sort_keys=True) + "\n").encode(),
+        paths["keepsets"]: (json.dumps(result.get("keepsets", {}), sort_keys=True) + "\n").encode(),
+        paths["markdown"]: markdown_table(result).encode(),
+        paths["plot"]: plot_png(result),
+    })
     return {k: str(v) for k, v in paths.items()}

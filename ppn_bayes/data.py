@@ -119,13 +119,51 @@ def check_corpus(name_or_path: str = "bundled", split: str = "test") -> None:
 
 
 def load_corpus(name_or_path: str = "bundled", split: str = "test") -> list[str]:
-    """The documents (non-empty strings) of one split of a corpus."""
+    """The documents (non-empty strings) of one split of a corpus.
+
+    ``datasets`` leaves a ``*.lock`` file per dataset it tried to build in its cache (and the
+    directories holding them); for a corpus that is rejected (unreadable, no ``text`` field, empty)
+    they would pile up, one set per attempt, so the ones this call created are removed again.
+    """
     data = str(name_or_path)
     files = _split_files(data, split)
-    docs = _load_local(files) if files is not None else _load_hub(data, split)
-    if not docs:
-        raise DataError(f"split {split!r} of corpus {data!r} is empty; give it at least one non-empty document")
+    cache = _ppn_home() / "cache" / "datasets"
+    before = _tree(cache) if files is not None else set()
+    try:
+        docs = _load_local(files) if files is not None else _load_hub(data, split)
+        if not docs:
+            raise DataError(f"split {split!r} of corpus {data!r} is empty; give it at least one non-empty document")
+    except DataError:
+        if files is not None:
+            _remove_new_locks(cache, before)
+        raise
     return docs
+
+
+def _tree(root: Path) -> set[Path]:
+    return set(root.rglob("*")) if root.is_dir() else set()
+
+
+def _remove_new_locks(root: Path, before: set[Path]) -> None:
+    """Remove the empty lock files (and then empty directories) that appeared under ``root`` since
+    ``before``, skipping any lock another process holds now."""
+    import contextlib
+    import fcntl
+
+    new = _tree(root) - before
+    for path in sorted(p for p in new if p.name.endswith(".lock") and p.is_file()):
+        with contextlib.suppress(OSError):
+            if path.stat().st_size:
+                continue
+            fd = os.open(path, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError (an OSError) if held
+                path.unlink()
+            finally:
+                os.close(fd)
+    for path in sorted((p for p in new if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            path.rmdir()  # only when empty
 
 
 # --------------------------------------------------------------------------------------------- identity

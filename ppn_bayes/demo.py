@@ -24,6 +24,8 @@ from ppn_bayes.config import bundled_recipe
 from ppn_bayes.errors import SizeError
 
 DEMO_RECIPE = "smollm2-demo"
+#: What ``ppn demo`` writes into ``--out`` (a rerun reuses the run and replaces the rest).
+DEMO_ENTRIES = ("run", "resized-*", "demo.json")
 
 
 @dataclass
@@ -81,6 +83,20 @@ def run_demo(out: str | Path = "runs/demo", sizes: tuple[float, ...] = (0.75, 0.
              eval_blocks: int = 16, new_tokens: int = 32, overrides: list[str] | None = None,
              progress: bool = True, log: Callable[[str], None] | None = None) -> DemoResult:
     """Run the whole path and return what was measured (see the module docstring)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not 0 < resize_size < 1 or any(not 0 < s <= 1 for s in sizes):
+        raise SizeError(f"demo sizes must be fractions in (0, 1]; got sizes={list(sizes)}, resize={resize_size}")
+    from ppn_bayes.files import check_owned, check_writable, writer_lock
+
+    out = Path(out)
+    check_writable(out)
+    check_owned(out, DEMO_ENTRIES, "ppn demo")  # a rerun reuses its own run; nobody else's directory
+    with writer_lock(out, "ppn demo"):
+        return _run_demo(out, sizes, resize_size, eval_blocks, new_tokens, overrides, progress, log)
+
+
+def _run_demo(out: Path, sizes: tuple[float, ...], resize_size: float, eval_blocks: int, new_tokens: int,
+              overrides: list[str] | None, progress: bool, log: Callable[[str], None]) -> DemoResult:
     from ppn_bayes.bench import ideal_ratios
     from ppn_bayes.data import token_blocks
     from ppn_bayes.evaluate import perplexity
@@ -88,10 +104,6 @@ def run_demo(out: str | Path = "runs/demo", sizes: tuple[float, ...] = (0.75, 0.
     from ppn_bayes.train import fit
     from ppn_bayes.zoo import load_model, resolve_model
 
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if not 0 < resize_size < 1 or any(not 0 < s <= 1 for s in sizes):
-        raise SizeError(f"demo sizes must be fractions in (0, 1]; got sizes={list(sizes)}, resize={resize_size}")
-    out = Path(out)
     res = DemoResult(run_dir=out / "run")
     secs = res.seconds
 

@@ -40,3 +40,8 @@ class RunError(PPNError):
 
 class NumericalError(PPNError):
     """Training produced NaN/inf; the message names the term and the step."""
+
+
+class OutputError(PPNError):
+    """An output cannot be written: it would replace an input, holds files ppn-bayes did not write, is
+    being written by another ppn process, or the file system refuses it (permission, read-only, full)."""

@@ -7,20 +7,40 @@ table (lambda*, achieved vs requested size in params and FLOPs); the arviz summa
 when :mod:`ppn_bayes.diagnostics` is available; plots. Alongside it, ``keepsets.json`` (every
 size's keep-set with per-unit probabilities) and ``posterior.nc`` (arviz NetCDF). All files are
 written atomically into the run directory (or ``out``).
+
+Where a report may go: into its own run directory (the default; a new report replaces the old one,
+it is derived from the run), or into a directory of its own. Never into another run (it would
+replace that run's report), never into a directory holding files the report does not write, and
+over an earlier report elsewhere only with ``overwrite`` (``ppn report --force``). The report is
+written under the output's writer lock, the same lock ``ppn fit`` holds on its run directory, so a
+report is not written into a run that is still being trained (:mod:`ppn_bayes.files`).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ppn_bayes.files import atomic_write_bytes
+from ppn_bayes.errors import OutputError
+from ppn_bayes.files import (
+    atomic_write_bytes,
+    check_no_overlap,
+    check_owned,
+    check_writable,
+    real,
+    writer_lock,
+)
 from ppn_bayes.keepsets import KeepsetResult, KeepsetSolver
+
+#: What a report writes into its directory.
+REPORT_ENTRIES = ("report.md", "keepsets.json", "posterior.nc", "plots")
 
 
 def _exit_text(x: float) -> str:
@@ -125,13 +145,50 @@ def _run_facts(run_dir: Path) -> tuple[dict, list[dict]]:
     return manifest, metrics
 
 
-def write_report(run: Any, sizes: Sequence[float] = (0.25, 0.5, 0.75), num_draws: int = 256, quantile: float = 0.5,
-                 seed: int = 0, out: str | Path | None = None) -> Path:
-    """Write ``report.md``, ``keepsets.json``, the plots (``plots/``) and ``posterior.nc``; return the report path."""
-    from ppn_bayes import plots
+def check_report_out(run_dir: Path, out: Path, overwrite: bool = False) -> None:
+    """Refuse a report output that would replace another run's files or a user's (module docstring)."""
+    check_writable(out)
+    if real(out) == real(run_dir):
+        return
+    check_no_overlap(out, [("run directory", run_dir)], writes=REPORT_ENTRIES)
+    own = real(run_dir)
+    for where in (real(out), *real(out).parents):
+        if where == own:
+            break  # inside its own run: a directory of its own there is fine
+        if (where / "manifest.json").is_file():
+            what = "is another run" if where == real(out) else f"lies inside another run ({where})"
+            raise OutputError(f"--out {out} {what}; a report goes into its own run directory or a directory "
+                              "of its own; choose another --out")
+    if check_owned(out, REPORT_ENTRIES, "ppn report") and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"--out {out} already holds a report; pass --force to replace it, or choose another --out")
 
+
+def write_report(run: Any, sizes: Sequence[float] = (0.25, 0.5, 0.75), num_draws: int = 256, quantile: float = 0.5,
+                 seed: int = 0, out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write ``report.md``, ``keepsets.json``, the plots (``plots/``) and ``posterior.nc``; return the report path.
+
+    ``out``: the run directory by default; elsewhere, an earlier report there is replaced only with
+    ``overwrite`` (see the module docstring). A report that fails half-way into a new ``out``
+    removes it again.
+    """
     run_dir = Path(getattr(run, "path", run))
     out = Path(out) if out is not None else run_dir
+    check_report_out(run_dir, out, overwrite)
+    with writer_lock(out, "ppn report"):
+        check_report_out(run_dir, out, overwrite)  # again, now that no other writer can change it
+        created = not os.path.lexists(out)
+        try:
+            return _write_report(run, run_dir, out, sizes, num_draws, quantile, seed)
+        except BaseException:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
+def _write_report(run: Any, run_dir: Path, out: Path, sizes: Sequence[float], num_draws: int, quantile: float,
+                  seed: int) -> Path:
+    from ppn_bayes import plots
+
     solver = KeepsetSolver(run_dir if not hasattr(run, "posterior") else run.posterior, num_draws, seed)
     results = [solver.solve(size=s, quantile=quantile) for s in sorted(sizes)]
     inv, post = solver.inventory, solver.posterior

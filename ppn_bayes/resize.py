@@ -63,6 +63,9 @@ TOKENIZER_FILES = (
 )
 SHAPES_KEY = "ppn_layer_shapes"
 MANIFEST = "ppn-resize.json"
+#: Everything an export directory holds: what ``--force`` may replace (a directory with anything else
+#: in it, or without ``ppn-resize.json``, is not an export and is never replaced).
+EXPORT_FILES = ("model.safetensors", "config.json", MANIFEST, *TOKENIZER_FILES)
 
 
 # ------------------------------------------------------------------------------------ checkpoint IO
@@ -465,6 +468,7 @@ def resize(
     tokenizer: bool = True,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    inputs: list[tuple[str, Any]] = (),
 ) -> dict[str, Any]:
     """Write the keep-set's smaller model to ``out`` reading only kept tensors; returns a report dict.
 
@@ -481,14 +485,30 @@ def resize(
         overwrite: replace an existing ``out``.
         extra: fields merged into the report (and so into ``ppn-resize.json``), e.g. where the keep-set
             came from (:func:`resize_run` records the run, size, lambda and quantile).
-    """
-    from transformers import AutoConfig
+        inputs: further ``(what, path)`` inputs ``out`` must not overlap (the base always counts), e.g.
+            the run directory; see :func:`check_output`.
 
-    from ppn_bayes.zoo import check_checkpoint, resolve_model
+    The export is written under ``out``'s writer lock (:func:`ppn_bayes.files.writer_lock`).
+    """
+    from ppn_bayes.files import writer_lock
+    from ppn_bayes.zoo import resolve_model
 
     base = resolve_model(base)
     out = Path(out)
-    check_output(out, overwrite)
+    inputs = [("base model", base), *inputs]
+    check_output(out, overwrite, inputs)
+    with writer_lock(out, "ppn resize"):
+        check_output(out, overwrite, inputs)  # again, now that no other writer can change it
+        return _resize(base, keep, inventory, out, amplitudes=amplitudes, weights=weights, lora=lora,
+                       tokenizer=tokenizer, overwrite=overwrite, extra=extra or {})
+
+
+def _resize(base: Path, keep: KeepSet, inventory: UnitInventory, out: Path, *, amplitudes, weights, lora,
+            tokenizer: bool, overwrite: bool, extra: dict[str, Any]) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    from ppn_bayes.zoo import check_checkpoint
+
     check_checkpoint(base)  # a missing or truncated weights file fails here, in one line, before any read
     config = AutoConfig.from_pretrained(base)
     family = family_for(config)
@@ -565,10 +585,23 @@ def resize(
     return report
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output directory unless asked to replace it (before any work is done)."""
-    if out.exists() and not overwrite:
+def check_output(out: Path, overwrite: bool, inputs: list[tuple[str, Any]] = ()) -> None:
+    """Before any work: the output can be written, is none of the ``(what, path)`` inputs (nor holds
+    or lies in one), and exists only if ``overwrite`` and it is an earlier export (see
+    :mod:`ppn_bayes.files`). ``--force`` replaces an export, never an input or someone's directory."""
+    from ppn_bayes.errors import OutputError
+    from ppn_bayes.files import check_no_overlap, check_owned, check_writable
+
+    check_writable(out)
+    check_no_overlap(out, inputs)
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
         raise ConfigError(f"output directory {out} already exists; choose another --out or pass --force")
+    check_owned(out, EXPORT_FILES, "ppn resize")
+    if not (out / MANIFEST).is_file():
+        raise OutputError(f"--out {out} is not an export of ppn resize (no {MANIFEST}); --force only replaces an "
+                          "earlier export; choose another --out")
 
 
 def _to_checkpoint_names(tensors: dict | None, family: Family, dec: str) -> dict | None:
@@ -601,8 +634,13 @@ def _write_dir(out: Path, base: Path, tensors: dict[str, torch.Tensor], cfg: dic
         if out.exists() and overwrite:
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / "x", out)  # the earlier export stays as it was
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
     finally:
@@ -732,8 +770,9 @@ def resize_run(
 
     run = run if isinstance(run, Run) else load_run(run)
     out = Path(out)
-    check_output(out, overwrite)
     base_path = run.base_path() if base is None else resolve_model(base)
+    inputs = [("run directory", run.path), ("base model", base_path)]
+    check_output(out, overwrite, inputs)
     run.check_base(base_path)
     result = run.keepset(size=size, params=params, layers=layers, flops=flops, quantile=quantile,
                          num_draws=num_draws, seed=seed)
@@ -753,7 +792,7 @@ def resize_run(
         "amplitudes": sorted(amplitudes) if amplitudes else [],
     }
     return resize(base_path, result.keep, run.inventory, out, amplitudes=amplitudes, weights=weights,
-                  lora=lora, tokenizer=tokenizer, overwrite=overwrite, extra=extra)
+                  lora=lora, tokenizer=tokenizer, overwrite=overwrite, extra=extra, inputs=inputs)
 
 
 def read_keepset_file(path: str | os.PathLike) -> KeepSet:
@@ -805,14 +844,15 @@ def resize_keepset_file(base: str | os.PathLike, keepset_file: str | os.PathLike
     from ppn_bayes.zoo import check_checkpoint, resolve_model
 
     out = Path(out)
-    check_output(out, overwrite)
-    keep = read_keepset_file(keepset_file)
     base_path = resolve_model(base)
+    inputs = [("keep-set file", keepset_file), ("base model", base_path)]
+    check_output(out, overwrite, inputs)
+    keep = read_keepset_file(keepset_file)
     check_checkpoint(base_path)
     inventory = inventory_for(base_path, group_size, kinds)
     _check_keep_indices(keep, inventory)
     return resize(base_path, keep, inventory, out, tokenizer=tokenizer, overwrite=overwrite,
-                  extra={"keepset_file": str(keepset_file)})
+                  extra={"keepset_file": str(keepset_file)}, inputs=inputs)
 
 
 # ------------------------------------------------------------------------------------ loading

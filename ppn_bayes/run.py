@@ -44,6 +44,10 @@ CONFIG, MANIFEST, METRICS = "config.yaml", "manifest.json", "metrics.jsonl"
 WEIGHTS, ADAPTER = "weights.safetensors", "adapter.safetensors"
 CHECKPOINT, CHECKPOINT_OLD = "checkpoint", "checkpoint.old"
 CKPT_FILES = ("state.safetensors", "rng.safetensors", "optimizer.pt", "trainer.json")
+POSTERIOR_FILES = ("posterior.json", "units.safetensors", "guide.safetensors", "push.safetensors")
+#: The files ``ppn fit`` writes at the top of a run directory (what an output must never overlap).
+RUN_FILES = (CONFIG, MANIFEST, METRICS, WEIGHTS, ADAPTER, *POSTERIOR_FILES)
+RUN_ENTRIES = (*RUN_FILES, CHECKPOINT, CHECKPOINT_OLD, f"{CHECKPOINT}.tmp-*")
 FORMAT = 1
 
 
@@ -141,13 +145,17 @@ def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], rng: dict[s
     tmp = run_dir / f"{CHECKPOINT}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n", encoding="utf-8")
-    for name in CKPT_FILES:
-        _fsync_file(tmp / name)
-    _fsync_dir(tmp)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n", encoding="utf-8")
+        for name in CKPT_FILES:
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+    except BaseException:  # a full disk: the previous checkpoint stays, the half-written one goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     current, old = run_dir / CHECKPOINT, run_dir / CHECKPOINT_OLD
     if current.is_dir():
         shutil.rmtree(old, ignore_errors=True)
@@ -173,10 +181,8 @@ def clean_stale(run_dir: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     if (run_dir / CHECKPOINT).is_dir() and find_checkpoint(run_dir) == run_dir / CHECKPOINT:
         shutil.rmtree(run_dir / CHECKPOINT_OLD, ignore_errors=True)
-    known = (CONFIG, MANIFEST, METRICS, WEIGHTS, ADAPTER, "posterior.json", "units.safetensors",
-             "guide.safetensors", "push.safetensors")
     for path in run_dir.iterdir():  # atomic_write_bytes / atomic_save_tensors temp names: ".<name>.<random>"
-        if path.is_file() and any(path.name.startswith(f".{k}.") for k in known):
+        if path.is_file() and any(path.name.startswith(f".{k}.") for k in RUN_FILES):
             path.unlink(missing_ok=True)
 
 
@@ -331,11 +337,12 @@ class Run:
         """Per-unit inclusion probabilities at a size: :func:`ppn_bayes.keepsets.inclusion`."""
         return self.keepset(size, params, layers, flops, quantile, num_draws, seed).inclusion
 
-    def report(self, sizes=(0.25, 0.5, 0.75), num_draws: int = 256, quantile: float = 0.5, seed: int = 0, out=None):
+    def report(self, sizes=(0.25, 0.5, 0.75), num_draws: int = 256, quantile: float = 0.5, seed: int = 0, out=None,
+               overwrite: bool = False):
         """Write report.md, plots, keepsets.json and posterior.nc: :func:`ppn_bayes.report.write_report`."""
         from ppn_bayes.report import write_report
 
-        return write_report(self, sizes, num_draws, quantile, seed, out)
+        return write_report(self, sizes, num_draws, quantile, seed, out, overwrite)
 
     def uncertainty(self, size=None, k: int = 8, blocks: int = 4, device: str = "cpu", **target):
         """Posterior predictive over k sampled sub-networks: :func:`ppn_bayes.uncertainty.run_uncertainty`."""

@@ -404,17 +404,59 @@ def resolve_recipe(recipe: Recipe | str | os.PathLike | None, run_dir: Path | No
     return out
 
 
-def _check_dir(run_dir: Path, resume: bool) -> None:
-    """Before anything is loaded or written: never overwrite a run by accident."""
-    if (run_dir / rundir.MANIFEST).is_file() and not resume:
-        raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or another --out")
-    if run_dir.exists() and not run_dir.is_dir():
+def _local(path: str | os.PathLike | None) -> Path | None:
+    """``path`` when it names something on disk (a model or corpus given as a path, not an alias)."""
+    return Path(path) if path is not None and os.path.lexists(os.path.expanduser(str(path))) else None
+
+
+def _check_dir(run_dir: Path, resume: bool, recipe: Recipe | None = None,
+               recipe_path: str | os.PathLike | None = None) -> None:
+    """Before anything is loaded or written: never overwrite a run, a user's files or an input by accident.
+
+    A run directory is either new, empty, or a run (it has a manifest from its first instant, see
+    :func:`_init_dir`); anything else is somebody's directory and is never written into, ``--resume``
+    or not.
+    """
+    from ppn_bayes.files import check_no_overlap, check_owned, check_writable
+
+    if os.path.lexists(run_dir) and not run_dir.is_dir():
         raise RunError(f"--out {run_dir} is a file; pass a directory for the run")
+    check_writable(run_dir)
+    if recipe is not None:
+        own_snapshot = recipe_path is not None and Path(recipe_path).resolve() == (run_dir / rundir.CONFIG).resolve()
+        check_no_overlap(run_dir, [("recipe", None if own_snapshot else _local(recipe_path)),
+                                   ("base model", _local(recipe.model.name)),
+                                   ("corpus", _local(recipe.data.corpus))], writes=rundir.RUN_ENTRIES)
+    if (run_dir / rundir.MANIFEST).is_file():
+        if not resume:
+            raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or another --out")
+        return
+    check_owned(run_dir, (), "ppn fit")
 
 
 def _init_dir(run_dir: Path, recipe: Recipe) -> None:
-    """Only once model and data have loaded (bad input must leave nothing behind)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Only once model and data have loaded (bad input must leave nothing behind).
+
+    A new run directory is built under a temporary name with its manifest and recipe and renamed into
+    place, so it appears complete or not at all: a kill at any instant leaves either nothing or a run
+    that ``ppn fit --resume`` continues, never a directory a plain rerun would refuse as foreign.
+    """
+    import shutil
+    import tempfile
+
+    if not (run_dir / rundir.MANIFEST).is_file():  # new, or empty (_check_dir allows nothing else)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.tmp-", dir=run_dir.parent))
+        try:
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a run directory is an ordinary directory
+            rundir.update_manifest(tmp, status="starting", steps_done=0)
+            rundir.write_config(tmp, recipe)
+            os.replace(tmp, run_dir)  # onto an empty directory too
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     rundir.clean_stale(run_dir)
     rundir.write_config(run_dir, recipe)
 
@@ -445,15 +487,67 @@ def fit(recipe: Recipe | str | os.PathLike | None = None, out: str | os.PathLike
     Under ``torchrun`` every rank calls this; rank 0 writes the run directory.
     """
     run_dir = Path(out) if out is not None else None
+    if run_dir is not None and resume:  # before a snapshot is read from it: a foreign config.yaml is none
+        _check_dir(run_dir, resume)
     r = resolve_recipe(recipe, run_dir, resume, overrides)
     run_dir = run_dir or Path("runs") / r.name
+    recipe_path = recipe if isinstance(recipe, (str, os.PathLike)) else None
+    _check_dir(run_dir, resume, r, recipe_path)  # before the lock file is made next to it
     rank, world, device, started = init_distributed(r.train.device)
     try:
-        _check_dir(run_dir, resume)
-        return _fit(r, run_dir, rank, world, device, resume, progress, callbacks or [])
+        with _run_lock(run_dir, rank, world):
+            _check_dir(run_dir, resume, r, recipe_path)  # again, now that no other writer can change it
+            new = not (run_dir / rundir.MANIFEST).is_file()  # this call makes the run (dir absent or empty)
+            existed = run_dir.is_dir()
+            try:
+                return _fit(r, run_dir, rank, world, device, resume, progress, callbacks or [])
+            except BaseException as err:
+                if rank == 0 and new:
+                    _discard_unstarted(run_dir, err, existed)
+                raise
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, rank: int, world: int):
+    """The run directory's writer lock (:func:`ppn_bayes.files.writer_lock`), held by rank 0 only.
+
+    Under torchrun every rank learns whether rank 0 got it, so a refused lock stops all ranks with the
+    same one-line error instead of leaving the others waiting in a collective.
+    """
+    from ppn_bayes.errors import OutputError
+    from ppn_bayes.files import writer_lock
+
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if rank == 0:
+            try:
+                stack.enter_context(writer_lock(run_dir, "ppn fit"))
+            except OutputError as err:
+                refused = str(err)
+        if world > 1:
+            box = [refused]
+            dist.broadcast_object_list(box, src=0)
+            refused = box[0]
+        if refused is not None:
+            raise OutputError(refused)
+        yield
+
+
+def _discard_unstarted(run_dir: Path, err: BaseException, existed: bool) -> None:
+    """A run this call created that failed before its first checkpoint holds nothing worth resuming:
+    remove it (back to the empty directory it was, if it ``existed``), so that a plain rerun (the
+    input fixed) starts clean. Ctrl-C and NaN keep theirs, as documented (their message says resume)."""
+    import shutil
+
+    if isinstance(err, (KeyboardInterrupt, NumericalError)) or not run_dir.is_dir():
+        return
+    if rundir.find_checkpoint(run_dir) is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if existed:
+            run_dir.mkdir(exist_ok=True)
 
 
 def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, resume: bool, progress: bool,
@@ -499,7 +593,8 @@ def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, 
     except BaseException as err:
         if s.main:
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            rundir.update_manifest(run_dir, status=status, error=str(err) or type(err).__name__)
+            with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the run
+                rundir.update_manifest(run_dir, status=status, error=str(err) or type(err).__name__)
         raise
     finally:
         if bar is not None:

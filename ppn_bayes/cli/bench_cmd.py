@@ -30,7 +30,15 @@ def register(subparsers: Any) -> None:
     speed.add_argument("--json", action="store_true", help="print the result as JSON")
     speed.add_argument("--plot", default=None, metavar="PNG", help="also write a plot of measured vs ideal")
     speed.set_defaults(func=run_speed)
-    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+    parser.set_defaults(func=lambda args: _no_subcommand(parser))
+
+
+def _no_subcommand(parser: argparse.ArgumentParser) -> int:
+    import sys
+
+    parser.print_usage(sys.stderr)
+    print("error: ppn bench: no benchmark given; use `ppn bench speed`, see `ppn bench --help`", file=sys.stderr)
+    return 2
 
 
 def run_speed(args: argparse.Namespace) -> int:
@@ -41,6 +49,13 @@ def run_speed(args: argparse.Namespace) -> int:
     sizes = parse_list(args.sizes, float, "--sizes")
     batches = parse_list(args.batch_sizes, int, "--batch-sizes")
     _validate(sizes, batches, args)  # before the model loads: a typo costs a second, not a load
+    if args.plot:
+        import os
+
+        from ppn_bayes.bench import check_plot_path
+
+        check_plot_path(args.plot, [(what, p) for what, p in (("model", args.model), ("run directory", args.run))
+                                    if p is not None and os.path.lexists(os.path.expanduser(p))])
     device = resolve_device(args.device)
     model, _ = load_model(args.model, device=device)
     keepsets, inventory = keepsets_for(model, sizes, args.run)

@@ -115,18 +115,39 @@ def _methods(args: argparse.Namespace) -> list[str]:
     return (["ppn"] if args.run else []) + (["ppn-paper"] if args.paper_run else []) + list(PEERS)
 
 
+def _inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """What ``--out`` must not overlap: every input given as a path."""
+    import os
+
+    given = [("model", args.model), ("run directory", args.run), ("paper run directory", args.paper_run),
+             ("corpus", args.data), ("choices file", args.gisp_choices_file)]
+    return [(what, path) for what, path in given if path is not None and os.path.lexists(os.path.expanduser(path))]
+
+
 def run(args: argparse.Namespace) -> int:
     from ppn_bayes.baselines import check_sizes
-    from ppn_bayes.compare import compare, markdown_table, write_outputs
-    from ppn_bayes.data import calibration_blocks, token_blocks
+    from ppn_bayes.compare import check_out
     from ppn_bayes.device import resolve_device
-    from ppn_bayes.zoo import load_model, resolve_model
+    from ppn_bayes.files import writer_lock
 
     _validate(args)
     sizes = check_sizes(_floats(args.sizes))
     methods = _methods(args)
     items, choice_info = _choice_items(args, methods)
     device = resolve_device(args.device)
+    fits = [m for m, given in (("ppn", args.run), ("ppn-paper", args.paper_run)) if m in methods and given is None]
+    check_out(args.out, _inputs(args), fits)
+    with writer_lock(args.out, "ppn compare"):
+        check_out(args.out, _inputs(args), fits)  # again, now that no other writer can change it
+        return _run(args, sizes, methods, items, choice_info, device)
+
+
+def _run(args: argparse.Namespace, sizes: list[float], methods: list[str], items: list[dict] | None,
+         choice_info: dict[str, Any], device: Any) -> int:
+    from ppn_bayes.compare import compare, markdown_table, write_outputs
+    from ppn_bayes.data import calibration_blocks, token_blocks
+    from ppn_bayes.zoo import load_model, resolve_model
+
     model, tok = load_model(args.model, device=device)
     ctx = getattr(model.config, "max_position_embeddings", None)
     gisp_choices = None

@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--draws", type=int, default=256, help="joint posterior draws (default 256)")
     p.add_argument("--quantile", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output directory (default: the run directory)")
+    p.add_argument("--out", default=None, help="output directory (default: the run directory); never another run")
+    p.add_argument("--force", action="store_true", help="replace an earlier report in --out (the run's own report "
+                   "is always replaced)")
     p.set_defaults(func=run)
 
 
@@ -35,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
     from ppn_bayes.report import write_report
 
     path = write_report(args.run, sizes=_sizes(args.sizes), num_draws=args.draws, quantile=args.quantile, seed=args.seed,
-                        out=args.out)
+                        out=args.out, overwrite=args.force)
     print(f"wrote {path}")
     return 0
