@@ -109,20 +109,13 @@ def _has_tabulate() -> bool:
 
 
 def _run_facts(run_dir: Path) -> tuple[dict, list[dict]]:
-    """(manifest, metrics) when the directory is a full run; empty when it only holds a posterior."""
-    manifest, metrics = {}, []
-    if (run_dir / "manifest.json").is_file():
-        try:
-            manifest = json.loads((run_dir / "manifest.json").read_text())
-        except json.JSONDecodeError:
-            manifest = {}
-    if (run_dir / "metrics.jsonl").is_file():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                metrics.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return manifest, metrics
+    """(manifest, metrics) when the directory is a full run; empty when it only holds a posterior.
+    Both are validated (:mod:`ppn_bayes.run`'s schemas): a damaged file is a one-line RunError before
+    anything is written."""
+    from ppn_bayes.run import MANIFEST, read_json, read_metrics
+
+    manifest = read_json(run_dir / MANIFEST) if (run_dir / MANIFEST).is_file() else {}
+    return manifest, read_metrics(run_dir)
 
 
 def write_report(run: Any, sizes: Sequence[float] = (0.25, 0.5, 0.75), num_draws: int = 256, quantile: float = 0.5,
