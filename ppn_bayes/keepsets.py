@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from ppn_bayes.backbone.units import KeepSet, UnitInventory
+from ppn_bayes.config import check_seed
 from ppn_bayes.errors import ConfigError, SizeError
 
 KIND_ORDER = ("layers", "heads", "groups")
@@ -79,7 +80,9 @@ def parse_target(inventory: UnitInventory, size: float | None = None, params: fl
         value = float(value)
     except (TypeError, ValueError):
         raise SizeError(f"{kind} must be a number, got {value!r}") from None
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(value):
+        raise SizeError(f"{kind} {value:g} is not a finite number; ask for a size such as --size 0.5")
+    if value <= 0:
         raise SizeError(f"{kind} must be > 0, got {value:g}; ask for a positive size such as --size 0.5")
     if kind == "size":
         if value > 1:
@@ -518,6 +521,7 @@ class KeepsetSolver:
     def __init__(self, posterior, num_draws: int = 256, seed: int = 0):
         if int(num_draws) < 1:
             raise ConfigError(f"draws must be >= 1, got {num_draws}")
+        check_seed(seed)
         self.posterior = _as_posterior(posterior)
         self.inventory: UnitInventory = self.posterior.inventory
         self.table = UnitTable.build(self.inventory)

@@ -29,14 +29,15 @@ import math
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ppn_bayes.errors import PPNError, RunError
 
 #: The fix named by errors about a damaged run file (resuming a finished run would rewrite nothing).
 RUN_FIX = "the run directory is damaged: restore the file from a copy, or fit a new run (ppn fit RECIPE --out NEW_DIR)"
+
+if TYPE_CHECKING:
+    import torch
 
 # ------------------------------------------------------------------------------------- short values
 
@@ -353,6 +354,8 @@ def load_tensors(path: Path, fix: str, want: dict[str, tuple[int, ...]] | None =
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str, fix: str, error: type[PPNError] = RunError) -> None:
+    import torch
+
     for name, t in tensors.items():
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             raise error(f"{what}: tensor {name} holds NaN or inf; {fix}")
