@@ -316,10 +316,12 @@ def check_shapes(have: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ..
 
 def tensor_mismatch(what: str, fix: str, missing: list[str], unexpected: list[str],
                     shaped: list[tuple[str, Any, Any]], error: type[PPNError] = RunError) -> None:
-    """Raise one line ``WHAT does not match: tensors N missing (e.g. ...); M unexpected (...); K of the
-    wrong shape (e.g. NAME: [file] , expected [reader]); FIX`` unless all three lists are empty."""
+    """Raise one line ``WHAT : tensor mismatch: N missing (e.g. ...); M unexpected (...); K of the
+    wrong shape (e.g. NAME: [file], expected [reader]); FIX`` unless all three lists are empty (the first
+    example of each kind is the first name in sorted order, so the message is deterministic)."""
     if not (missing or unexpected or shaped):
         return
+    missing, unexpected, shaped = sorted(missing), sorted(unexpected), sorted(shaped, key=lambda t: t[0])
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing (e.g. {missing[0][:80]})")
@@ -328,7 +330,7 @@ def tensor_mismatch(what: str, fix: str, missing: list[str], unexpected: list[st
     if shaped:
         k, got, want = shaped[0]
         parts.append(f"{len(shaped)} of the wrong shape (e.g. {k[:80]}: {list(got)}, expected {list(want)})")
-    raise error(f"{what} does not match: tensors {'; '.join(parts)}; {fix}")
+    raise error(f"{what}: tensor mismatch: {'; '.join(parts)}; {fix}")
 
 
 def load_tensors(path: Path, fix: str, want: dict[str, tuple[int, ...]] | None = None,

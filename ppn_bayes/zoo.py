@@ -325,8 +325,8 @@ def check_loading_report(path: Path, model: Any, info: dict[str, Any]) -> None:
     ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
     unexpected = [k for k in info.get("unexpected_keys", []) if not any(p.search(k) for p in ignore)]
     shaped = [(k, list(a), list(b)) for k, a, b in info.get("mismatched_keys", [])]
-    tensor_mismatch(f"the weights in {path} and its config.json", WEIGHTS_FIX, sorted(info.get("missing_keys", [])),
-                    sorted(unexpected), shaped, ModelError)
+    tensor_mismatch(f"the weights in {path} and its config.json", WEIGHTS_FIX, list(info.get("missing_keys", [])),
+                    unexpected, shaped, ModelError)
 
 
 def check_checkpoint(path: Path) -> list[Path]:

@@ -6,6 +6,7 @@ status 2, exactly one ``error:`` line naming the file and the field, no tracebac
 in the run directory, the inputs or the working directory.
 """
 
+# ruff: noqa: F811 - the fixtures of test_bad_input are imported by name, and pytest passes them as arguments
 from __future__ import annotations
 
 import json
@@ -85,7 +86,7 @@ def test_posterior_json_bytes(raw, needles, run, work, capsys):
 
 
 def _grow_first(tensors):
-    name = sorted(k for k in tensors if tensors[k].ndim)[0]
+    name = min(k for k in tensors if tensors[k].ndim)
     tensors[name] = torch.cat([tensors[name], tensors[name][:1]])
 
 
@@ -93,7 +94,7 @@ def _grow_first(tensors):
     ("guide.safetensors", _grow_first, ["guide.safetensors", "wrong shape"]),
     ("guide.safetensors", lambda t: t.update(extra=torch.zeros(2)), ["guide.safetensors", "unexpected", "extra"]),
     ("push.safetensors", lambda t: t.pop("prior.level"), ["push.safetensors", "missing", "prior.level"]),
-    ("push.safetensors", lambda t: t.pop(sorted(k for k in t if k.startswith("push."))[0]),
+    ("push.safetensors", lambda t: t.pop(min(k for k in t if k.startswith("push."))),
      ["push.safetensors", "missing"]),
     ("units.safetensors", lambda t: t.update(norm_heads=torch.zeros(3, 3)), ["units.safetensors", "norm_heads"]),
     ("units.safetensors", lambda t: t["norm_layers"].fill_(float("nan")), ["units.safetensors", "nan"]),
@@ -210,7 +211,7 @@ def test_damaged_checkpoint_changes_nothing(damage, needles, run, work, capsys):
     elif damage == "rng_names":
         save_file({"numpy": torch.zeros(4, dtype=torch.uint8)}, str(ckpt / "rng.safetensors"))
     elif damage == "state_missing":
-        edit_tensors(ckpt / "state.safetensors", lambda t: t.pop(sorted(t)[0]))
+        edit_tensors(ckpt / "state.safetensors", lambda t: t.pop(min(t)))
     elif damage == "state_shape":
         edit_tensors(ckpt / "state.safetensors", _grow_first)
     elif damage == "optimizer_truncated":
