@@ -149,7 +149,8 @@ PAPER_PRESET: dict[str, dict[str, Any]] = {
 }
 
 _UNIT_KINDS = ("layers", "heads", "groups")
-_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# No nested or adjacent unbounded digit runs: linear time on a hostile 100,000-digit string.
+_EXPONENT = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(tp: Any) -> str:
@@ -192,7 +193,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        if isinstance(value, str) and len(value) <= 64 and _EXPONENT.fullmatch(value.strip()):
             return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; users mean the number
     elif tp is str:
         if isinstance(value, str):
