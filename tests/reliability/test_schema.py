@@ -274,3 +274,42 @@ def test_intact_run_still_passes(run, capsys):
     load_run(run)
     assert main(["keepset", str(run), "--size", "0.5", "--json"]) == 0
     capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------------ trained weights
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_llama_dir, text_corpus, tmp_path_factory) -> Path:
+    from ppn_bayes.config import recipe_from_dict
+    from ppn_bayes.train import fit
+
+    recipe = recipe_from_dict({"model": {"name": str(tiny_llama_dir)}, "units": {"group_size": 16},
+                               "data": {"corpus": str(text_corpus), "block_size": 32, "val_blocks": 1},
+                               "train": {"steps": 1, "batch_size": 2, "weights": "lora", "lora_rank": 2,
+                                         "eval_lambdas": [0.5]}})
+    return fit(recipe, out=tmp_path_factory.mktemp("lora") / "run", progress=False).path
+
+
+@pytest.mark.parametrize("damage,needles", [
+    ("rank", ["adapter.safetensors", "not a LoRA factor of rank 2"]),
+    ("unpaired", ["adapter.safetensors", "lacks adapter pairs"]),
+    ("nan", ["adapter.safetensors", "NaN or inf"]),
+    ("missing", ["adapter.safetensors is missing"]),
+])
+@pytest.mark.parametrize("command", ["eval", "resize"])
+def test_damaged_adapter(damage, needles, command, lora_run, tmp_path, work, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    path = run / "adapter.safetensors"
+    if damage == "missing":
+        path.unlink()
+    elif damage == "rank":
+        edit_tensors(path, lambda t: t.update({min(k for k in t if k.endswith(".A")): torch.zeros(3, 32)}))
+    elif damage == "unpaired":
+        edit_tensors(path, lambda t: t.pop(min(k for k in t if k.endswith(".B"))))
+    else:
+        edit_tensors(path, lambda t: t[min(t)].fill_(float("nan")))
+    argv = (["eval", "--run", run, "--size", "0.5", *SMALL_EVAL] if command == "eval"
+            else ["resize", run, "--size", "0.5", "--out", work / "small"])
+    fails(capsys, argv, *needles, watch=[run])
