@@ -26,7 +26,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -282,11 +281,9 @@ def _load_optimizer(path: Path, fix: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise RunError(f"{path} is missing; {fix}") from None
-    except pickle.UnpicklingError:
-        raise RunError(f"{path} is damaged or untrusted (it holds objects other than tensors and numbers, so it "
-                       f"was not written by ppn-bayes and is not loaded); {fix}") from None
-    except Exception:  # noqa: BLE001 - truncated zip, bad magic, ...: torch's errors are many and multi-line
-        raise RunError(f"{path} is damaged (not a readable optimizer state); {fix}") from None
+    except Exception:  # noqa: BLE001 - refused globals (UnpicklingError), truncation, bad magic: all the same here
+        raise RunError(f"{path} is damaged or untrusted (not an optimizer state of plain tensors and numbers, "
+                       f"so it is not loaded); {fix}") from None
     return validate(state, OPTIMIZER_SCHEMA, str(path), fix)
 
 
