@@ -83,7 +83,7 @@ MANIFEST_SCHEMA = Obj(
 
 
 _LOOSE = Num(finite=False)  # logged values; the loop stops before a NaN would be logged, and plots cope
-_TRAIN_RECORD = Obj(required={"step": Int(1)}, optional={
+_TRAIN_RECORD = Obj(required={"step": Int(0)}, optional={
     **{k: _LOOSE for k in ("elbo", "token_loss", "kl", "compute", "lambda", "sampled_size", "expected_size",
                            "grad_norm", "seconds", "khat")}, "lr": Map(_LOOSE), "grad_norms": Map(_LOOSE)})
 _EVAL_RECORD = Obj(required={"step": Int(0)}, optional={
@@ -92,7 +92,7 @@ _EVAL_RECORD = Obj(required={"step": Int(0)}, optional={
 
 
 class _Record(Spec):
-    """A metrics record: ``{"type": "train", "step": >= 1, ...}`` or ``{"type": "eval", "step": >= 0, ...}``."""
+    """A metrics record: ``{"type": "train", "step": >= 0, ...}`` or ``{"type": "eval", "step": >= 0, ...}``."""
 
     def check(self, value, where):
         Obj(required={"type": Str(("train", "eval"))}).check(value, where)
