@@ -152,6 +152,13 @@ def test_metrics_lines(line, needles, run, work, capsys):
     assert not out.exists()  # checked as a whole before anything is written
 
 
+def test_metrics_not_utf8(run, work, capsys):
+    with open(run / "metrics.jsonl", "ab") as fh:
+        fh.write(b'{"type": "train", "step": 3, "note": "\xff"}\n')
+    fails(capsys, ["report", run, "--sizes", "0.5", "--draws", "8", "--out", work / "report"], "metrics.jsonl",
+          "not UTF-8", watch=[run])
+
+
 def test_damaged_run_is_rejected_before_resize_writes(run, work, capsys):
     edit_json(run / "manifest.json", _set("steps_done", -4))
     fails(capsys, ["resize", run, "--size", "0.5", "--out", work / "small"], "manifest.json", "steps_done", ">= 0",

@@ -150,3 +150,21 @@ def test_short_is_bounded():
     for _ in range(500):
         nested = [nested] * 1000  # 1000**500 leaves if printed in full
     assert len(short(nested)) <= 60 and "\n" not in short("a\nb\n" * 10_000)
+
+
+def test_as_a_user_sees_it(text_corpus, inputs, tmp_path):
+    """A real subprocess: the alias bomb and an infinite rate give one short stderr line, exit 2, fast."""
+    from test_bad_input import _ppn
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    bomb = write(inputs / "bomb.yaml", BOMB + "train:\n  betas: *i\n")
+    plain = write(inputs / "plain.yaml", recipe_text(NO_MODEL, text_corpus))
+    for argv, needle in ((["fit", bomb, "--out", cwd / "run"], "expands to more than"),
+                         (["fit", plain, "--out", cwd / "run", "--set", "push.rate=.inf"], "push.rate")):
+        start = time.perf_counter()
+        proc = _ppn(*argv, cwd=cwd)
+        assert time.perf_counter() - start < 60
+        assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr[:500]
+        assert proc.stderr.startswith("error: ") and needle in proc.stderr and len(proc.stderr) < 400
+    assert list(cwd.iterdir()) == []

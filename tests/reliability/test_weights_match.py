@@ -175,3 +175,35 @@ def test_eval_of_a_good_model_still_prints_a_perplexity(tiny_llama_dir, capsys):
     assert main(["eval", "--model", str(tiny_llama_dir), "--data", "kjv", *SMALL_EVAL, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["perplexity"] > 1
+
+
+def test_non_utf8_model_path(tiny_llama_dir, tmp_path, work, capsys):
+    target = os.fsdecode(os.fsencode(tmp_path) + b"/mod\xe8le")
+    try:
+        shutil.copytree(tiny_llama_dir, target)
+    except OSError:  # pragma: no cover - a file system that insists on UTF-8 names
+        pytest.skip("this file system refuses non-UTF-8 names")
+    msg = fails(capsys, ["eval", "--model", target, *SMALL_EVAL], "not valid UTF-8", "rename")
+    assert "model.safetensors" not in msg
+
+
+def test_as_a_user_sees_it(bad_models, marker, inputs, tmp_path):
+    """Real subprocesses: exit 2, stdout empty, exactly one stderr line (transformers' own loading
+    report and progress bars are not printed: the report is checked, not shown)."""
+    from test_bad_input import _ppn
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    keep = write(inputs / "keep.json", '{"layers": [0]}')
+    cases = [
+        (["eval", "--model", bad_models["gpt2_config"], *SMALL_EVAL], "tensor mismatch"),
+        (["eval", "--model", bad_models["pickle_and_one_tensor"], *SMALL_EVAL], "missing"),
+        (["resize", "--model", bad_models["more_layers"], "--keepset", keep, "--group-size", "16", "--out",
+          cwd / "small"], "tensor mismatch"),
+    ]
+    for argv, needle in cases:
+        proc = _ppn(*argv, cwd=cwd)
+        assert proc.returncode == 2 and proc.stdout == "", (argv, proc.returncode, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and needle in proc.stderr, \
+            proc.stderr
+    assert list(cwd.iterdir()) == [] and not marker.exists()
