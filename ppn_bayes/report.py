@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ppn_bayes.files import atomic_write_bytes
-from ppn_bayes.keepsets import KeepsetResult, KeepsetSolver
+from ppn_bayes.keepsets import KeepsetResult, KeepsetSolver, check_quantile, parse_target
 
 
 def _exit_text(x: float) -> str:
@@ -126,6 +126,9 @@ def write_report(run: Any, sizes: Sequence[float] = (0.25, 0.5, 0.75), num_draws
     run_dir = Path(getattr(run, "path", run))
     out = Path(out) if out is not None else run_dir
     solver = KeepsetSolver(run_dir if not hasattr(run, "posterior") else run.posterior, num_draws, seed)
+    for s in sizes:  # every size and the quantile before the draws, which the first solve takes
+        parse_target(solver.inventory, size=s)
+    check_quantile(quantile)
     results = [solver.solve(size=s, quantile=quantile) for s in sorted(sizes)]
     inv, post = solver.inventory, solver.posterior
     manifest, metrics = _run_facts(run_dir)
