@@ -689,24 +689,20 @@ def run_weights(run) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
     (:mod:`ppn_bayes.lora`); :func:`resize` takes ``{module: {"A", "B", "scale"}}`` with
     ``scale = alpha / rank`` from the run's recipe, as :meth:`ppn_bayes.run.Run.load_model` merges them.
     """
-    from ppn_bayes.run import ADAPTER, WEIGHTS, _load
+    from ppn_bayes.run import ADAPTER, WEIGHTS, _check_adapter_header, _load
 
     mode = run.recipe.train.weights
     if mode == "full":
         return _load(run.path / WEIGHTS), None
     if mode != "lora":
         return None, None
+    _check_adapter_header(run.path / ADAPTER, int(run.recipe.train.lora_rank))  # complete A/B pairs of the rank
     tensors = _load(run.path / ADAPTER)
     scale = float(run.recipe.train.lora_alpha) / int(run.recipe.train.lora_rank)
     lora: dict[str, dict] = {}
     for key, value in tensors.items():
         module, _, part = key.rpartition(".")
-        if part in ("A", "B"):
-            lora.setdefault(module, {"scale": scale})[part] = value
-    broken = [m for m, e in lora.items() if "A" not in e or "B" not in e]
-    if broken or not lora:
-        raise RunError(f"{run.path / ADAPTER} lacks adapter pairs (e.g. {(broken or ['any'])[0]}); "
-                       "resume the run (`ppn fit --resume`) to rewrite it")
+        lora.setdefault(module, {"scale": scale})[part] = value
     return None, lora
 
 
