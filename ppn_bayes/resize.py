@@ -840,7 +840,10 @@ def load_resized(path: str | os.PathLike, dtype: torch.dtype | None = None,
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} has no config.json; pass a directory written by ppn resize")
-    raw = json.loads((path / "config.json").read_text())
+    from ppn_bayes.schema import Map, load_json
+
+    fix = "re-export it with ppn resize"
+    raw = load_json(path / "config.json", Map(), fix, ModelError)
     if SHAPES_KEY not in raw:
         from ppn_bayes.zoo import check_checkpoint, check_loading_report
 
@@ -857,10 +860,12 @@ def _load_shaped(path: Path, raw: dict, dtype: torch.dtype | None, device: torch
     from transformers import AutoConfig
 
     from ppn_bayes.backbone.materialize import cut_layer
-    from ppn_bayes.schema import load_tensors, tensor_mismatch
+    from ppn_bayes.schema import Int, List, Obj, load_tensors, tensor_mismatch, validate
 
     config = AutoConfig.from_pretrained(path)
-    shapes = raw[SHAPES_KEY]
+    layer = Obj(required={"heads": List(Int(0)), "channels": Int(0)})
+    shapes = validate(raw[SHAPES_KEY], List(layer, length=getattr(config, "num_hidden_layers", None)),
+                      f"{path}/config.json: {SHAPES_KEY}", "re-export it with ppn resize", ModelError)
     family = family_for(config)
     dims = family.dims(config)
     model = meta_model(config)

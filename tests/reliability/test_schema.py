@@ -320,3 +320,37 @@ def test_damaged_adapter(damage, needles, command, lora_run, tmp_path, work, cap
     argv = (["eval", "--run", run, "--size", "0.5", *SMALL_EVAL] if command == "eval"
             else ["resize", run, "--size", "0.5", "--out", work / "small"])
     fails(capsys, argv, *needles, watch=[run])
+
+
+# ------------------------------------------------------------------------------------ resized exports
+
+
+@pytest.fixture(scope="module")
+def shaped_export(tiny_llama_dir, tmp_path_factory) -> Path:
+    """A ``ppn resize`` export whose layers keep different head counts (the ``ppn_layer_shapes`` form)."""
+    root = tmp_path_factory.mktemp("export")
+    keep = root / "keep.json"
+    keep.write_text('{"layers": [0, 1], "heads": [[0, 0], [1, 0], [1, 1]], "groups": [[0, 0], [1, 0]]}')
+    assert main(["resize", "--model", str(tiny_llama_dir), "--keepset", str(keep), "--group-size", "16",
+                 "--out", str(root / "small"), "--json"]) == 0
+    assert "ppn_layer_shapes" in json.loads((root / "small" / "config.json").read_text())
+    return root / "small"
+
+
+@pytest.mark.parametrize("file,edit,needles", [
+    ("ppn-resize.json", _set("report", "size_params", "half"), ["ppn-resize.json", "report.size_params", "number"]),
+    ("ppn-resize.json", _set("keepset", "layers", 2), ["ppn-resize.json", "keepset.layers", "list"]),
+    ("config.json", lambda d: d["ppn_layer_shapes"][0].update(channels="x"),
+     ["ppn_layer_shapes", "[0].channels", "integer"]),
+    ("config.json", lambda d: d["ppn_layer_shapes"].pop(), ["ppn_layer_shapes", "list of 2 items"]),
+])
+def test_damaged_export(file, edit, needles, shaped_export, tmp_path, work, capsys):
+    model = shutil.copytree(shaped_export, tmp_path / "small")
+    edit_json(model / file, edit)
+    fails(capsys, ["eval", "--model", model, *SMALL_EVAL], *needles, watch=[model])
+
+
+def test_export_tensor_of_the_wrong_shape(shaped_export, tmp_path, work, capsys):
+    model = shutil.copytree(shaped_export, tmp_path / "small")
+    edit_tensors(model / "model.safetensors", _grow_first)
+    fails(capsys, ["eval", "--model", model, *SMALL_EVAL], "model.safetensors", "wrong shape", watch=[model])
