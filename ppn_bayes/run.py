@@ -147,12 +147,11 @@ def append_metrics(run_dir: Path, record: dict) -> None:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """Every record of ``metrics.jsonl``, each validated (a damaged line is a one-line RunError naming
-    it; ``ppn fit --resume`` drops such lines when it rewrites the file)."""
+    it; resuming an unfinished run drops such lines when it rewrites the file)."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    fix = f"delete that line, or resume the run (ppn fit --resume --out {run_dir}), which drops it"
-    return load_jsonl(path, METRICS_SCHEMA, fix)
+    return load_jsonl(path, METRICS_SCHEMA, "delete or repair that line (the file is the run's training log)")
 
 
 def _valid_records(run_dir: Path) -> list[dict]:
