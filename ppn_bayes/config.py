@@ -336,7 +336,7 @@ def safe_yaml(text: str, what: str) -> Any:
     node's expanded size memoized, so a billion-laughs document is measured in microseconds."""
     loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
+        node = loader.get_single_node()  # composing only: aliases stay shared nodes
         if node is None:
             return None
         sizes: dict[int, int] = {}
@@ -361,6 +361,8 @@ def safe_yaml(text: str, what: str) -> Any:
 
         size(node)
         return loader.construct_document(node)
+    except RecursionError:  # composing, measuring or constructing a document nested thousands deep
+        raise ConfigError(f"{what} is nested too deeply for a recipe; write it flat") from None
     finally:
         loader.dispose()
 

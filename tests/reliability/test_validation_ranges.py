@@ -106,7 +106,8 @@ BOMB = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
     ("train:\n  " + "x" * 100_000 + ": 1\n", ["not valid YAML"]),  # YAML's own 1024-character key limit
     ("train:\n  lr_guide: '" + "9" * 100_000 + "'\n", ["train.lr_guide", "expected a number"]),  # no regex blow-up
     ("train:\n  lr_guide: '" + "9" * 50 + "x'\n", ["train.lr_guide", "expected a number"]),
-], ids=["bomb-in-betas", "bomb-alone", "self-alias", "deep-list", "long-key", "long-digits", "digits-x"])
+    ("train:\n  betas: " + "[" * 20_000 + "]" * 20_000 + "\n", ["nested too deeply"]),
+], ids=["bomb-in-betas", "bomb-alone", "self-alias", "deep-list", "long-key", "long-digits", "digits-x", "deep"])
 def test_hostile_yaml_gives_a_short_error_quickly(text, needles, text_corpus, inputs, work, capsys):
     start = time.perf_counter()
     msg = fit_fails(capsys, inputs, text, *needles)
