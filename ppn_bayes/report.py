@@ -123,7 +123,13 @@ def write_report(run: Any, sizes: Sequence[float] = (0.25, 0.5, 0.75), num_draws
     """Write ``report.md``, ``keepsets.json``, the plots (``plots/``) and ``posterior.nc``; return the report path."""
     from ppn_bayes import plots
 
+    from ppn_bayes.run import MANIFEST, Run, load_run
+
     run_dir = Path(getattr(run, "path", run))
+    if isinstance(run, Run):
+        run.check()
+    elif not hasattr(run, "posterior") and (run_dir / MANIFEST).is_file():
+        run = load_run(run_dir)  # a full run: every file checked, as a whole, before anything is written
     out = Path(out) if out is not None else run_dir
     solver = KeepsetSolver(run_dir if not hasattr(run, "posterior") else run.posterior, num_draws, seed)
     for s in sizes:  # every size and the quantile before the draws, which the first solve takes

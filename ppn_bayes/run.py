@@ -330,8 +330,9 @@ class Run:
         the manifest and recipe (on opening), the four posterior files (schema, tensor names and shapes
         against the unit inventory, finiteness), every metrics record, and the header of the trained
         weights or adapter (names, shapes against the recipe's LoRA rank). Returns the run."""
-        _ = self.posterior
+        post = self.posterior
         read_metrics(self.path)
+        self._check_agreement(post)
         weights = self.manifest.get("weights")
         if weights is not None and weights != self.recipe.train.weights:
             raise RunError(f"{self.path / MANIFEST}: weights is {weights!r} but {CONFIG} says "
@@ -342,6 +343,22 @@ class Run:
         elif mode == "lora":
             _check_adapter_header(self.path / ADAPTER, self.recipe.train.lora_rank)
         return self
+
+    def _check_agreement(self, post: Posterior) -> None:
+        """The run's files describe one run: the posterior's inventory and configs are the recipe's
+        and the manifest's (a ``posterior.json`` copied from another run can be well-formed)."""
+        r, inv = self.recipe, post.inventory
+        facts = [("units.group_size", r.units.group_size, inv.group_size),
+                 ("units.kinds", [k for k in ("layers", "heads", "groups") if k in r.units.kinds], list(inv.kinds)),
+                 ("prior", dataclasses.asdict(r.prior), dataclasses.asdict(post.prior.config)),
+                 ("push", dataclasses.asdict(r.push), dataclasses.asdict(post.push.config))]
+        recorded = self.manifest.get("inventory", {}).get("dims")
+        if recorded is not None:
+            facts.append(("the inventory's dims", recorded, dataclasses.asdict(inv.dims)))
+        for key, want, have in facts:
+            if want != have:
+                raise RunError(f"{self.path / 'posterior.json'} does not belong to this run: its {key} differs from "
+                               f"{CONFIG}/{MANIFEST}; {RUN_FIX}")
 
     def __repr__(self) -> str:
         return (f"Run({str(self.path)!r}, status={self.status!r}, steps={self.manifest.get('steps_done')}, "

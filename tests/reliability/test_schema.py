@@ -105,18 +105,34 @@ def test_posterior_tensors(file, edit, needles, run, work, capsys):
     fails(capsys, ["keepset", run, "--size", "0.5"], *needles, watch=[run])
 
 
-def test_guide_from_another_run(run, tiny_llama_dir, text_corpus, tmp_path, work, capsys):
-    """A guide.safetensors copied from a run with another unit inventory (group size 32, not 16)."""
+@pytest.fixture(scope="module")
+def other_run(tiny_llama_dir, text_corpus, tmp_path_factory) -> Path:
+    """A run of the same base with another unit inventory (group size 32, not 16)."""
     from ppn_bayes.config import recipe_from_dict
     from ppn_bayes.train import fit
 
-    other = fit(recipe_from_dict({"model": {"name": str(tiny_llama_dir)}, "units": {"group_size": 32},
-                                  "data": {"corpus": str(text_corpus), "block_size": 32, "val_blocks": 1},
-                                  "train": {"steps": 1, "batch_size": 2, "eval_lambdas": [0.5]}}),
-                out=tmp_path / "other", progress=False).path
-    shutil.copy(other / "guide.safetensors", run / "guide.safetensors")
+    return fit(recipe_from_dict({"model": {"name": str(tiny_llama_dir)}, "units": {"group_size": 32},
+                                 "data": {"corpus": str(text_corpus), "block_size": 32, "val_blocks": 1},
+                                 "train": {"steps": 1, "batch_size": 2, "eval_lambdas": [0.5]}}),
+               out=tmp_path_factory.mktemp("other") / "run", progress=False).path
+
+
+def test_guide_from_another_run(run, other_run, work, capsys):
+    shutil.copy(other_run / "guide.safetensors", run / "guide.safetensors")
     msg = fails(capsys, ["keepset", run, "--size", "0.5"], "guide.safetensors", "wrong shape", watch=[run])
-    assert "Traceback" not in msg and "size mismatch" not in msg
+    assert "size mismatch" not in msg
+
+
+def test_whole_posterior_from_another_run(run, other_run, work, capsys):
+    """All four posterior files copied from another run: each well-formed, together not this run's."""
+    from ppn_bayes.posterior import FILES
+
+    for name in FILES:
+        shutil.copy(other_run / name, run / name)
+    fails(capsys, ["eval", "--run", run, "--size", "0.5", *SMALL_EVAL], "posterior.json", "does not belong to this run",
+          "units.group_size", watch=[run])
+    fails(capsys, ["report", run, "--sizes", "0.5", "--draws", "8", "--out", work / "rep"], "does not belong",
+          watch=[run])
 
 
 # ------------------------------------------------------------------------------------ manifest, metrics
