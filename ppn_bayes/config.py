@@ -241,7 +241,7 @@ def validate(recipe: Recipe) -> Recipe:
     u, p, pu, t, d, g = recipe.units, recipe.prior, recipe.push, recipe.train, recipe.data, recipe.guide
     check_seed(t.seed, "train.seed")
     need(bool(u.kinds) and all(k in _UNIT_KINDS for k in u.kinds), "units.kinds",
-         f"choose one or more of {list(_UNIT_KINDS)}, got {u.kinds}")
+         f"choose one or more of {list(_UNIT_KINDS)}, got {short(u.kinds)}")
     need(u.group_size >= 1, "units.group_size", "must be >= 1 (1 = single neurons)")
     for key, val in (("prior.global_scale", p.global_scale), ("prior.slab_scale", p.slab_scale),
                      ("prior.slab_df", p.slab_df), ("prior.child_scale", p.child_scale),
@@ -266,10 +266,10 @@ def validate(recipe: Recipe) -> Recipe:
     need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)")
     need(t.weight_decay >= 0 and t.clip_grad >= 0 and t.warmup_steps >= 0 and t.eval_every >= 0,
          "train", "weight_decay, clip_grad, warmup_steps and eval_every must be >= 0")
-    need(all(x > 0 for x in t.eval_lambdas), "train.eval_lambdas", f"prices must be > 0, got {t.eval_lambdas}")
+    need(all(x > 0 for x in t.eval_lambdas), "train.eval_lambdas", f"prices must be > 0, got {short(t.eval_lambdas)}")
     need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
-         f"use auto, cpu, cuda or cuda:N, got {t.device!r}")
+         f"use auto, cpu, cuda or cuda:N, got {short(t.device)}")
     return recipe
 
 

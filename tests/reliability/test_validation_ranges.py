@@ -107,7 +107,10 @@ BOMB = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
     ("train:\n  lr_guide: '" + "9" * 100_000 + "'\n", ["train.lr_guide", "expected a number"]),  # no regex blow-up
     ("train:\n  lr_guide: '" + "9" * 50 + "x'\n", ["train.lr_guide", "expected a number"]),
     ("train:\n  betas: " + "[" * 20_000 + "]" * 20_000 + "\n", ["nested too deeply"]),
-], ids=["bomb-in-betas", "bomb-alone", "self-alias", "deep-list", "long-key", "long-digits", "digits-x", "deep"])
+    ("train:\n  eval_lambdas: [" + ", ".join(["0"] * 5000) + "]\n", ["train.eval_lambdas", "> 0"]),
+    ("train:\n  device: '" + "tpu" * 30_000 + "'\n", ["train.device", "cpu"]),
+], ids=["bomb-in-betas", "bomb-alone", "self-alias", "deep-list", "long-key", "long-digits", "digits-x", "deep",
+        "many-zeros", "long-device"])
 def test_hostile_yaml_gives_a_short_error_quickly(text, needles, text_corpus, inputs, work, capsys):
     start = time.perf_counter()
     msg = fit_fails(capsys, inputs, text, *needles)
