@@ -84,6 +84,12 @@ def test_peer_commands_checked_before_the_model_loads(argv, needles, work, capsy
     fails(capsys, [*argv, "--model", work / "no-model", "--device", "cpu"], *needles)
 
 
+@pytest.mark.parametrize("limit", ["inf", "nan", "0", "-3"])
+def test_eval_limit(limit, work, capsys):
+    fails(capsys, ["eval", "--model", work / "no-model", "--tasks", "--limit", limit, "--device", "cpu"], "--limit",
+          "finite count")
+
+
 @pytest.mark.parametrize("data", ["single_file", "bundled"])
 def test_unknown_split_is_an_error_for_every_corpus(data, tiny_llama_dir, text_corpus, work, capsys):
     """A single-file corpus serves every split, but a misspelt split must not silently read it."""
