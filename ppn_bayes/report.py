@@ -122,7 +122,6 @@ def write_report(run: Any, sizes: Sequence[float] = (0.25, 0.5, 0.75), num_draws
                  seed: int = 0, out: str | Path | None = None) -> Path:
     """Write ``report.md``, ``keepsets.json``, the plots (``plots/``) and ``posterior.nc``; return the report path."""
     from ppn_bayes import plots
-
     from ppn_bayes.run import MANIFEST, Run, load_run
 
     run_dir = Path(getattr(run, "path", run))
