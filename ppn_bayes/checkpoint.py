@@ -18,6 +18,8 @@ import torch
 from ppn_bayes import run as rundir
 from ppn_bayes.config import dump_recipe
 from ppn_bayes.distributed import barrier, gather_to_host, is_sharded, shard_like
+from ppn_bayes.errors import RunError
+from ppn_bayes.schema import check_shapes
 
 if TYPE_CHECKING:
     from ppn_bayes.train import Session
@@ -43,13 +45,33 @@ def state_tensors(s: Session) -> dict[str, torch.Tensor]:
     return out
 
 
+def state_shapes(s: Session) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of :func:`state_tensors` without gathering or copying anything (what a
+    checkpoint's ``state.safetensors`` must hold for this session)."""
+    out = {f"guide.{k}": tuple(v.shape) for k, v in s.guide.state_dict().items()}
+    out.update({f"model.{k}": tuple(v.shape) for k, v in s.ppn.state_dict().items() if not k.startswith("gated.")})
+    if s.lora is not None:
+        out.update({f"lora.{k}": tuple(v.shape) for k, v in s.lora.state().items()})
+    else:
+        # (a DTensor shard reports the global shape, as the checkpoint holds whole tensors)
+        out.update({f"weights.{k}": tuple(p.shape) for k, p in s.named_weights.items()})
+    return out
+
+
 def restore(s: Session, ckpt: dict[str, Any]) -> int:
     """Load a checkpoint into the session; returns the step it was taken at. The optimizer's
     hyperparameters come back as saved (:func:`ppn_bayes.train.fit` then applies the recipe's).
     Checkpoints hold whole tensors, so one written by any number of processes, DDP or FSDP, loads
     into any other."""
+    fix = rundir.checkpoint_fix(s.run_dir / rundir.CHECKPOINT)
+    check_shapes({k: tuple(v.shape) for k, v in ckpt["tensors"].items()}, state_shapes(s),
+                 f"{s.run_dir / rundir.CHECKPOINT}/state.safetensors", fix)
     _restore_tensors(s, ckpt["tensors"])
-    s.optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        s.optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError):
+        raise RunError(f"{s.run_dir / rundir.CHECKPOINT}/optimizer.pt does not fit this run's parameters; "
+                       f"{fix}") from None
     if is_sharded(s):  # optimizer state of FSDP-sharded parameters: whole tensors -> this rank's shards
         for group in s.optimizer.param_groups:
             for p in group["params"]:
@@ -58,6 +80,9 @@ def restore(s: Session, ckpt: dict[str, Any]) -> int:
                     if torch.is_tensor(v) and v.shape == p.shape:
                         state[k] = shard_like(p, v)
     rng = ckpt["rng"]
+    lost = [k for k in rundir.RNG_STATES if k not in rng]
+    if lost:
+        raise RunError(f"{s.run_dir / rundir.CHECKPOINT}/rng.safetensors lacks the random state {lost[0]}; {fix}")
     torch.set_rng_state(rng["torch_cpu"])
     s.generator.set_state(rng["model_generator"])
     s.seconds = float(ckpt["trainer"].get("seconds", 0.0))

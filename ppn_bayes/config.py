@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -25,6 +26,13 @@ from typing import Any, Literal
 import yaml
 
 from ppn_bayes.errors import ConfigError
+from ppn_bayes.schema import short
+
+#: Seeds go to numpy's legacy seeding (through Pyro) as well as torch's: 0 .. 2**32 - 1.
+SEED_MAX = 2**32 - 1
+#: A recipe is a few dozen YAML nodes; one that expands (through aliases) beyond this is refused before
+#: anything walks or prints it (a "billion laughs" alias bomb is kilobytes of text, gigabytes expanded).
+MAX_YAML_NODES = 10_000
 
 
 @dataclass
@@ -141,7 +149,8 @@ PAPER_PRESET: dict[str, dict[str, Any]] = {
 }
 
 _UNIT_KINDS = ("layers", "heads", "groups")
-_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# No nested or adjacent unbounded digit runs: linear time on a hostile 100,000-digit string.
+_EXPONENT = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(tp: Any) -> str:
@@ -184,25 +193,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        if isinstance(value, str) and len(value) <= 64 and _EXPONENT.fullmatch(value.strip()):
             return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; users mean the number
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {short(value)}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping of keys, got {short(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in data if k not in names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+        close = difflib.get_close_matches(unknown[0][:60], sorted(names), n=1)
         hint = f"; did you mean {where}{close[0]}?" if close else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys here: {', '.join(sorted(names))}{hint}")
+        raise ConfigError(f"unknown key {where}{unknown[0][:60]}; valid keys here: {', '.join(sorted(names))}{hint}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -228,9 +237,11 @@ def validate(recipe: Recipe) -> Recipe:
         if not cond:
             raise ConfigError(f"{key}: {msg}")
 
+    _check_finite(recipe)
     u, p, pu, t, d, g = recipe.units, recipe.prior, recipe.push, recipe.train, recipe.data, recipe.guide
+    check_seed(t.seed, "train.seed")
     need(bool(u.kinds) and all(k in _UNIT_KINDS for k in u.kinds), "units.kinds",
-         f"choose one or more of {list(_UNIT_KINDS)}, got {u.kinds}")
+         f"choose one or more of {list(_UNIT_KINDS)}, got {short(u.kinds)}")
     need(u.group_size >= 1, "units.group_size", "must be >= 1 (1 = single neurons)")
     for key, val in (("prior.global_scale", p.global_scale), ("prior.slab_scale", p.slab_scale),
                      ("prior.slab_df", p.slab_df), ("prior.child_scale", p.child_scale),
@@ -255,11 +266,35 @@ def validate(recipe: Recipe) -> Recipe:
     need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)")
     need(t.weight_decay >= 0 and t.clip_grad >= 0 and t.warmup_steps >= 0 and t.eval_every >= 0,
          "train", "weight_decay, clip_grad, warmup_steps and eval_every must be >= 0")
-    need(all(x > 0 for x in t.eval_lambdas), "train.eval_lambdas", f"prices must be > 0, got {t.eval_lambdas}")
+    need(all(x > 0 for x in t.eval_lambdas), "train.eval_lambdas", f"prices must be > 0, got {short(t.eval_lambdas)}")
     need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
-         f"use auto, cpu, cuda or cuda:N, got {t.device!r}")
+         f"use auto, cpu, cuda or cuda:N, got {short(t.device)}")
     return recipe
+
+
+def check_seed(seed: Any, key: str = "--seed") -> int:
+    """A seed must be an integer in ``[0, 2**32 - 1]`` (what every random generator downstream accepts)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"{key}: a seed must be a whole number from 0 to {SEED_MAX}, got {short(seed)}; "
+                          "use e.g. 0")
+    return seed
+
+
+def _check_finite(recipe: Recipe) -> None:
+    """Every number of a recipe must be finite (YAML reads ``.inf`` and ``.nan`` as floats): checked
+    before the range rules, with the key's default as the example fix (never the bad value again)."""
+    for section in dataclasses.fields(Recipe):
+        cfg = getattr(recipe, section.name)
+        if not dataclasses.is_dataclass(cfg):
+            continue
+        defaults = type(cfg)()
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            items = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+                raise ConfigError(f"{section.name}.{f.name}: must be a finite number, got {short(value)}; "
+                                  f"use e.g. {getattr(defaults, f.name)} (the default)")
 
 
 def recipe_from_dict(data: Any) -> Recipe:
@@ -270,7 +305,7 @@ def recipe_from_dict(data: Any) -> Recipe:
         raise ConfigError(f"a recipe must be a mapping of sections (model, units, ...), got {type(data).__name__}")
     preset = data.get("preset", "ours")
     if preset not in ("ours", "paper"):
-        raise ConfigError(f"preset: expected one of 'ours', 'paper', got {preset!r}")
+        raise ConfigError(f"preset: expected one of 'ours', 'paper', got {short(preset)}")
     merged = _merge(PAPER_PRESET, data) if preset == "paper" else data
     return validate(_build(Recipe, merged, ""))
 
@@ -283,7 +318,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise ConfigError(f"recipe {path} not found; pass a YAML file such as inference/smollm2-demo.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_yaml(path.read_text(encoding="utf-8"), f"recipe {path}")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -293,6 +328,43 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if overrides and (data is None or isinstance(data, dict)):
         data = apply_overrides(data, overrides)
     return recipe_from_dict(data)
+
+
+def safe_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load``, refusing a document whose aliases expand beyond :data:`MAX_YAML_NODES` nodes
+    (or refer to themselves) before it is constructed: the composed node graph is walked once, each
+    node's expanded size memoized, so a billion-laughs document is measured in microseconds."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()  # composing only: aliases stay shared nodes
+        if node is None:
+            return None
+        sizes: dict[int, int] = {}
+
+        def size(n: yaml.Node) -> int:
+            key = id(n)
+            if key in sizes:
+                if sizes[key] < 0:
+                    raise ConfigError(f"{what} has an alias that refers to itself; write the value out")
+                return sizes[key]
+            sizes[key] = -1
+            total = 1
+            if isinstance(n, yaml.SequenceNode):
+                total += sum(size(c) for c in n.value)
+            elif isinstance(n, yaml.MappingNode):
+                total += sum(size(k) + size(v) for k, v in n.value)
+            if total > MAX_YAML_NODES:
+                raise ConfigError(f"{what} expands to more than {MAX_YAML_NODES} YAML values through its aliases "
+                                  "(&name / *name); a recipe needs a few dozen: write it without nested aliases")
+            sizes[key] = total
+            return total
+
+        size(node)
+        return loader.construct_document(node)
+    except RecursionError:  # composing, measuring or constructing a document nested thousands deep
+        raise ConfigError(f"{what} is nested too deeply for a recipe; write it flat") from None
+    finally:
+        loader.dispose()
 
 
 def apply_overrides(data: dict | None, overrides: list[str]) -> dict:
@@ -306,11 +378,11 @@ def apply_overrides(data: dict | None, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r} is not KEY=VALUE; write e.g. --set train.steps=20")
+            raise ConfigError(f"override {short(item)} is not KEY=VALUE; write e.g. --set train.steps=20")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = safe_yaml(raw, f"override {short(item)}") if raw.strip() else None
         except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it") from None
+            raise ConfigError(f"override {short(item)}: the value is not valid YAML; quote it") from None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -318,7 +390,7 @@ def apply_overrides(data: dict | None, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section; sections are "
+                raise ConfigError(f"override {short(item)}: {part[:60]} is not a section; sections are "
                                   "model, units, prior, push, guide, data, train")
             else:
                 child = node[part] = dict(child)

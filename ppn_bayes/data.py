@@ -33,6 +33,7 @@ import torch
 
 from ppn_bayes.errors import DataError
 from ppn_bayes.files import sha256_file
+from ppn_bayes.schema import short
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED = {"bundled": "austen", "austen": "austen", "kjv": "kjv"}
@@ -51,7 +52,10 @@ def _ppn_home() -> Path:
 
 
 def _split_files(data: str, split: str) -> list[Path] | None:
-    """Local files holding ``split`` of corpus ``data``; None when ``data`` is not local."""
+    """Local files holding ``split`` of corpus ``data``; None when ``data`` is not local. The split
+    name is checked first, whatever the corpus (a single file serves every split, but not a typo)."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {short(split)}; choose one of {', '.join(SPLITS)}")
     if data in BUNDLED:
         root = BUNDLED_DIR / BUNDLED[data]
     else:
@@ -63,8 +67,6 @@ def _split_files(data: str, split: str) -> list[Path] | None:
             return None
         if root.is_file():
             return [root]
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     files = [root / f"{split}{ext}" for ext in _EXTS if (root / f"{split}{ext}").is_file()]
     if not files:
         raise DataError(f"corpus directory {root} has no file for split {split!r}; expected one of "

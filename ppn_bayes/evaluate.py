@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ppn_bayes.device import autocast_context
+from ppn_bayes.errors import ModelError
+from ppn_bayes.schema import AnyValue, List, Num, Obj, Opt, Str, load_json
 
 
 def _model_device(model: Any) -> torch.device:
@@ -131,6 +133,12 @@ def keep_summary(inventory: Any, keep: Any) -> dict[str, Any]:
             "groups": len(full.groups), "of_groups": L * G, "layer_ids": sorted(int(x) for x in full.layers)}
 
 
+#: What :func:`_resize_facts` reads of a ``ppn-resize.json`` (checked: it is printed with the scores).
+RESIZE_FACTS = Obj(optional={
+    "report": Obj(optional={"form": Str(), "size_params": Opt(Num(0, 1))}),
+    "keepset": Opt(Obj(optional={k: List(AnyValue()) for k in ("layers", "heads", "groups")}))})
+
+
 def _resize_facts(path: Path) -> dict[str, Any]:
     """What a ``ppn resize`` export says about itself (``ppn-resize.json``), or ``{}`` for other dirs."""
     from ppn_bayes.resize import MANIFEST
@@ -138,10 +146,7 @@ def _resize_facts(path: Path) -> dict[str, Any]:
     manifest = path / MANIFEST
     if not manifest.is_file():
         return {}
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (ValueError, OSError):
-        return {}
+    data = load_json(manifest, RESIZE_FACTS, "re-export the model with ppn resize (or delete that file)", ModelError)
     report = data.get("report", {})
     keep = data.get("keepset") or {}
     facts: dict[str, Any] = {"form": report.get("form")}

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ppn_bayes.backbone.units import KeepSet, UnitInventory
+from ppn_bayes.config import check_seed
 from ppn_bayes.errors import ConfigError, SizeError
 
 KIND_ORDER = ("layers", "heads", "groups")
@@ -79,7 +81,9 @@ def parse_target(inventory: UnitInventory, size: float | None = None, params: fl
         value = float(value)
     except (TypeError, ValueError):
         raise SizeError(f"{kind} must be a number, got {value!r}") from None
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(value):
+        raise SizeError(f"{kind} {value:g} is not a finite number; ask for a size such as --size 0.5")
+    if value <= 0:
         raise SizeError(f"{kind} must be > 0, got {value:g}; ask for a positive size such as --size 0.5")
     if kind == "size":
         if value > 1:
@@ -508,6 +512,13 @@ class KeepsetResult:
         return out
 
 
+def check_quantile(quantile: float) -> float:
+    q = float(quantile)
+    if not 0.0 < q < 1.0:  # NaN included
+        raise ConfigError(f"quantile must be in (0, 1), got {quantile}; 0.5 is the median, 0.1 risk-averse")
+    return q
+
+
 class KeepsetSolver:
     """Keep-sets of one posterior at any number of sizes, from one set of joint draws.
 
@@ -518,23 +529,30 @@ class KeepsetSolver:
     def __init__(self, posterior, num_draws: int = 256, seed: int = 0):
         if int(num_draws) < 1:
             raise ConfigError(f"draws must be >= 1, got {num_draws}")
+        check_seed(seed)
         self.posterior = _as_posterior(posterior)
         self.inventory: UnitInventory = self.posterior.inventory
         self.table = UnitTable.build(self.inventory)
         self.num_draws, self.seed = int(num_draws), int(seed)
+
+    # The draws are taken on first use, so that a bad target or quantile fails before they cost anything.
+    @cached_property
+    def scores(self) -> dict[str, torch.Tensor]:
         draws = self.posterior.draws(self.num_draws, seed=self.seed)
-        self.scores = {k: draws[k].double() for k in self.table.kinds}
-        self.exits = exit_coordinates(self.posterior, self.table, self.scores)  # [K, N]
+        return {k: draws[k].double() for k in self.table.kinds}
+
+    @cached_property
+    def exits(self) -> torch.Tensor:
+        return exit_coordinates(self.posterior, self.table, self.scores)  # [K, N]
 
     def priority(self, quantile: float = 0.5) -> torch.Tensor:
         """Flat priority keys ``[N]``: the ``quantile`` of each unit's exit price over the draws."""
-        if not 0.0 < float(quantile) < 1.0:
-            raise ConfigError(f"quantile must be in (0, 1), got {quantile}; 0.5 is the median, 0.1 risk-averse")
-        return quantile_rows(self.exits, float(quantile))
+        return quantile_rows(self.exits, check_quantile(quantile))
 
     def solve(self, size: float | None = None, params: float | None = None, layers: int | None = None,
               flops: float | None = None, quantile: float = 0.5) -> KeepsetResult:
         target = parse_target(self.inventory, size, params, layers, flops)
+        check_quantile(quantile)
         keys = self.priority(quantile)
         min_cost = self._min_cost(keys, target.currency)
         if target.budget < min_cost:

@@ -21,27 +21,37 @@ from pathlib import Path
 import pyro
 import torch
 from pyro.infer import Predictive
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from ppn_bayes.backbone.units import UnitInventory
-from ppn_bayes.config import GuideConfig, PriorConfig, PushConfig
-from ppn_bayes.errors import RunError
+from ppn_bayes.backbone.units import ALL_KINDS, Dims, UnitInventory
+from ppn_bayes.config import GuideConfig, PriorConfig, PushConfig, recipe_from_dict
+from ppn_bayes.errors import ConfigError, RunError
 from ppn_bayes.files import atomic_save_tensors, atomic_write_bytes
 from ppn_bayes.guides import guide_state, make_guide
 from ppn_bayes.prior import ScorePrior
 from ppn_bayes.push import Push
+from ppn_bayes.schema import RUN_FIX, Bool, Int, List, Map, Num, Obj, Str, check_path, load_json, load_tensors
 
 FILES = ("posterior.json", "units.safetensors", "guide.safetensors", "push.safetensors")
 
+_DIMS = {f.name: (Bool() if f.type in ("bool", bool) else Int(0 if f.name == "layer_extra_params" else 1))
+         for f in dataclasses.fields(Dims)}
+_DIMS["mlp_matrices"] = Int(2, 3)
+#: ``posterior.json``: the inventory (checked field by field), the three configs (checked by the recipe
+#: validator, so a value the recipe would refuse is refused here too), the tempering factor.
+POSTERIOR_SCHEMA = Obj(required={
+    "inventory": Obj(required={"dims": Obj(required=_DIMS), "group_size": Int(1), "kinds": List(Str(ALL_KINDS))},
+                     optional={"family": Str(), "embedding_params": Int(0)}),
+    "prior": Map(), "push": Map(), "guide": Map()}, optional={"tempering": Num(0, open_lo=True)})
+_INCOMPLETE = "the run directory is incomplete (re-run or --resume `ppn fit`)"
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise RunError(f"{path} is missing; the run directory is incomplete (re-run or --resume `ppn fit`)")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise RunError(f"{path} is unreadable ({str(err).splitlines()[0]}); resume the run to rewrite it") from None
+
+def _load_tensors(path: Path, want: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A posterior tensor file, its names and shapes checked against ``want`` before it is read."""
+    return load_tensors(path, RUN_FIX, want, missing=_INCOMPLETE)
+
+
+def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in tensors.items()}
 
 
 def save_posterior(run_dir: Path, prior: ScorePrior, push: Push, guide, prior_cfg: PriorConfig,
@@ -80,29 +90,42 @@ class Posterior:
 
     @classmethod
     def from_dir(cls, run_dir: str | Path) -> Posterior:
+        """Rebuild the posterior of a run directory, every file validated first (one-line RunErrors):
+        ``posterior.json`` against :data:`POSTERIOR_SCHEMA` and the recipe's rules, then each tensor
+        file's names and shapes against the objects it is loaded into (``units`` against the
+        inventory, ``push`` against a fresh :class:`Push`, ``guide`` against a fresh guide), and
+        finiteness."""
         run_dir = Path(run_dir)
+        check_path(run_dir)
         meta_path = run_dir / "posterior.json"
         if not meta_path.is_file():
             raise RunError(f"{run_dir} has no posterior.json; pass a run directory written by `ppn fit`")
+        meta = load_json(meta_path, POSTERIOR_SCHEMA, RUN_FIX)
         try:
-            meta = json.loads(meta_path.read_text())
             inventory = UnitInventory.from_dict(meta["inventory"])
-            prior_cfg, push_cfg = PriorConfig(**meta["prior"]), PushConfig(**meta["push"])
-            guide_cfg = GuideConfig(**meta["guide"])
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise RunError(f"{meta_path} is malformed ({err}); re-run `ppn fit` to rewrite it") from None
-        units = _load_tensors(run_dir / "units.safetensors")
+            cfg = recipe_from_dict({"prior": meta["prior"], "push": meta["push"], "guide": meta["guide"]})
+        except ConfigError as err:
+            raise RunError(f"{meta_path}: {err}; {RUN_FIX}") from None
+        prior_cfg, push_cfg, guide_cfg = cfg.prior, cfg.push, cfg.guide
+        dims = inventory.dims
+        if dims.num_heads % dims.num_kv_heads:
+            raise RunError(f"{meta_path}: inventory.dims: num_heads {dims.num_heads} is not a multiple of "
+                           f"num_kv_heads {dims.num_kv_heads}; {RUN_FIX}")
+        shape = {"layers": (dims.num_layers,), "heads": (dims.num_layers, dims.num_heads),
+                 "groups": (dims.num_layers, inventory.num_groups)}
+        units = _load_tensors(run_dir / "units.safetensors", {f"norm_{k}": shape[k] for k in inventory.kinds})
         # The prior re-centres log norms; z is already centred, so exp(z) round-trips exactly.
         norms = {k: units[f"norm_{k}"].exp() for k in inventory.kinds}
         prior = ScorePrior(inventory, norms, prior_cfg)
         push = Push(inventory, push_cfg)
-        state = _load_tensors(run_dir / "push.safetensors")
+        fresh = {f"push.{k}": v for k, v in push.state_dict().items() if not k.startswith("cost_")}
+        state = _load_tensors(run_dir / "push.safetensors", {**_shapes(fresh), "prior.level": tuple(prior.level.shape)})
         push_state = {k[len("push."):]: v for k, v in state.items() if k.startswith("push.")}
         push.load_state_dict({**push.state_dict(), **push_state})
         with torch.no_grad():
             prior.level.copy_(state["prior.level"])
         guide = make_guide(prior, guide_cfg)
-        gstate = _load_tensors(run_dir / "guide.safetensors")
+        gstate = _load_tensors(run_dir / "guide.safetensors", _shapes(guide_state(guide)) or {"_empty": (0,)})
         gstate.pop("_empty", None)
         if gstate:
             guide.load_state_dict(gstate)

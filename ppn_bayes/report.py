@@ -37,7 +37,7 @@ from ppn_bayes.files import (
     real,
     writer_lock,
 )
-from ppn_bayes.keepsets import KeepsetResult, KeepsetSolver
+from ppn_bayes.keepsets import KeepsetResult, KeepsetSolver, check_quantile, parse_target
 
 #: What a report writes into its directory.
 REPORT_ENTRIES = ("report.md", "keepsets.json", "posterior.nc", "plots")
@@ -129,20 +129,13 @@ def _has_tabulate() -> bool:
 
 
 def _run_facts(run_dir: Path) -> tuple[dict, list[dict]]:
-    """(manifest, metrics) when the directory is a full run; empty when it only holds a posterior."""
-    manifest, metrics = {}, []
-    if (run_dir / "manifest.json").is_file():
-        try:
-            manifest = json.loads((run_dir / "manifest.json").read_text())
-        except json.JSONDecodeError:
-            manifest = {}
-    if (run_dir / "metrics.jsonl").is_file():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                metrics.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return manifest, metrics
+    """(manifest, metrics) when the directory is a full run; empty when it only holds a posterior.
+    Both are validated (:mod:`ppn_bayes.run`'s schemas): a damaged file is a one-line RunError before
+    anything is written."""
+    from ppn_bayes.run import MANIFEST, read_json, read_metrics
+
+    manifest = read_json(run_dir / MANIFEST) if (run_dir / MANIFEST).is_file() else {}
+    return manifest, read_metrics(run_dir)
 
 
 def check_report_out(run_dir: Path, out: Path, overwrite: bool = False) -> None:
@@ -171,7 +164,13 @@ def write_report(run: Any, sizes: Sequence[float] = (0.25, 0.5, 0.75), num_draws
     ``overwrite`` (see the module docstring). A report that fails half-way into a new ``out``
     removes it again.
     """
+    from ppn_bayes.run import MANIFEST, Run, load_run
+
     run_dir = Path(getattr(run, "path", run))
+    if isinstance(run, Run):
+        run.check()
+    elif not hasattr(run, "posterior") and (run_dir / MANIFEST).is_file():
+        run = load_run(run_dir)  # a full run: every file checked, as a whole, before anything is written
     out = Path(out) if out is not None else run_dir
     check_report_out(run_dir, out, overwrite)
     with writer_lock(out, "ppn report"):
@@ -190,6 +189,9 @@ def _write_report(run: Any, run_dir: Path, out: Path, sizes: Sequence[float], nu
     from ppn_bayes import plots
 
     solver = KeepsetSolver(run_dir if not hasattr(run, "posterior") else run.posterior, num_draws, seed)
+    for s in sizes:  # every size and the quantile before the draws, which the first solve takes
+        parse_target(solver.inventory, size=s)
+    check_quantile(quantile)
     results = [solver.solve(size=s, quantile=quantile) for s in sorted(sizes)]
     inv, post = solver.inventory, solver.posterior
     manifest, metrics = _run_facts(run_dir)

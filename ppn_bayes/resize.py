@@ -72,26 +72,42 @@ EXPORT_FILES = ("model.safetensors", "config.json", MANIFEST, *TOKENIZER_FILES)
 
 
 def weight_map(base: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, through ``model.safetensors.index.json`` when sharded."""
-    index = base / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            mapping = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise ModelError(f"{index} is not a valid weights index ({err}); fetch the model again") from None
-        return {name: base / fname for name, fname in mapping.items()}
-    files = sorted(base.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"no safetensors weights in {base}; resize reads safetensors checkpoints only "
-                         "(convert with transformers' save_pretrained)")
+    """Tensor name -> safetensors file: the files :func:`ppn_bayes.zoo.check_checkpoint` accepts (the
+    index's shards, else ``model.safetensors``), read by header."""
     from safetensors import safe_open
 
+    from ppn_bayes.zoo import check_checkpoint
+
     out: dict[str, Path] = {}
-    for f in files:
+    for f in check_checkpoint(base):
         with safe_open(str(f), framework="pt") as fh:
             for name in fh.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                 out[name] = f
     return out
+
+
+def check_weights_match(base: Path, config, ckpt: LazyCheckpoint) -> None:
+    """The lazy reader's twin of :func:`ppn_bayes.zoo.check_loading_report`: the checkpoint's tensor
+    names and shapes (headers only) against the model ``config`` describes (built on the meta device,
+    no memory). Every parameter must be in the file with its shape (tied ones once), and the file may
+    hold nothing the model does not know (bare-model names such as GPT-2's ``h.0...`` map to the
+    CausalLM's ``transformer.h.0...``, as ``from_pretrained`` maps them)."""
+    from ppn_bayes.schema import tensor_mismatch
+    from ppn_bayes.zoo import WEIGHTS_FIX
+
+    model = meta_model(config)
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    prefix = getattr(model, "base_model_prefix", "")
+    have = {}
+    for name in ckpt.names():
+        key = f"{prefix}.{name}" if prefix and name not in state and f"{prefix}.{name}" in state else name
+        have[key] = (name, tuple(ckpt.shape(name)))
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    missing = [k for k, _ in model.named_parameters() if k not in have]  # shared (tied) parameters: once
+    unexpected = [name for k, (name, _) in have.items() if k not in state and not any(p.search(k) for p in ignore)]
+    shaped = [(name, shape, state[k]) for k, (name, shape) in have.items() if k in state and shape != state[k]]
+    tensor_mismatch(f"the weights in {base} and its config.json", WEIGHTS_FIX, missing, unexpected, shaped,
+                    ModelError)
 
 
 def runs(indices: torch.Tensor) -> list[tuple[int, int]]:
@@ -512,6 +528,8 @@ def _resize(base: Path, keep: KeepSet, inventory: UnitInventory, out: Path, *, a
     check_checkpoint(base)  # a missing or truncated weights file fails here, in one line, before any read
     config = AutoConfig.from_pretrained(base)
     family = family_for(config)
+    ckpt = LazyCheckpoint(base)
+    check_weights_match(base, config, ckpt)  # headers against the config, before any tensor is read
     _check_inventory(inventory, family, config)
     keep = inventory.complete(keep)
     if not keep.layers:
@@ -525,7 +543,6 @@ def _resize(base: Path, keep: KeepSet, inventory: UnitInventory, out: Path, *, a
 
     tensors: dict[str, torch.Tensor] = {}
     amp_changed = 0
-    ckpt = LazyCheckpoint(base)
     pattern, dec = _decoder_regex(family, ckpt.names())
     weights = _to_checkpoint_names(weights, family, dec)
     lora = _to_checkpoint_names(lora, family, dec)
@@ -710,24 +727,20 @@ def run_weights(run) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
     (:mod:`ppn_bayes.lora`); :func:`resize` takes ``{module: {"A", "B", "scale"}}`` with
     ``scale = alpha / rank`` from the run's recipe, as :meth:`ppn_bayes.run.Run.load_model` merges them.
     """
-    from ppn_bayes.run import ADAPTER, WEIGHTS, _load
+    from ppn_bayes.run import ADAPTER, WEIGHTS, _check_adapter_header, _load
 
     mode = run.recipe.train.weights
     if mode == "full":
         return _load(run.path / WEIGHTS), None
     if mode != "lora":
         return None, None
+    _check_adapter_header(run.path / ADAPTER, int(run.recipe.train.lora_rank))  # complete A/B pairs of the rank
     tensors = _load(run.path / ADAPTER)
     scale = float(run.recipe.train.lora_alpha) / int(run.recipe.train.lora_rank)
     lora: dict[str, dict] = {}
     for key, value in tensors.items():
         module, _, part = key.rpartition(".")
-        if part in ("A", "B"):
-            lora.setdefault(module, {"scale": scale})[part] = value
-    broken = [m for m, e in lora.items() if "A" not in e or "B" not in e]
-    if broken or not lora:
-        raise RunError(f"{run.path / ADAPTER} lacks adapter pairs (e.g. {(broken or ['any'])[0]}); "
-                       "resume the run (`ppn fit --resume`) to rewrite it")
+        lora.setdefault(module, {"scale": scale})[part] = value
     return None, lora
 
 
@@ -796,24 +809,18 @@ def resize_run(
 
 
 def read_keepset_file(path: str | os.PathLike) -> KeepSet:
-    """A keep-set from JSON: ``KeepSet.to_dict()``, ``ppn keepset --json`` output or a ``ppn-resize.json``."""
+    """A keep-set from JSON: ``KeepSet.to_dict()``, ``ppn keepset --json`` output or a ``ppn-resize.json``
+    (UTF-8, valid JSON, integer indices: :meth:`KeepSet.from_dict`; one-line ConfigErrors)."""
+    from ppn_bayes.schema import parse_json, read_text
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"keep-set file {path} does not exist; write one with `ppn keepset RUN --json`") from None
-    except (ValueError, OSError) as err:
-        raise ConfigError(f"keep-set file {path} is not valid JSON ({str(err).splitlines()[0][:120]}); "
-                          "write one with `ppn keepset RUN --json`") from None
-    if isinstance(data, dict):
+    fix = "write one with `ppn keepset RUN --json`"
+    if not path.exists():
+        raise ConfigError(f"keep-set file {path} does not exist; {fix}")
+    data = parse_json(read_text(path, fix, ConfigError), f"keep-set file {path}", fix, ConfigError)
+    if isinstance(data, dict) and "layers" not in data:
         data = data.get("keep", data.get("keepset", data))
-    try:
-        if not isinstance(data, dict) or "layers" not in data:
-            raise ValueError("no 'layers' list")
-        return KeepSet.from_dict(data)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"keep-set file {path} is not a keep-set ({err}); expected "
-                          '{"layers": [...], "heads": [[l, h], ...], "groups": [[l, g], ...]}') from None
+    return KeepSet.from_dict(data, f"keep-set file {path}")
 
 
 def inventory_for(base: str | os.PathLike, group_size: int, kinds: tuple[str, ...]) -> UnitInventory:
@@ -873,35 +880,49 @@ def load_resized(path: str | os.PathLike, dtype: torch.dtype | None = None,
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} has no config.json; pass a directory written by ppn resize")
-    raw = json.loads((path / "config.json").read_text())
+    from ppn_bayes.schema import Map, load_json
+
+    fix = "re-export it with ppn resize"
+    raw = load_json(path / "config.json", Map(), fix, ModelError)
     if SHAPES_KEY not in raw:
+        from ppn_bayes.zoo import check_checkpoint, check_loading_report
+
+        check_checkpoint(path)
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+        model, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **kwargs)
+        check_loading_report(path, model, info)
+        return model.to(device).eval()
     return _load_shaped(path, raw, dtype, torch.device(device))
 
 
 def _load_shaped(path: Path, raw: dict, dtype: torch.dtype | None, device: torch.device) -> nn.Module:
-    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     from ppn_bayes.backbone.materialize import cut_layer
+    from ppn_bayes.schema import Int, List, Obj, load_tensors, tensor_mismatch, validate
 
     config = AutoConfig.from_pretrained(path)
-    shapes = raw[SHAPES_KEY]
+    layer = Obj(required={"heads": List(Int(0)), "channels": Int(0)})
+    shapes = validate(raw[SHAPES_KEY], List(layer, length=getattr(config, "num_hidden_layers", None)),
+                      f"{path}/config.json: {SHAPES_KEY}", "re-export it with ppn resize", ModelError)
     family = family_for(config)
     dims = family.dims(config)
     model = meta_model(config)
     for layer, shape in zip(family.layers(model), shapes):
         cut_layer(layer, family, config, dims, [int(h) for h in shape["heads"]],
                   list(range(int(shape["channels"]))))
-    state = _model_names(model, load_file(str(path / "model.safetensors"), device=str(device)))
-    model.to_empty(device=device)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    fix = "re-export it with ppn resize"
+    state = _model_names(model, load_tensors(path / "model.safetensors", fix, error=ModelError, finite=False))
     tied = _tied_names(model)
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ModelError(f"{path} does not match its {SHAPES_KEY}: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}; re-export it with ppn resize")
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    tensor_mismatch(f"{path}/model.safetensors and its {SHAPES_KEY}", fix,
+                    [k for k in want if k not in have and k not in tied], [k for k in have if k not in want],
+                    [(k, have[k], want[k]) for k in have if k in want and have[k] != want[k]], ModelError)
+    state = {k: v.to(device) for k, v in state.items()}
+    model.to_empty(device=device)
+    model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     _init_nonpersistent_buffers(model)

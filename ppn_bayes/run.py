@@ -31,14 +31,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ppn_bayes.backbone.units import UnitInventory
 from ppn_bayes.config import Recipe, dump_recipe, load_recipe
-from ppn_bayes.errors import RunError
+from ppn_bayes.errors import ConfigError, RunError
 from ppn_bayes.files import atomic_save_tensors, atomic_write_bytes
 from ppn_bayes.posterior import Posterior
+from ppn_bayes.schema import (
+    RUN_FIX,
+    AnyValue,
+    Bool,
+    Int,
+    Invalid,
+    List,
+    Map,
+    Num,
+    Obj,
+    Opt,
+    Spec,
+    Str,
+    check_path,
+    check_shapes,
+    load_json,
+    load_jsonl,
+    load_tensors,
+    tensor_header,
+    validate,
+)
 
 CONFIG, MANIFEST, METRICS = "config.yaml", "manifest.json", "metrics.jsonl"
 WEIGHTS, ADAPTER = "weights.safetensors", "adapter.safetensors"
@@ -49,6 +69,43 @@ POSTERIOR_FILES = ("posterior.json", "units.safetensors", "guide.safetensors", "
 RUN_FILES = (CONFIG, MANIFEST, METRICS, WEIGHTS, ADAPTER, *POSTERIOR_FILES)
 RUN_ENTRIES = (*RUN_FILES, CHECKPOINT, CHECKPOINT_OLD, f"{CHECKPOINT}.tmp-*")
 FORMAT = 1
+
+STATUSES = ("running", "finished", "failed", "interrupted")
+
+# ------------------------------------------------------------------------------------------- schemas
+# What the readers below rely on, checked on load (ppn_bayes.schema); other keys are kept unchecked.
+
+MANIFEST_SCHEMA = Obj(
+    required={"status": Str(STATUSES)},
+    optional={"format": Int(1, FORMAT), "created": Str(), "updated": Str(), "library": Map(), "recipe": Map(),
+              "base": Obj(optional={k: Str() for k in ("name", "path", "config_sha256", "weights_sha256")}),
+              "weights": Str(("frozen", "lora", "full")), "tempering": Num(0, open_lo=True),
+              "num_sequences": Int(1), "num_tokens": Num(0, open_lo=True), "block_size": Int(2),
+              "inventory": Map(), "world_size": Int(1), "device": Str(), "steps_total": Int(1),
+              "error": Opt(Str()), "final_eval": Bool(), "steps_done": Int(0), "checkpoint_step": Int(0),
+              "psis": Opt(Obj(optional={"khat": Opt(Num(finite=False))}))})
+
+
+_LOOSE = Num(finite=False)  # logged values; the loop stops before a NaN would be logged, and plots cope
+_TRAIN_RECORD = Obj(required={"step": Int(0)}, optional={
+    **{k: _LOOSE for k in ("elbo", "token_loss", "kl", "compute", "lambda", "sampled_size", "expected_size",
+                           "grad_norm", "seconds", "khat")}, "lr": Map(_LOOSE), "grad_norms": Map(_LOOSE)})
+_EVAL_RECORD = Obj(required={"step": Int(0)}, optional={
+    "dense": _LOOSE, "token_loss": _LOOSE, "seconds": _LOOSE, "khat": _LOOSE,
+    "lambdas": List(Obj(optional={"lambda": _LOOSE, "loss": _LOOSE, "size": _LOOSE}))})
+
+
+class _Record(Spec):
+    """A metrics record: ``{"type": "train", "step": >= 0, ...}`` or ``{"type": "eval", "step": >= 0, ...}``."""
+
+    def check(self, value, where):
+        Obj(required={"type": Str(("train", "eval"))}).check(value, where)
+        return (_TRAIN_RECORD if value["type"] == "train" else _EVAL_RECORD).check(value, where)
+
+
+METRICS_SCHEMA = _Record()
+TRAINER_SCHEMA = Obj(required={"step": Int(0)},
+                     optional={"seconds": Num(0), "world_size": Int(1), "recipe_sha256": Str()})
 
 
 def now() -> str:
@@ -62,13 +119,9 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write_bytes(Path(path), (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{path} is missing; pass a run directory written by `ppn fit`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunError(f"{path} is not valid JSON ({err}); resume the run (`ppn fit --resume`) to rewrite it") from None
+def read_json(path: Path, spec: Spec = MANIFEST_SCHEMA, fix: str = RUN_FIX) -> dict:
+    """A run's JSON file, validated against ``spec`` (the manifest's by default): one-line errors."""
+    return load_json(Path(path), spec, fix, missing="pass a run directory written by `ppn fit`")
 
 
 def write_config(run_dir: Path, recipe: Recipe) -> None:
@@ -97,22 +150,31 @@ def append_metrics(run_dir: Path, record: dict) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """All parseable records of ``metrics.jsonl`` (an unparseable line is skipped, never fatal)."""
+    """Every record of ``metrics.jsonl``, each validated (a damaged line is a one-line RunError naming
+    it; resuming an unfinished run drops such lines when it rewrites the file)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return load_jsonl(path, METRICS_SCHEMA, "delete or repair that line (the file is the run's training log)")
+
+
+def _valid_records(run_dir: Path) -> list[dict]:
+    """The records of ``metrics.jsonl`` that parse and match the schema; the others are dropped."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            out.append(METRICS_SCHEMA.check(json.loads(line), ""))
+        except (ValueError, RecursionError, Invalid):  # a damaged line: dropped, as the file is rewritten
             continue
     return out
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop records of steps after ``step`` (they will be replayed on resume)."""
-    kept = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= step]
+    """Drop records of steps after ``step`` (they will be replayed on resume), and damaged lines."""
+    kept = [r for r in _valid_records(run_dir) if r["step"] <= step]
     data = "".join(json.dumps(r, default=float) + "\n" for r in kept)
     atomic_write_bytes(Path(run_dir) / METRICS, data.encode())
 
@@ -186,18 +248,52 @@ def clean_stale(run_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+RNG_STATES = ("torch_cpu", "model_generator")  # 1-d uint8 random states (torch.get_rng_state's form)
+
+
+def checkpoint_fix(path: Path) -> str:
+    return f"delete {path} to restart the run from scratch, or restore it from a copy"
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """``{"tensors", "rng", "optimizer", "trainer"}`` of a checkpoint directory (one-line errors)."""
+    """``{"tensors", "rng", "optimizer", "trainer"}`` of a checkpoint directory, each file validated
+    (``trainer.json`` against its schema, the RNG states by name and dtype, every tensor finite, the
+    optimizer state read weights-only and shaped like an optimizer state); one-line errors.
+    The tensors' names and shapes are checked against the session by :func:`ppn_bayes.checkpoint.restore`."""
     path = Path(path)
-    try:
-        tensors = load_file(str(path / "state.safetensors"))
-        rng = load_file(str(path / "rng.safetensors"))
-        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        trainer = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
-    except (OSError, SafetensorError, RuntimeError, ValueError, EOFError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise RunError(f"checkpoint {path} is unreadable ({reason}); delete it to restart the run from scratch") from None
+    fix = checkpoint_fix(path)
+    trainer = load_json(path / "trainer.json", TRAINER_SCHEMA, fix)
+    rng_file = path / "rng.safetensors"
+    header = tensor_header(rng_file, fix)
+    for name, (shape, dtype) in header.items():
+        if name not in RNG_STATES or dtype != "U8" or len(shape) != 1:
+            raise RunError(f"{rng_file}: tensor {name} is not one of the 1-d uint8 random states "
+                           f"{', '.join(RNG_STATES)}; {fix}")
+    rng = load_tensors(rng_file, fix)
+    tensors = load_tensors(path / "state.safetensors", fix)
+    optimizer = _load_optimizer(path / "optimizer.pt", fix)
     return {"tensors": tensors, "rng": rng, "optimizer": optimizer, "trainer": trainer}
+
+
+def _load_optimizer(path: Path, fix: str) -> dict:
+    """The optimizer state, unpickled weights-only (tensors, numbers, strings, containers: never code).
+
+    A file that needs anything else was not written by ppn-bayes: it is refused as damaged or untrusted,
+    and the message never suggests loading it with fewer restrictions.
+    """
+    check_path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing; {fix}") from None
+    except Exception:  # noqa: BLE001 - refused globals (UnpicklingError), truncation, bad magic: all the same here
+        raise RunError(f"{path} is damaged or untrusted (not an optimizer state of plain tensors and numbers, "
+                       f"so it is not loaded); {fix}") from None
+    return validate(state, OPTIMIZER_SCHEMA, str(path), fix)
+
+
+OPTIMIZER_SCHEMA = Obj(required={"state": Map(Map(AnyValue())), "param_groups": List(Obj(required={
+    "params": List(Int(0)), "lr": Num(0), "weight_decay": Num(0)}))})
 
 
 # ----------------------------------------------------------------------------------------------- exports
@@ -225,11 +321,50 @@ class Run:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
+        check_path(self.path)
         if not self.path.is_dir():
             raise RunError(f"run directory {self.path} does not exist; pass a directory written by `ppn fit`")
         self.manifest: dict = read_json(self.path / MANIFEST)
-        self.recipe: Recipe = load_recipe(self.path / CONFIG)
+        try:
+            self.recipe: Recipe = load_recipe(self.path / CONFIG)
+        except ConfigError as err:
+            raise RunError(f"{self.path / CONFIG}: {err}") from None
         self._posterior: Posterior | None = None
+
+    def check(self) -> Run:
+        """Validate, as a whole, every file of the run that a later step reads, before any step writes:
+        the manifest and recipe (on opening), the four posterior files (schema, tensor names and shapes
+        against the unit inventory, finiteness), every metrics record, and the header of the trained
+        weights or adapter (names, shapes against the recipe's LoRA rank). Returns the run."""
+        post = self.posterior
+        read_metrics(self.path)
+        self._check_agreement(post)
+        weights = self.manifest.get("weights")
+        if weights is not None and weights != self.recipe.train.weights:
+            raise RunError(f"{self.path / MANIFEST}: weights is {weights!r} but {CONFIG} says "
+                           f"train.weights: {self.recipe.train.weights}; {RUN_FIX}")
+        mode = self.recipe.train.weights
+        if mode == "full":
+            tensor_header(self.path / WEIGHTS, RUN_FIX, missing=_NOT_YET)
+        elif mode == "lora":
+            _check_adapter_header(self.path / ADAPTER, self.recipe.train.lora_rank)
+        return self
+
+    def _check_agreement(self, post: Posterior) -> None:
+        """The run's files describe one run: the posterior's inventory and configs are the recipe's
+        and the manifest's (a ``posterior.json`` copied from another run can be well-formed)."""
+        r, inv = self.recipe, post.inventory
+        facts = [("units.group_size", r.units.group_size, inv.group_size),
+                 ("units.kinds", [k for k in ("layers", "heads", "groups") if k in r.units.kinds], list(inv.kinds)),
+                 ("prior", dataclasses.asdict(r.prior), dataclasses.asdict(post.prior.config)),
+                 ("push", dataclasses.asdict(r.push), dataclasses.asdict(post.push.config))]
+        recorded = self.manifest.get("inventory", {}).get("dims")
+        if recorded is not None:
+            facts.append(("the inventory's dims", recorded, dataclasses.asdict(inv.dims)))
+        for key, want, have in facts:
+            if want != have:
+                raise RunError(f"{self.path / 'posterior.json'} does not belong to this run: its {key} differs from "
+                               f"{CONFIG}/{MANIFEST}; {RUN_FIX}")
 
     def __repr__(self) -> str:
         return (f"Run({str(self.path)!r}, status={self.status!r}, steps={self.manifest.get('steps_done')}, "
@@ -306,6 +441,9 @@ class Run:
         elif mode == "lora":
             tensors = _load(self.path / ADAPTER)
             lora = LoRA(gated, rank=self.recipe.train.lora_rank, alpha=self.recipe.train.lora_alpha)
+            check_shapes({k: tuple(v.shape) for k, v in tensors.items()},
+                         {k: tuple(v.shape) for k, v in lora.state().items()}, str(self.path / ADAPTER),
+                         "the adapter belongs to another base model or rank; " + RUN_FIX)
             lora.load_state(tensors)
             if merge:
                 lora.merge()
@@ -383,30 +521,45 @@ class Run:
         return plot_puppet(self.keepsets(list(sizes), quantile, num_draws), stem or self.path / "plots" / "puppet")
 
 
+_NOT_YET = "the run has not reached its first checkpoint yet (resume it: ppn fit --resume --out RUN)"
+
+
 def _load(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise RunError(f"{path} is missing; the run has not reached its first checkpoint yet (resume it)")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise RunError(f"{path} is unreadable ({str(err).splitlines()[0]}); resume the run to rewrite it") from None
+    """A trained-weights or adapter file of a run: readable, finite (one-line errors)."""
+    return load_tensors(path, RUN_FIX, missing=_NOT_YET)
+
+
+def _check_adapter_header(path: Path, rank: int) -> None:
+    """``adapter.safetensors`` holds ``<module>.A`` [rank, in] / ``<module>.B`` [out, rank] pairs."""
+    header = tensor_header(path, RUN_FIX, missing=_NOT_YET)
+    modules: dict[str, set[str]] = {}
+    for name, (shape, _) in header.items():
+        module, _, part = name.rpartition(".")
+        axis = {"A": 0, "B": 1}.get(part)
+        if axis is None or len(shape) != 2 or shape[axis] != rank:
+            raise RunError(f"{path}: tensor {name} {list(shape)} is not a LoRA factor of rank {rank} "
+                           f"(<module>.A [{rank}, in], <module>.B [out, {rank}]); {RUN_FIX}")
+        modules.setdefault(module, set()).add(part)
+    broken = [m for m, parts in modules.items() if parts != {"A", "B"}]
+    if broken or not modules:
+        raise RunError(f"{path} lacks adapter pairs (e.g. {(broken or ['any'])[0]}); {RUN_FIX}")
 
 
 @torch.no_grad()
 def apply_full_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy trained decoder tensors (keyed by base parameter names) into ``model``."""
+    """Copy trained decoder tensors (keyed by base parameter names) into ``model``, after checking
+    that every one is a parameter of it, of its shape."""
     params = dict(model.named_parameters())
-    unknown = [k for k in tensors if k not in params]
-    if unknown:
-        raise RunError(f"trained weight {unknown[0]!r} is not a parameter of the base model; "
-                       "the run belongs to another architecture")
+    check_shapes({k: tuple(v.shape) for k, v in tensors.items()},
+                 {k: tuple(params[k].shape) for k in tensors if k in params}, "the run's trained weights",
+                 "the run belongs to another architecture; pass its own base model")
     for name, value in tensors.items():
         params[name].copy_(value.to(params[name].dtype))
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:
-    """Open a run directory written by :func:`ppn_bayes.train.fit`."""
-    return Run(path)
+    """Open a run directory written by :func:`ppn_bayes.train.fit`, checked as a whole (:meth:`Run.check`)."""
+    return Run(path).check()
 
 
 def recipe_fields_changed(old: Recipe, new: Recipe) -> list[str]:

@@ -554,16 +554,19 @@ def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, 
          callbacks: list) -> rundir.Run:
     if resume and _already_finished(run_dir, r.train.steps):
         return rundir.load_run(run_dir)
+    # The checkpoint is read and validated before the model loads, and restored (its shapes checked
+    # against the session) before the run directory is touched: a damaged checkpoint changes nothing.
+    ckpt_dir = rundir.find_checkpoint(run_dir) if resume else None
+    ckpt = rundir.load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
     s = build(r, run_dir, rank, world, device)
+    start = 0
+    if ckpt is not None:
+        start = restore(s, ckpt)
+        for group in s.optimizer.param_groups:  # the recipe may have changed LRs (e.g. after a NaN)
+            group.update(_group_hparams(s.recipe, group["name"]))
     if s.main:
         _init_dir(run_dir, r)
     barrier(s)
-    ckpt_dir = rundir.find_checkpoint(run_dir) if resume else None
-    start = 0
-    if ckpt_dir is not None:
-        start = restore(s, rundir.load_checkpoint(ckpt_dir))
-        for group in s.optimizer.param_groups:  # the recipe may have changed LRs (e.g. after a NaN)
-            group.update(_group_hparams(s.recipe, group["name"]))
     if s.main:
         rundir.truncate_metrics(run_dir, start)
         _manifest_start(s)

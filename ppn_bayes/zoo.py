@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -286,27 +287,53 @@ def _read_safetensors_header(path: Path) -> tuple[bytes, dict[str, Any]]:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, via its index when sharded."""
+    """The safetensors files of a checkpoint, exactly those ``from_pretrained(..., use_safetensors=True)``
+    reads: the shards named by ``model.safetensors.index.json``, else ``model.safetensors``. Nothing else
+    in the folder counts (another ``*.safetensors`` file next to a pickle does not make it loadable)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as err:
-            raise ModelError(f"{index} is not a valid weights index ({err}); fetch the model again") from None
-        files = [path / s for s in shards]
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            files = [path / s for s in shards]
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelError(f"{index} is not a valid weights index ({str(err)[:80]}); fetch the model again") from None
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise ModelError(f"{path} lacks weight shard(s) {', '.join(missing[:3])}; fetch the model again")
         return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"no safetensors weights in {path}; ppn-bayes loads safetensors checkpoints only "
-                         "(convert with transformers' save_pretrained)")
-    return files
+    single = path / "model.safetensors"
+    if not single.is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        also = f" ({pickles[0]} is a pickle and is never loaded)" if pickles else ""
+        raise ModelError(f"no safetensors weights (model.safetensors or model.safetensors.index.json) in {path}"
+                         f"{also}; ppn-bayes loads safetensors checkpoints only (convert with transformers' "
+                         "save_pretrained)")
+    return [single]
+
+
+WEIGHTS_FIX = ("its config.json and its weights come from different models: fetch the model again "
+               "(for an alias: ppn models fetch ALIAS --force), or restore the checkpoint's own config.json")
+
+
+def check_loading_report(path: Path, model: Any, info: dict[str, Any]) -> None:
+    """Raise a one-line ModelError unless transformers' loading report (``output_loading_info=True``)
+    says every parameter of the model came from the checkpoint, with its shape, and the checkpoint
+    held nothing else. A tensor the config expects but the file lacks would otherwise be randomly
+    initialised and evaluated without a word; one the config does not know would be dropped."""
+    from ppn_bayes.schema import tensor_mismatch
+
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    unexpected = [k for k in info.get("unexpected_keys", []) if not any(p.search(k) for p in ignore)]
+    shaped = [(k, list(a), list(b)) for k, a, b in info.get("mismatched_keys", [])]
+    tensor_mismatch(f"the weights in {path} and its config.json", WEIGHTS_FIX, list(info.get("missing_keys", [])),
+                    unexpected, shaped, ModelError)
 
 
 def check_checkpoint(path: Path) -> list[Path]:
     """Raise a one-line ModelError unless ``path`` looks like a complete checkpoint; return its weights."""
+    from ppn_bayes.schema import check_path
+
+    check_path(path, ModelError)
     if not path.is_dir():
         raise ModelError(f"model directory {path} does not exist")
     if not (path / "config.json").is_file():
@@ -357,10 +384,13 @@ def _quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # the loading report is checked (check_loading_report), not printed
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
 
@@ -374,7 +404,8 @@ def load_model(
     """Resolve, check and load ``(model, tokenizer)``; the model is in eval mode on ``device``.
 
     ``trust_remote_code`` stays off unless the user asks: a checkpoint's own Python would otherwise
-    run on their machine.
+    run on their machine. Weights come from safetensors only, and must match the config exactly
+    (:func:`check_loading_report`), before any number is computed with them.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -386,14 +417,18 @@ def load_model(
     try:
         with _quiet_transformers():
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                path, config=config, dtype=dtype, trust_remote_code=trust_remote_code
+            # use_safetensors=True: a pickle is never unpickled, whatever else the folder holds;
+            # mismatched sizes are reported (not raised) so that one check below names every kind.
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+                output_loading_info=True, ignore_mismatched_sizes=True,
             )
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - loader errors are many and multi-line; the user needs one
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ModelError(f"cannot load model from {path} ({type(err).__name__}: {reason[:200]}); "
                          "check that it is a complete causal-LM checkpoint") from None
+    check_loading_report(path, model, info)
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise ModelError(f"tokenizer in {path} has {len(tokenizer)} tokens but the model's vocab_size is "

@@ -79,7 +79,16 @@ class KeepSet:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> KeepSet:
+    def from_dict(cls, d: dict, where: str = "keep-set") -> KeepSet:
+        """The JSON form back, strictly: indices must be JSON integers (``1.7`` or ``true`` is an error,
+        never read as layer 1), pairs must be pairs; a one-line ConfigError names ``where`` and the field."""
+        from ppn_bayes.errors import ConfigError
+        from ppn_bayes.schema import Int, List, Obj, validate
+
+        pair = List(Int(0), length=2)
+        validate(d, Obj(required={"layers": List(Int(0))}, optional={"heads": List(pair), "groups": List(pair)}),
+                 where, 'expected {"layers": [l, ...], "heads": [[l, h], ...], "groups": [[l, g], ...]} with '
+                 "non-negative integer indices (write one with `ppn keepset RUN --json`)", ConfigError)
         return cls(
             layers=[int(x) for x in d.get("layers", [])],
             heads=[(int(a), int(b)) for a, b in d.get("heads", [])],

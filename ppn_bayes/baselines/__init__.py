@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,10 @@ class UnstructuredResult:
 def check_sizes(sizes: Iterable[float]) -> list[float]:
     """Sizes as floats, descending and unique; a one-line error if one is not in (0, 1]."""
     out = sorted({float(s) for s in sizes}, reverse=True)
+    infinite = [s for s in out if not math.isfinite(s)]
+    if infinite:
+        raise SizeError(f"size {infinite[0]:g} is not a finite number; a size is the fraction of decoder parameters "
+                        "kept, in (0, 1], e.g. 0.5")
     if not out:
         raise SizeError("no sizes given; pass fractions of decoder parameters such as 0.9,0.75,0.5")
     bad = [s for s in out if not 0.0 < s <= 1.0]

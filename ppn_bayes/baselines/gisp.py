@@ -32,6 +32,7 @@ channels).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -177,13 +178,20 @@ def normalized_ranking(scores: dict[str, torch.Tensor], tracker: CostTracker) ->
 # ----------------------------------------------------------------------------- the method
 
 
+def check_step(step: float) -> float:
+    """GISP's step: a finite fraction of decoder parameters per iteration, in (0, 1]."""
+    if not (math.isfinite(step) and 0.0 < step <= 1.0):
+        raise ConfigError(f"GISP step {step:g} must be in (0, 1]: the fraction of decoder parameters removed per "
+                          "iteration, e.g. --gisp-step 0.1")
+    return step
+
+
 def gisp(model: nn.Module | GatedLM, blocks: torch.Tensor, sizes: Sequence[float], objective: str = "perplexity",
          choices: Sequence[ChoiceExample] | None = None, step: float = 0.1, group_size: int = 1,
          batch_size: int = 4, gamma: float = 1.0) -> NestedKeepSets:
     """Nested keep-sets by global iterative Taylor pruning (see the module docstring)."""
     sizes = check_sizes(sizes)
-    if not 0.0 < step <= 1.0:
-        raise ConfigError(f"GISP step {step} must be in (0, 1]: the fraction of decoder parameters per iteration")
+    check_step(step)
     terms_of = _objective(objective, blocks, choices, batch_size, gamma)
     with timed() as t, gated_view(model, group_size, kinds=("layers", "heads", "groups")) as g:
         if "heads" not in g.inventory.kinds:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 HELP = "speed benchmarks of dense vs resized models"
@@ -72,6 +73,10 @@ def run_speed(args: argparse.Namespace) -> int:
 def _validate(sizes: list[float], batches: list[int], args: argparse.Namespace) -> None:
     from ppn_bayes.errors import ConfigError, SizeError
 
+    infinite = [s for s in sizes if not math.isfinite(s)]
+    if infinite:
+        raise SizeError(f"--sizes {infinite[0]:g} is not a finite number; sizes are fractions of decoder parameters "
+                        "in (0, 1], e.g. --sizes 1.0,0.75,0.5")
     bad = [s for s in sizes if not 0 < s <= 1]
     if bad:
         raise SizeError(f"--sizes {bad[0]:g} is out of range; sizes are fractions of decoder parameters in (0, 1], "

@@ -77,6 +77,11 @@ def _validate(args: argparse.Namespace) -> None:
     if args.gisp_objective != "margin" and (args.gisp_choices is not None or args.gisp_choices_file):
         raise ConfigError("--gisp-choices and --gisp-choices-file apply to the margin objective; "
                           "add --gisp-objective margin")
+    from ppn_bayes.baselines.gisp import check_step
+    from ppn_bayes.config import check_seed
+
+    check_step(args.gisp_step)  # before the model loads
+    check_seed(args.seed)
     if args.gisp_choices is not None and args.gisp_choices < 1:
         raise ConfigError(f"--gisp-choices {args.gisp_choices} must be at least 1")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from typing import Any
 
@@ -79,6 +80,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
     if args.max_blocks is not None and args.max_blocks < 1:
         raise ConfigError(f"--max-blocks {args.max_blocks} must be at least 1")
+    if args.limit is not None and not (math.isfinite(args.limit) and args.limit > 0):
+        raise ConfigError(f"--limit {args.limit:g} must be a finite count of items or a fraction in (0, 1), "
+                          "e.g. --limit 100 or --limit 0.1")
     if args.tasks is None and (args.limit is not None or args.include_path):
         raise ConfigError("--limit and --include-path apply to --tasks; add --tasks NAME")
     if not args.perplexity and args.tasks is None:
