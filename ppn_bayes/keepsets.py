@@ -48,6 +48,7 @@ KIND_ORDER = ("layers", "heads", "groups")
 GRID = 4096  # spline grid for inverting tau_l(x); piecewise-linear error ~1e-7 in x
 X_MAX = 1.0 - 1e-9  # largest price the bisection reports: lambda ~ 1e9, beyond any trained price
 CHUNK = 64  # posterior draws filled at once (bounds memory for neuron-level inventories)
+MAX_DRAWS = 100_000  # posterior draws held at once: draws x units float32 scores (1e5 x 1e3 units = 400 MB)
 
 
 # ------------------------------------------------------------------------------------------ targets
@@ -527,8 +528,9 @@ class KeepsetSolver:
     """
 
     def __init__(self, posterior, num_draws: int = 256, seed: int = 0):
-        if int(num_draws) < 1:
-            raise ConfigError(f"draws must be >= 1, got {num_draws}")
+        if not 1 <= int(num_draws) <= MAX_DRAWS:
+            raise ConfigError(f"draws must be between 1 and {MAX_DRAWS:,} (joint draws of every unit score are "
+                              f"held in memory), got {num_draws}; 256 (the default) to 4096 are typical")
         check_seed(seed)
         self.posterior = _as_posterior(posterior)
         self.inventory: UnitInventory = self.posterior.inventory

@@ -70,7 +70,8 @@ RUN_FILES = (CONFIG, MANIFEST, METRICS, WEIGHTS, ADAPTER, *POSTERIOR_FILES)
 RUN_ENTRIES = (*RUN_FILES, CHECKPOINT, CHECKPOINT_OLD, f"{CHECKPOINT}.tmp-*")
 FORMAT = 1
 
-STATUSES = ("running", "finished", "failed", "interrupted")
+# "starting": the directory exists (made whole by ppn fit, see train._init_dir) but no step has run yet
+STATUSES = ("starting", "running", "finished", "failed", "interrupted")
 
 # ------------------------------------------------------------------------------------------- schemas
 # What the readers below rely on, checked on load (ppn_bayes.schema); other keys are kept unchecked.

@@ -52,6 +52,8 @@ def test_negative_seed_leaves_no_half_written_run(tiny_llama_dir, text_corpus, i
     (["--size", "0.5", "--seed", "-1"], ["--seed", "0 to 4294967295"]),
     (["--size", "0.5", "--seed", "99999999999999999999"], ["--seed", "0 to 4294967295"]),
     (["--size", "0.5", "--quantile", "nan"], ["quantile"]),
+    (["--size", "0.5", "--draws", "1000000000000"], ["draws must be between 1 and 100,000"]),  # was out of memory
+    (["--size", "0.5", "--draws", "0"], ["draws must be between 1 and 100,000"]),
 ])
 def test_keepset_numbers(flags, needles, tiny_run, work, capsys):
     fails(capsys, ["keepset", tiny_run, *flags], *needles, watch=[tiny_run])
@@ -61,6 +63,7 @@ def test_keepset_numbers(flags, needles, tiny_run, work, capsys):
     (["uncertainty", "RUN", "--size", "0.5", "--seed", "-3", "--k", "2"], ["--seed"]),
     (["report", "RUN", "--sizes", "0.5,inf", "--draws", "8"], ["not a finite number"]),
     (["report", "RUN", "--sizes", "0.5", "--draws", "8", "--seed", "-1"], ["--seed"]),
+    (["report", "RUN", "--sizes", "0.5", "--draws", "123456789"], ["draws must be between"]),
     (["resize", "RUN", "--size", "inf", "--out", "WORK/small"], ["not a finite number"]),
     (["resize", "RUN", "--size", "0.5", "--seed", "-2", "--out", "WORK/small"], ["--seed"]),
     (["eval", "--run", "RUN", "--size", "nan", "--device", "cpu"], ["not a finite number"]),
