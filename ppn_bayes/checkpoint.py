@@ -18,6 +18,7 @@ import torch
 from ppn_bayes import run as rundir
 from ppn_bayes.config import dump_recipe
 from ppn_bayes.distributed import barrier, gather_to_host, is_sharded, shard_like
+from ppn_bayes.errors import RunError
 
 if TYPE_CHECKING:
     from ppn_bayes.train import Session
@@ -48,8 +49,13 @@ def restore(s: Session, ckpt: dict[str, Any]) -> int:
     hyperparameters come back as saved (:func:`ppn_bayes.train.fit` then applies the recipe's).
     Checkpoints hold whole tensors, so one written by any number of processes, DDP or FSDP, loads
     into any other."""
-    _restore_tensors(s, ckpt["tensors"])
-    s.optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        _restore_tensors(s, ckpt["tensors"])
+        s.optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError) as err:
+        raise RunError(f"the checkpoint in {s.run_dir} does not fit this version's model ({str(err).splitlines()[0][:120]}); "
+                       "runs written before shared threshold curves (push.thresholds) cannot be resumed: start a "
+                       "new run (the old run's posterior files still load for keepset and report)") from None
     if is_sharded(s):  # optimizer state of FSDP-sharded parameters: whole tensors -> this rank's shards
         for group in s.optimizer.param_groups:
             for p in group["params"]:

@@ -44,6 +44,10 @@ class PriorConfig:
     slab_scale: float = 2.0  # regularized horseshoe slab width c
     slab_df: float = 4.0  # slab degrees of freedom
     child_scale: float = 0.5  # heads/groups pool toward their layer with sd ~ HalfNormal(child_scale)
+    # Centre the offsets: layer offsets sum to 0 over layers, a layer's child deviations sum to 0 over
+    # its heads (groups). The per-kind level is then the shared threshold curve's alone, and the
+    # latents carry only contrasts between layers and within a layer (docs/method.md).
+    centre: bool = True
 
 
 @dataclass
@@ -62,6 +66,11 @@ class PushConfig:
     init_half_price: float | None = None  # size_curve: price at which half is kept; None = 1 / rate
     amplitude: bool = True  # amplitude corrections exp(s * u(lambda))
     mask: Literal["sample", "expected"] = "sample"  # straight-through Bernoulli, or rho itself
+    # Threshold curves. ``shared``: one curve per unit kind for all layers (identifiable: each
+    # layer's level is carried by the latent layer offsets; docs/method.md "Identifiability").
+    # ``per_layer``: one curve per layer and kind (the paper; confounded with latent layer offsets,
+    # so only for priors without latents).
+    thresholds: Literal["shared", "per_layer"] = "shared"
 
 
 @dataclass
@@ -136,7 +145,7 @@ PAPER_PRESET: dict[str, dict[str, Any]] = {
     "units": {"kinds": ["heads", "groups"], "group_size": 1},
     "prior": {"kind": "none"},
     "push": {"rate": 0.3, "p_dense": 1.0 / 3.0, "temperature": 0.5, "control_points": 10, "amplitude": True,
-             "init": "linear"},
+             "init": "linear", "thresholds": "per_layer"},
     "train": {"betas": [0.9, 0.95], "weight_decay": 0.1, "schedule": "cosine"},
 }
 
@@ -242,6 +251,9 @@ def validate(recipe: Recipe) -> Recipe:
          f"must be > 0 or null, got {pu.init_half_price}")
     need(0.0 <= pu.p_dense < 1.0, "push.p_dense", f"must be in [0, 1), got {pu.p_dense}")
     need(pu.control_points >= 4, "push.control_points", "a cubic B-spline needs >= 4 control points")
+    need(pu.thresholds == "shared" or p.kind == "none", "push.thresholds",
+         "per_layer curves are confounded with the latent layer offsets (docs/method.md, Identifiability); "
+         "use push.thresholds=shared, or prior.kind=none (the paper preset)")
     need(g.rank >= 1, "guide.rank", "must be >= 1")
     need(d.block_size >= 8, "data.block_size", f"must be >= 8 tokens, got {d.block_size}")
     need(d.train_blocks is None or d.train_blocks >= 1, "data.train_blocks", "must be >= 1 or null")

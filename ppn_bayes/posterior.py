@@ -87,7 +87,10 @@ class Posterior:
         try:
             meta = json.loads(meta_path.read_text())
             inventory = UnitInventory.from_dict(meta["inventory"])
-            prior_cfg, push_cfg = PriorConfig(**meta["prior"]), PushConfig(**meta["push"])
+            # Runs written before the identifiability correction have neither key: per-layer curves
+            # and uncentred offsets, which is what they were trained with.
+            prior_cfg = PriorConfig(**{"centre": False, **meta["prior"]})
+            push_cfg = PushConfig(**{"thresholds": "per_layer", **meta["push"]})
             guide_cfg = GuideConfig(**meta["guide"])
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise RunError(f"{meta_path} is malformed ({err}); re-run `ppn fit` to rewrite it") from None
@@ -98,7 +101,11 @@ class Posterior:
         push = Push(inventory, push_cfg)
         state = _load_tensors(run_dir / "push.safetensors")
         push_state = {k[len("push."):]: v for k, v in state.items() if k.startswith("push.")}
-        push.load_state_dict({**push.state_dict(), **push_state})
+        try:
+            push.load_state_dict({**push.state_dict(), **push_state})
+        except RuntimeError:
+            raise RunError(f"{run_dir / 'push.safetensors'} does not match posterior.json (push.thresholds: "
+                           f"{push_cfg.thresholds}); the two files come from different runs: re-run `ppn fit`") from None
         with torch.no_grad():
             prior.level.copy_(state["prior.level"])
         guide = make_guide(prior, guide_cfg)

@@ -221,7 +221,7 @@ def _decoder_weights(gated) -> dict[str, nn.Parameter]:
 
 
 def _param_groups(recipe: Recipe, ppn, guide, lora, named_weights) -> dict[str, list[nn.Parameter]]:
-    push = [p for n, p in ppn.named_parameters() if not n.startswith("gated.")]
+    push = [p for n, p in ppn.named_parameters() if not n.startswith("gated.") and p.requires_grad]
     if lora is not None:
         weights, nodecay = list(lora.parameters()), []
     else:
