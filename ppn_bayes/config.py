@@ -33,6 +33,11 @@ class UnitsConfig:
 
     kinds: list[str] = field(default_factory=lambda: ["layers", "heads", "groups"])
     group_size: int = 64  # MLP channels per group; 1 = single neurons (the paper)
+    # The prior mean of every score (ppn_bayes/anchor.py). ``data``: Block Influence for layers,
+    # first-order Taylor importance for heads and groups, from one pass over ``anchor_blocks``
+    # training blocks (empirical Bayes). ``norm``: the weight norms (the paper).
+    score_anchor: Literal["norm", "data"] = "data"
+    anchor_blocks: int = 8
 
 
 @dataclass
@@ -142,7 +147,7 @@ class Recipe:
 
 # The paper's choices, applied before the recipe's own keys.
 PAPER_PRESET: dict[str, dict[str, Any]] = {
-    "units": {"kinds": ["heads", "groups"], "group_size": 1},
+    "units": {"kinds": ["heads", "groups"], "group_size": 1, "score_anchor": "norm"},
     "prior": {"kind": "none"},
     "push": {"rate": 0.3, "p_dense": 1.0 / 3.0, "temperature": 0.5, "control_points": 10, "amplitude": True,
              "init": "linear", "thresholds": "per_layer"},
@@ -241,6 +246,7 @@ def validate(recipe: Recipe) -> Recipe:
     need(bool(u.kinds) and all(k in _UNIT_KINDS for k in u.kinds), "units.kinds",
          f"choose one or more of {list(_UNIT_KINDS)}, got {u.kinds}")
     need(u.group_size >= 1, "units.group_size", "must be >= 1 (1 = single neurons)")
+    need(u.anchor_blocks >= 1, "units.anchor_blocks", f"must be >= 1, got {u.anchor_blocks}")
     for key, val in (("prior.global_scale", p.global_scale), ("prior.slab_scale", p.slab_scale),
                      ("prior.slab_df", p.slab_df), ("prior.child_scale", p.child_scale),
                      ("push.rate", pu.rate), ("push.temperature", pu.temperature),

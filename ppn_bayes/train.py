@@ -241,6 +241,7 @@ def _group_hparams(recipe: Recipe, name: str) -> dict[str, Any]:
 def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: torch.device | None = None
           ) -> Session:
     """Load the base model and data and build model, guide, adapters, optimizer (one process's share)."""
+    from ppn_bayes.anchor import score_anchors
     from ppn_bayes.backbone.gated import gate
     from ppn_bayes.data import token_blocks
     from ppn_bayes.guides import make_guide
@@ -263,9 +264,11 @@ def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: 
         raise ConfigError(f"train.batch_size {t.batch_size} exceeds the {train_blocks.shape[0]} training blocks; "
                           "lower it or use more data")
     gated = gate(model, group_size=recipe.units.group_size, kinds=tuple(recipe.units.kinds))
+    u = recipe.units
+    anchors = score_anchors(gated, u.score_anchor, train_blocks[:u.anchor_blocks], batch_size=t.batch_size)
     torch.manual_seed(t.seed)  # the guide's init_to_median draws from the prior
     ppn = PPNModel(gated, recipe.prior, recipe.push, num_sequences=train_blocks.shape[0],
-                   tokens_per_sequence=d.block_size, tempering=t.tempering,
+                   tokens_per_sequence=d.block_size, norms=anchors, tempering=t.tempering,
                    autocast_dtype=torch.bfloat16 if t.bf16 else None).to(device)
     guide = make_guide(ppn.prior, recipe.guide).to(device)
     lora, named = _setup_weights(recipe, gated, t.seed)
