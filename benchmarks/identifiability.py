@@ -34,13 +34,16 @@ from ppn_bayes.posterior import Posterior  # noqa: E402
 
 
 def _guide_scales(post: Posterior, site: str = "e_layers") -> list[float] | None:
+    """The guide's sds of one site (mean-field), or of every latent (low-rank)."""
+    from ppn_bayes.guides import guide_marginals
+
     auto = getattr(post.guide, "auto", None)
     if auto is None:
         return None
-    try:
-        return auto.scales[site].detach().flatten().tolist()  # AutoNormal
-    except (AttributeError, KeyError, TypeError):
-        return None
+    scales = getattr(auto, "scales", None)
+    if scales is not None:
+        return getattr(scales, site).detach().flatten().tolist()
+    return guide_marginals(post.guide)[1].tolist()
 
 
 def measure(run_dir: Path, draws: int = 512) -> dict:

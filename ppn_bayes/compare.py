@@ -298,7 +298,7 @@ def fit_ppn_run(method: str, model_path: str | os.PathLike, out_dir: str | os.Pa
     if method == "ppn-paper":
         data = {k: v for k, v in data.items() if k not in ("units", "prior", "push", "preset")}
         data["train"] = {k: v for k, v in data.get("train", {}).items()
-                         if k not in ("betas", "weight_decay", "schedule")}
+                         if k not in ("betas", "weight_decay", "schedule", "guide_steps")}  # no latents: no guide
         data.update(preset="paper", name=f"{data.get('name', 'demo')}-paper")
     run_dir = Path(out_dir) / f"{method}-run"
     with timed() as t:

@@ -103,6 +103,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 200
+    # A guide-only phase after ``steps``: this many further steps (on further blocks) that train the
+    # score posterior alone, weights and push frozen (lr 0), the guide's lr on its own schedule.
+    guide_steps: int = 0
     batch_size: int = 4
     grad_accum: int = 1
     weights: Literal["frozen", "lora", "full"] = "frozen"
@@ -274,6 +277,7 @@ def validate(recipe: Recipe) -> Recipe:
     need(t.weight_decay >= 0 and t.clip_grad >= 0 and t.warmup_steps >= 0 and t.eval_every >= 0,
          "train", "weight_decay, clip_grad, warmup_steps and eval_every must be >= 0")
     need(all(x > 0 for x in t.eval_lambdas), "train.eval_lambdas", f"prices must be > 0, got {t.eval_lambdas}")
+    need(t.guide_steps >= 0, "train.guide_steps", f"must be >= 0, got {t.guide_steps}")
     need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
          f"use auto, cpu, cuda or cuda:N, got {t.device!r}")
