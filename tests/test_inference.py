@@ -93,8 +93,11 @@ def test_svi_agrees_with_nuts():
     rank correlation of the means >= 0.8 (four layers: one adjacent swap allowed); |mean gap| <= 0.6
     on the logit scale (the NUTS means' own Monte-Carlo error is sd / sqrt(ESS) ~ 1.5 / sqrt(50) ~ 0.2,
     and mean-field moves the means of a correlated posterior a little); R-hat <= 1.1 and bulk ESS >= 20
-    per site; divergences <= 5 % of draws. The sds are reported, not tested: mean-field
-    underdispersion is expected. Observed: Spearman 1.0, max gap 0.13, sd ratio SVI/NUTS 0.71-0.92.
+    per site; divergences <= 5 % of draws. Posterior sds: SVI/NUTS ratio per layer in [0.5, 1.25].
+    Why that band: mean-field under-disperses a correlated posterior (expected, tolerated down to
+    half the NUTS width), and the NUTS sd itself has a Monte-Carlo error of about sd / sqrt(2 ESS)
+    ~ 10 % at ESS ~ 50, so 1.25 is 2.5 of those above an exact match; a guide 2x too narrow or 1.5x
+    too wide fails. Observed before the identifiability correction: ratio 0.71-0.92.
     """
     importance, targets = NUTS_CHECK
     hf = synthetic_stack(importance, targets, seed=0)
@@ -103,12 +106,13 @@ def test_svi_agrees_with_nuts():
     res = nuts_check(g, ids, lam=LAM, prior=PriorConfig(kind="normal", global_scale=1.0),
                      num_warmup=100, num_samples=100, chains=2, svi_steps=600, seed=0)
     cmp = res["scores"]
-    print({k: cmp[k] for k in ("nuts_mean", "nuts_sd", "svi_mean", "svi_sd", "spearman", "max_abs_diff")})
+    print({k: cmp[k] for k in ("nuts_mean", "nuts_sd", "svi_mean", "svi_sd", "sd_ratio", "spearman", "max_abs_diff")})
     assert cmp["spearman"] >= 0.8
     assert cmp["max_abs_diff"] <= 0.6
     for site, s in res["sites"].items():
         assert s["rhat"] <= 1.1 and s["ess_bulk"] >= 20, (site, s)
     assert sum(res["divergences"]) <= 0.05 * 2 * 100
+    assert all(0.5 <= r <= 1.25 for r in cmp["sd_ratio"]), cmp["sd_ratio"]
     # NUTS itself separates the essential layers (w >= 0.5) from the (near-)identities; their order
     # within the essential pair is not identified: once rho ~ 1 more score buys no likelihood.
     means = torch.tensor(cmp["nuts_mean"])
@@ -122,8 +126,8 @@ def test_recovery_in_the_production_regime_over_seeds():
     anchor (which ranks these layers exactly backwards). Three seeds, each with its own data and SVI
     noise. Statistic: Kendall tau of posterior-mean scores vs the true importances. Tolerance: the
     mean over seeds minus 2 standard errors (sd / sqrt(3)) must be >= 0.5, i.e. well above the
-    anchor's -1 (the power check: the prior mean alone fails it) and above chance 0; observed 0.87
-    at seed 0 (one near-identity pair swapped). About 40 s per seed on one loaded core."""
+    anchor's -1 (the power check: the prior mean alone fails it) and above chance 0. Observed:
+    Kendall 1.00, 1.00, 0.73 (SE 0.09); 140 s for the three seeds on one loaded core."""
     importance, targets = RECOVERY
     hf = synthetic_stack(importance, targets, seed=0)
     g = gate(hf, kinds=("layers",))
