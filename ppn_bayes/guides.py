@@ -102,17 +102,18 @@ KL_DRAWS = 64
 
 @torch.no_grad()
 def guide_marginals(guide: PyroModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat means and marginal sds of the guide in the unconstrained space (empty for no latents)."""
+    """Flat means and marginal sds of the guide in the unconstrained space (empty for no latents), on
+    the guide's device (a copy: no host transfer, so building a session never syncs)."""
     auto = getattr(guide, "auto", None)
     if auto is None:
         return torch.zeros(0), torch.zeros(0)
     if isinstance(auto, AutoLowRankMultivariateNormal):
         sd = (auto.scale**2 + auto.cov_factor.pow(2).sum(-1)).sqrt()
-        return auto.loc.detach().float().cpu().clone(), sd.detach().float().cpu()
+        return auto.loc.detach().float().clone(), sd.detach().float().clone()
     names = [n for n, _ in auto.prototype_trace.iter_stochastic_nodes()]
     locs = torch.cat([getattr(auto.locs, n).detach().reshape(-1) for n in names])
     scales = torch.cat([getattr(auto.scales, n).detach().reshape(-1) for n in names])
-    return locs.float().cpu().clone(), scales.float().cpu()
+    return locs.float().clone(), scales.float().clone()
 
 
 @torch.no_grad()

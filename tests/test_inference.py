@@ -93,11 +93,15 @@ def test_svi_agrees_with_nuts():
     rank correlation of the means >= 0.8 (four layers: one adjacent swap allowed); |mean gap| <= 0.6
     on the logit scale (the NUTS means' own Monte-Carlo error is sd / sqrt(ESS) ~ 1.5 / sqrt(50) ~ 0.2,
     and mean-field moves the means of a correlated posterior a little); R-hat <= 1.1 and bulk ESS >= 20
-    per site; divergences <= 5 % of draws. Posterior sds: SVI/NUTS ratio per layer in [0.5, 1.25].
-    Why that band: mean-field under-disperses a correlated posterior (expected, tolerated down to
-    half the NUTS width), and the NUTS sd itself has a Monte-Carlo error of about sd / sqrt(2 ESS)
-    ~ 10 % at ESS ~ 50, so 1.25 is 2.5 of those above an exact match; a guide 2x too narrow or 1.5x
-    too wide fails. Observed before the identifiability correction: ratio 0.71-0.92.
+    per site; divergences <= 5 % of draws. Posterior sds: SVI/NUTS ratio per layer in [0.5, 1.5].
+    Why that band: mean-field under-disperses a correlated posterior (tolerated down to half the
+    NUTS width); on the wide side, the centred offsets (prior.centre) leave one direction of the
+    e's that moves no score, which a factorized q cannot decouple from the contrasts: for a Gaussian
+    posterior it widens every contrast's sd by sqrt(L / (L - 1)) = 1.15 at L = 4 (1.02 at L = 30),
+    and the NUTS sd has a Monte-Carlo error of about sd / sqrt(2 ESS) ~ 10 % at ESS ~ 50, so
+    1.15 * 1.25 ~ 1.45. A guide 2x too narrow or too wide fails. Observed: 0.71-0.92 before the
+    identifiability correction, 0.99-1.39 after (the band was set after that observation, with the
+    reason above).
     """
     importance, targets = NUTS_CHECK
     hf = synthetic_stack(importance, targets, seed=0)
@@ -112,7 +116,7 @@ def test_svi_agrees_with_nuts():
     for site, s in res["sites"].items():
         assert s["rhat"] <= 1.1 and s["ess_bulk"] >= 20, (site, s)
     assert sum(res["divergences"]) <= 0.05 * 2 * 100
-    assert all(0.5 <= r <= 1.25 for r in cmp["sd_ratio"]), cmp["sd_ratio"]
+    assert all(0.5 <= r <= 1.5 for r in cmp["sd_ratio"]), cmp["sd_ratio"]
     # NUTS itself separates the essential layers (w >= 0.5) from the (near-)identities; their order
     # within the essential pair is not identified: once rho ~ 1 more score buys no likelihood.
     means = torch.tensor(cmp["nuts_mean"])
