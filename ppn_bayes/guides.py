@@ -180,5 +180,5 @@ def convergence_warning(conv: dict[str, Any] | None) -> str | None:
     a, b = conv["steps"][1], conv["steps"][2]
     return (f"warning: the score posterior has not converged ({label} still moved at "
             f"{conv['relative_rate'][w]:.0%} of its average rate between steps {a} and {b}; scales "
-            f"{conv['scale_ratio']:.2f}x their init), so its uncertainty is not yet evidence: train longer "
-            "or add a guide-only phase (train.guide_steps)")
+            f"{conv['scale_ratio']:.2f}x their init), so its uncertainty is not yet evidence: train longer, "
+            "e.g. a longer guide-only phase (train.guide_steps)")
