@@ -29,8 +29,8 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ppn_bayes.keepsets import KeepsetSolver  # noqa: E402
-from ppn_bayes.posterior import Posterior  # noqa: E402
+from ppn_bayes.keepsets import KeepsetSolver
+from ppn_bayes.posterior import Posterior
 
 
 def _guide_scales(post: Posterior, site: str = "e_layers") -> list[float] | None:

@@ -37,8 +37,16 @@ import torch
 from torch import nn
 
 from ppn_bayes.backbone.gated import GatedLM
-from ppn_bayes.baselines import NestedKeepSets, check_blocks, full_inventory, gated_view, keepsets_from_order, timed
-from ppn_bayes.baselines.gisp import perplexity_loss, taylor_importance
+from ppn_bayes.baselines import (
+    NestedKeepSets,
+    check_blocks,
+    full_inventory,
+    gated_view,
+    keepsets_from_order,
+    timed,
+)
+from ppn_bayes.baselines.gisp import _objective as perplexity_terms
+from ppn_bayes.baselines.gisp import taylor_importance
 from ppn_bayes.baselines.shortgpt import block_influence
 from ppn_bayes.errors import ConfigError
 
@@ -52,10 +60,7 @@ def _layer_anchor(g: GatedLM, blocks: torch.Tensor, batch_size: int) -> torch.Te
 
 
 def _taylor_anchor(g: GatedLM, blocks: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    device = next(g.parameters()).device
-    n = blocks.shape[0]
-    terms = [(lambda b=blocks[s:s + batch_size].to(device): perplexity_loss(g, b), min(batch_size, n - s) / n)
-             for s in range(0, n, batch_size)]
+    terms = perplexity_terms("perplexity", blocks, None, batch_size, 1.0)(g)  # GISP's own loss closures
     with g.gates():  # the dense model, whatever gates a caller has open
         out = taylor_importance(g, terms)
     return {k: v.float().cpu().clamp_min(FLOOR) for k, v in out.items()}

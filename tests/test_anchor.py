@@ -51,7 +51,7 @@ def test_unit_anchor_is_first_order_taylor(tiny):
     F.cross_entropy(logits.reshape(-1, VOCAB).float(), blocks[:, 1:].reshape(-1)).backward()
     lay = hf.model.layers[1]
     at, mlp = lay.self_attn, lay.mlp
-    tay = lambda p: (p.grad * p.detach()).abs()  # noqa: E731
+    tay = lambda p: (p.grad * p.detach()).abs()
     hd, h = 8, 4  # head_dim 48 / 6; head 4 reads KV head 4 // 3 = 1
     head = (tay(at.q_proj.weight)[h * hd:(h + 1) * hd].sum() + tay(at.q_proj.bias)[h * hd:(h + 1) * hd].sum()
             if at.q_proj.bias is not None else tay(at.q_proj.weight)[h * hd:(h + 1) * hd].sum())
