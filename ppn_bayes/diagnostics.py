@@ -345,14 +345,19 @@ def run_nuts(model: PPNModel, args: tuple, kwargs: dict, num_warmup: int, num_sa
 
 
 def fit_svi(model: PPNModel, args: tuple, kwargs: dict, steps: int, lr: float, seed: int,
-            guide_cfg: GuideConfig | None = None, num_particles: int = 2, lr_push: float | None = None):
+            guide_cfg: GuideConfig | None = None, num_particles: int = 2, lr_push: float | None = None,
+            hide: tuple[str, ...] = ()):
     """Mean-field SVI of the guide (weights frozen; the push too unless ``lr_push`` is given, then its
     splines and, where trained, score levels are learned jointly, as in training); lr decays linearly
     to lr/10 so the final parameters sit near the optimum rather than wherever the last noisy step
-    left them."""
+    left them. ``hide``: model sites left out of the objective (``poutine.block``), e.g. ``("compute",)``
+    to fit the posterior of the scores' own prior without the price factor (simulation-based
+    calibration draws its truths from that prior)."""
     pyro.set_rng_seed(seed)
     guide = make_guide(model.prior, guide_cfg or GuideConfig())
-    loss_fn = Trace_ELBO(num_particles=num_particles, vectorize_particles=False)(model, guide)
+    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=False)
+    target = pyro.poutine.block(model, hide=list(hide)) if hide else model
+    loss_fn = (lambda *a, **k: elbo.differentiable_loss(target, guide, *a, **k)) if hide else elbo(model, guide)
     groups = [{"params": list(guide.parameters()), "lr": lr}]
     if lr_push is not None:
         push = [p for n, p in model.named_parameters() if not n.startswith("gated.") and p.requires_grad]
