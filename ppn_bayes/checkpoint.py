@@ -64,8 +64,15 @@ def restore(s: Session, ckpt: dict[str, Any]) -> int:
     Checkpoints hold whole tensors, so one written by any number of processes, DDP or FSDP, loads
     into any other."""
     fix = rundir.checkpoint_fix(s.run_dir / rundir.CHECKPOINT)
-    check_shapes({k: tuple(v.shape) for k, v in ckpt["tensors"].items()}, state_shapes(s),
-                 f"{s.run_dir / rundir.CHECKPOINT}/state.safetensors", fix)
+    try:
+        check_shapes({k: tuple(v.shape) for k, v in ckpt["tensors"].items()}, state_shapes(s),
+                     f"{s.run_dir / rundir.CHECKPOINT}/state.safetensors", fix)
+    except RunError as err:
+        if "thresholds_spline" not in str(err):
+            raise
+        raise RunError(f"the checkpoint in {s.run_dir} holds one threshold curve per layer: runs written before "
+                       "shared threshold curves (push.thresholds) cannot be resumed; start a new run (the old "
+                       "run's posterior files still load for keepset and report)") from None
     _restore_tensors(s, ckpt["tensors"])
     try:
         s.optimizer.load_state_dict(ckpt["optimizer"])

@@ -41,7 +41,8 @@ from ppn_bayes.files import atomic_write_bytes, atomic_write_many
 
 PEERS = ("gisp", "shortgpt", "prunepath", "wanda", "sparsegpt", "random")
 PPN_METHODS = ("ppn", "ppn-paper")
-METHODS = PPN_METHODS + PEERS
+ANCHOR = ("anchor",)  # the data score anchor of ppn_bayes.anchor alone: no training (not a default peer)
+METHODS = PPN_METHODS + ANCHOR + PEERS
 GISP_OBJECTIVES = ("perplexity", "margin")
 
 
@@ -297,7 +298,7 @@ def fit_ppn_run(method: str, model_path: str | os.PathLike, out_dir: str | os.Pa
     if method == "ppn-paper":
         data = {k: v for k, v in data.items() if k not in ("units", "prior", "push", "preset")}
         data["train"] = {k: v for k, v in data.get("train", {}).items()
-                         if k not in ("betas", "weight_decay", "schedule")}
+                         if k not in ("betas", "weight_decay", "schedule", "guide_steps")}  # no latents: no guide
         data.update(preset="paper", name=f"{data.get('name', 'demo')}-paper")
     run_dir = Path(out_dir) / f"{method}-run"
     with timed() as t:
@@ -325,8 +326,8 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
             group_size: int = 1, gisp_step: float = 0.1, prunepath_experts: int = 16,
             decode_tokens: int = 16, batch_size: int = 8, progress: bool = False,
             model_path: str | os.PathLike | None = None, fit_dir: str | os.PathLike | None = None,
-            gisp_objective: str = "perplexity", gisp_choices: Sequence[Any] | None = None
-            ) -> dict[str, Any]:
+            gisp_objective: str = "perplexity", gisp_choices: Sequence[Any] | None = None,
+            anchor_kinds: Sequence[str] = ("layers", "heads", "groups")) -> dict[str, Any]:
     """Run ``methods`` at ``sizes`` on ``model``; ``{"dense", "results", "costs", "config"}``.
 
     ``model`` is never modified (peers work on copies or cut copies). ``heal_blocks``: train blocks
@@ -334,7 +335,9 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
     of ``calib``; rows named ``gisp``) or ``"margin"`` (the margin loss on ``gisp_choices``, a list of
     :class:`~ppn_bayes.baselines.gisp.ChoiceExample`, e.g. from
     :func:`ppn_bayes.tasks.choices.calibration_items` and :func:`~ppn_bayes.tasks.choices.to_examples`;
-    rows named ``gisp-margin``). Every GISP row records its ``objective``.
+    rows named ``gisp-margin``). Every GISP row records its ``objective``. ``anchor``: the data score
+    anchor alone (:func:`ppn_bayes.anchor.anchor_pruning`, Block Influence for layers and Taylor
+    importance for heads and channel groups of ``group_size``, on ``calib``) over ``anchor_kinds``.
     """
     sizes = check_sizes(sizes)
     methods = check_methods(methods)
@@ -357,7 +360,7 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
         rows += _method_rows(bench, method, calib, sizes, seeds=seeds, group_size=group_size, gisp_step=gisp_step,
                              prunepath_experts=prunepath_experts, run_dir=run_dir, paper_run_dir=paper_run_dir,
                              model_path=model_path, fit_dir=fit_dir, gisp_objective=gisp_objective,
-                             gisp_choices=gisp_choices)
+                             gisp_choices=gisp_choices, anchor_kinds=tuple(anchor_kinds))
     costs: dict[str, float] = {}
     for r in rows:  # a one-run method's run once (per seed for random); per-size runs and heals summed
         if "cost_seconds" not in r:
@@ -372,7 +375,7 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
               "test_blocks": int(test.shape[0]), "block_size": int(test.shape[1]), "seeds": list(seeds),
               "group_size": group_size, "gisp_step": gisp_step, "gisp_objective": gisp_objective,
               "gisp_choices": len(gisp_choices) if gisp_objective == "margin" and gisp_choices else 0,
-              "prunepath_experts": prunepath_experts,
+              "prunepath_experts": prunepath_experts, "anchor_kinds": list(anchor_kinds),
               "heal_tokens": int(heal_blocks.numel()) if heal_blocks is not None else 0,
               "decode_tokens": decode_tokens}
     return {"dense": dense, "results": rows, "costs": costs, "config": config, "keepsets": bench.keepsets}
@@ -391,6 +394,11 @@ def _method_rows(bench: Bench, method: str, calib: torch.Tensor, sizes: list[flo
                    step=kw["gisp_step"], group_size=kw["group_size"])
         res.method = gisp_label(objective)
         return structured_rows(bench, res, {"objective": objective})
+    if method == "anchor":
+        from ppn_bayes.anchor import anchor_pruning
+
+        res = anchor_pruning(model, calib, sizes, kinds=kw["anchor_kinds"], group_size=kw["group_size"])
+        return structured_rows(bench, res, {"kinds": list(kw["anchor_kinds"])})
     if method == "shortgpt":
         from ppn_bayes.baselines.shortgpt import shortgpt
 

@@ -41,6 +41,11 @@ class UnitsConfig:
 
     kinds: list[str] = field(default_factory=lambda: ["layers", "heads", "groups"])
     group_size: int = 64  # MLP channels per group; 1 = single neurons (the paper)
+    # The prior mean of every score (ppn_bayes/anchor.py). ``data``: Block Influence for layers,
+    # first-order Taylor importance for heads and groups, from one pass over ``anchor_blocks``
+    # training blocks (empirical Bayes). ``norm``: the weight norms (the paper).
+    score_anchor: Literal["norm", "data"] = "data"
+    anchor_blocks: int = 8
 
 
 @dataclass
@@ -52,6 +57,10 @@ class PriorConfig:
     slab_scale: float = 2.0  # regularized horseshoe slab width c
     slab_df: float = 4.0  # slab degrees of freedom
     child_scale: float = 0.5  # heads/groups pool toward their layer with sd ~ HalfNormal(child_scale)
+    # Centre the offsets: layer offsets sum to 0 over layers, a layer's child deviations sum to 0 over
+    # its heads (groups). The per-kind level is then the shared threshold curve's alone, and the
+    # latents carry only contrasts between layers and within a layer (docs/method.md).
+    centre: bool = True
 
 
 @dataclass
@@ -70,6 +79,11 @@ class PushConfig:
     init_half_price: float | None = None  # size_curve: price at which half is kept; None = 1 / rate
     amplitude: bool = True  # amplitude corrections exp(s * u(lambda))
     mask: Literal["sample", "expected"] = "sample"  # straight-through Bernoulli, or rho itself
+    # Threshold curves. ``shared``: one curve per unit kind for all layers (identifiable: each
+    # layer's level is carried by the latent layer offsets; docs/method.md "Identifiability").
+    # ``per_layer``: one curve per layer and kind (the paper; confounded with latent layer offsets,
+    # so only for priors without latents).
+    thresholds: Literal["shared", "per_layer"] = "shared"
 
 
 @dataclass
@@ -97,6 +111,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 200
+    # A guide-only phase after ``steps``: this many further steps (on further blocks) that train the
+    # score posterior alone, weights and push frozen (lr 0), the guide's lr on its own schedule.
+    guide_steps: int = 0
     batch_size: int = 4
     grad_accum: int = 1
     weights: Literal["frozen", "lora", "full"] = "frozen"
@@ -141,10 +158,10 @@ class Recipe:
 
 # The paper's choices, applied before the recipe's own keys.
 PAPER_PRESET: dict[str, dict[str, Any]] = {
-    "units": {"kinds": ["heads", "groups"], "group_size": 1},
+    "units": {"kinds": ["heads", "groups"], "group_size": 1, "score_anchor": "norm"},
     "prior": {"kind": "none"},
     "push": {"rate": 0.3, "p_dense": 1.0 / 3.0, "temperature": 0.5, "control_points": 10, "amplitude": True,
-             "init": "linear"},
+             "init": "linear", "thresholds": "per_layer"},
     "train": {"betas": [0.9, 0.95], "weight_decay": 0.1, "schedule": "cosine"},
 }
 
@@ -243,6 +260,7 @@ def validate(recipe: Recipe) -> Recipe:
     need(bool(u.kinds) and all(k in _UNIT_KINDS for k in u.kinds), "units.kinds",
          f"choose one or more of {list(_UNIT_KINDS)}, got {short(u.kinds)}")
     need(u.group_size >= 1, "units.group_size", "must be >= 1 (1 = single neurons)")
+    need(u.anchor_blocks >= 1, "units.anchor_blocks", f"must be >= 1, got {u.anchor_blocks}")
     for key, val in (("prior.global_scale", p.global_scale), ("prior.slab_scale", p.slab_scale),
                      ("prior.slab_df", p.slab_df), ("prior.child_scale", p.child_scale),
                      ("push.rate", pu.rate), ("push.temperature", pu.temperature),
@@ -253,6 +271,9 @@ def validate(recipe: Recipe) -> Recipe:
          f"must be > 0 or null, got {pu.init_half_price}")
     need(0.0 <= pu.p_dense < 1.0, "push.p_dense", f"must be in [0, 1), got {pu.p_dense}")
     need(pu.control_points >= 4, "push.control_points", "a cubic B-spline needs >= 4 control points")
+    need(pu.thresholds == "shared" or p.kind == "none", "push.thresholds",
+         "per_layer curves are confounded with the latent layer offsets (docs/method.md, Identifiability); "
+         "use push.thresholds=shared, or prior.kind=none (the paper preset)")
     need(g.rank >= 1, "guide.rank", "must be >= 1")
     need(d.block_size >= 8, "data.block_size", f"must be >= 8 tokens, got {d.block_size}")
     need(d.train_blocks is None or d.train_blocks >= 1, "data.train_blocks", "must be >= 1 or null")
@@ -267,6 +288,7 @@ def validate(recipe: Recipe) -> Recipe:
     need(t.weight_decay >= 0 and t.clip_grad >= 0 and t.warmup_steps >= 0 and t.eval_every >= 0,
          "train", "weight_decay, clip_grad, warmup_steps and eval_every must be >= 0")
     need(all(x > 0 for x in t.eval_lambdas), "train.eval_lambdas", f"prices must be > 0, got {short(t.eval_lambdas)}")
+    need(t.guide_steps >= 0, "train.guide_steps", f"must be >= 0, got {t.guide_steps}")
     need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
          f"use auto, cpu, cuda or cuda:N, got {short(t.device)}")

@@ -12,7 +12,9 @@ nested by group, ``arviz_stats.summary``) is a one-file change.
   ``0.5 <= k <= 0.7`` questionable, ``k > 0.7`` bad (importance weights with infinite variance).
   It needs a log density that is a deterministic function of the latents: a fixed price ``lam``
   and the push's ``expected`` masks (applied here for the duration of the call), frozen weights, a
-  fixed (held-out) batch.
+  fixed (held-out) batch. :func:`psis_khat_fitted` is the diagnostic of a training run's own
+  approximation instead: against the density SVI actually fits, price and masks integrated out
+  inside the log with common random numbers, on the training batch at the training scaling.
 * :func:`nuts_check`: Pyro's NUTS on the layer-gate-only model (a handful of latents, frozen
   weights, a fixed calibration batch, fixed ``lam``), R-hat and ESS per site, and the comparison of
   the NUTS posterior of the layer scores with a mean-field SVI fit of the same model.
@@ -214,9 +216,14 @@ def psis_khat(model, guide, *args, num_particles: int = 500, seed: int = 0, **kw
     degenerate (arviz returns inf), and ``khat`` is reported as ``-inf`` (good).
     """
     lw = log_importance_weights(model, guide, *args, num_particles=num_particles, seed=seed, **kwargs)
+    return khat_of(lw)
+
+
+def khat_of(lw: torch.Tensor) -> dict[str, Any]:
+    """:func:`psis_khat`'s numbers from given log importance weights ``[n]``."""
     if not torch.isfinite(lw).all():
         raise ConfigError("some log importance weights are not finite; check the model/guide pair and the batch")
-    lw_np = lw.numpy()
+    lw_np = lw.double().numpy()
     if float(lw.max() - lw.min()) < 1e-3:
         k, smoothed = float("-inf"), lw_np
     else:
@@ -228,11 +235,62 @@ def psis_khat(model, guide, *args, num_particles: int = 500, seed: int = 0, **kw
     return {
         "khat": k,
         "reading": khat_reading(k),
-        "num_particles": int(num_particles),
+        "num_particles": int(lw.numel()),
         "ess_fraction": float(1.0 / (lw_np.size * np.sum(w**2))),
         "elbo": float(lw.mean()),
-        "log_evidence": float(torch.logsumexp(lw, 0) - math.log(lw.numel())),
+        "log_evidence": float(torch.logsumexp(lw.double(), 0) - math.log(lw.numel())),
     }
+
+
+def fitted_log_weights(model: PPNModel, guide, input_ids: torch.Tensor, subsample: torch.Tensor | None = None, *,
+                       num_particles: int = 200, noise_draws: int = 16, seed: int = 0) -> torch.Tensor:
+    """``log ptilde(a) - log q(a)`` for ``num_particles`` draws ``a ~ q``, ``ptilde`` the density SVI fits.
+
+    Training maximizes ``E_q[ E_{lambda, m} log p(D, compute | a, lambda, m) ] - KL(q || p)``, i.e. it
+    minimizes ``KL(q || ptilde)`` with ``ptilde(a) ∝ p(a) exp(E_{lambda, m}[tokens + compute])``: the
+    price and the masks are noise integrated out *inside* the log (a Gibbs posterior, not a mixture).
+    The inner expectation is the mean over ``noise_draws`` draws of (lambda, masks) from the model's
+    own generator, with the *same* seeds for every particle (common random numbers), so that the
+    weights differ by the scores alone, not by noise. The plate's scaling is the model's (production:
+    ``num_sequences`` >> batch), the batch is the one given (the training batch).
+    """
+    saved = model._generator
+    out = torch.empty(num_particles, dtype=torch.float64)
+    pyro.set_rng_seed(seed)
+    try:
+        with torch.no_grad():
+            for i in range(num_particles):
+                gtr = pyro.poutine.trace(guide).get_trace(input_ids, subsample=subsample)
+                logq = float(gtr.log_prob_sum())
+                lik, logp = 0.0, None
+                for r in range(noise_draws):
+                    model.set_generator(torch.Generator().manual_seed(1_000_003 * (seed + 1) + r))
+                    mtr = pyro.poutine.trace(pyro.poutine.replay(model, trace=gtr)).get_trace(
+                        input_ids, subsample=subsample)
+                    if i == 0 and r == 0:
+                        _check_guide_covers(mtr, gtr)
+                    mtr.compute_log_prob()
+                    terms = {"tokens": 0.0, "compute": 0.0, "latent": 0.0}
+                    for name, site in mtr.nodes.items():
+                        if site["type"] != "sample" or site_is_subsample(site):
+                            continue
+                        key = name if name in ("tokens", "compute") else "latent"
+                        terms[key] += float(site["log_prob_sum"])
+                    lik += (terms["tokens"] + terms["compute"]) / noise_draws
+                    logp = terms["latent"]
+                out[i] = logp + lik - logq
+    finally:
+        model.set_generator(saved)
+    return out
+
+
+def psis_khat_fitted(model: PPNModel, guide, input_ids: torch.Tensor, subsample: torch.Tensor | None = None, *,
+                     num_particles: int = 200, noise_draws: int = 16, seed: int = 0) -> dict[str, Any]:
+    """PSIS k-hat of ``guide`` against the density it was fitted to (:func:`fitted_log_weights`): the
+    diagnostic of the training run's own approximation, on its training batch and scaling."""
+    lw = fitted_log_weights(model, guide, input_ids, subsample, num_particles=num_particles,
+                            noise_draws=noise_draws, seed=seed)
+    return {**khat_of(lw), "noise_draws": int(noise_draws)}
 
 
 # ------------------------------------------------------------------ NUTS vs SVI
@@ -287,13 +345,24 @@ def run_nuts(model: PPNModel, args: tuple, kwargs: dict, num_warmup: int, num_sa
 
 
 def fit_svi(model: PPNModel, args: tuple, kwargs: dict, steps: int, lr: float, seed: int,
-            guide_cfg: GuideConfig | None = None, num_particles: int = 2):
-    """Mean-field SVI of the guide alone (weights and push frozen); lr decays linearly to lr/10 so the
-    final parameters sit near the optimum rather than wherever the last noisy step left them."""
+            guide_cfg: GuideConfig | None = None, num_particles: int = 2, lr_push: float | None = None,
+            hide: tuple[str, ...] = ()):
+    """Mean-field SVI of the guide (weights frozen; the push too unless ``lr_push`` is given, then its
+    splines and, where trained, score levels are learned jointly, as in training); lr decays linearly
+    to lr/10 so the final parameters sit near the optimum rather than wherever the last noisy step
+    left them. ``hide``: model sites left out of the objective (``poutine.block``), e.g. ``("compute",)``
+    to fit the posterior of the scores' own prior without the price factor (simulation-based
+    calibration draws its truths from that prior)."""
     pyro.set_rng_seed(seed)
     guide = make_guide(model.prior, guide_cfg or GuideConfig())
-    loss_fn = Trace_ELBO(num_particles=num_particles, vectorize_particles=False)(model, guide)
-    opt = torch.optim.Adam(guide.parameters(), lr=lr)
+    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=False)
+    target = pyro.poutine.block(model, hide=list(hide)) if hide else model
+    loss_fn = (lambda *a, **k: elbo.differentiable_loss(target, guide, *a, **k)) if hide else elbo(model, guide)
+    groups = [{"params": list(guide.parameters()), "lr": lr}]
+    if lr_push is not None:
+        push = [p for n, p in model.named_parameters() if not n.startswith("gated.") and p.requires_grad]
+        groups.append({"params": push, "lr": lr_push})
+    opt = torch.optim.Adam(groups, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / max(1, steps))
     for _ in range(steps):
         opt.zero_grad()

@@ -257,9 +257,7 @@ def threshold_grid(posterior, points: int = GRID) -> tuple[torch.Tensor, dict[st
     xs = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
     push = posterior.push
     with torch.no_grad():
-        vals = push.thresholds_spline(xs).double()  # [M, kinds * L], the layout of Push.thresholds
-    L = posterior.inventory.num_layers
-    vals = vals.view(points, len(push.kinds), L)
+        vals = push.threshold_values(xs).double()  # [M, kinds, L]
     return xs, {k: vals[:, i, :].transpose(0, 1).contiguous() for i, k in enumerate(push.kinds)}
 
 

@@ -12,7 +12,7 @@ One generative story per training step::
 Design choices (PYRO-NOTES.md, "Putting the push into a Pyro model"):
 
 * Latent sites are only the small score tensors; the LM's weights, the splines, the amplitude
-  scales and the score levels are point estimates (plain ``nn.Parameter``s of this ``PyroModule``),
+  scales (and, with per-layer curves only, the score levels) are point estimates (plain ``nn.Parameter``s of this ``PyroModule``),
   optimized by the same ELBO as the guide.
 * ``lambda`` and the masks are drawn inside the model with the straight-through estimator rather
   than as discrete ``pyro.sample`` sites, so ``Trace_ELBO`` keeps reparameterized, low-variance
@@ -94,6 +94,9 @@ class PPNModel(PyroModule):
         self.norms = {k: v.detach() for k, v in norms.items()}  # where the weights are; .to() moves the rest
         self.prior = ScorePrior(self.inventory, self.norms, prior)
         self.push = Push(self.inventory, push)
+        if self.push.shared:
+            # one curve per kind already sets each kind's level: a trained c_kind would duplicate it
+            self.prior.level.requires_grad_(False)
         if push.init == "size_curve":
             self.push.calibrate_thresholds(self.prior.initial_scores())
         self.num_sequences = int(num_sequences)

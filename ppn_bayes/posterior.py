@@ -103,10 +103,17 @@ class Posterior:
         meta = load_json(meta_path, POSTERIOR_SCHEMA, RUN_FIX)
         try:
             inventory = UnitInventory.from_dict(meta["inventory"])
-            cfg = recipe_from_dict({"prior": meta["prior"], "push": meta["push"], "guide": meta["guide"]})
+            # Runs written before the identifiability correction have neither push.thresholds nor
+            # prior.centre: per-layer curves and uncentred offsets, which is what they were trained with.
+            # (New recipes may not combine per-layer curves with latents, so validate them as shared.)
+            legacy = "thresholds" not in meta["push"]
+            push_meta = {**meta["push"], "thresholds": "shared"} if legacy else meta["push"]
+            cfg = recipe_from_dict({"prior": {"centre": False, **meta["prior"]}, "push": push_meta,
+                                    "guide": meta["guide"]})
         except ConfigError as err:
             raise RunError(f"{meta_path}: {err}; {RUN_FIX}") from None
-        prior_cfg, push_cfg, guide_cfg = cfg.prior, cfg.push, cfg.guide
+        prior_cfg, guide_cfg = cfg.prior, cfg.guide
+        push_cfg = dataclasses.replace(cfg.push, thresholds="per_layer") if legacy else cfg.push
         dims = inventory.dims
         if dims.num_heads % dims.num_kv_heads:
             raise RunError(f"{meta_path}: inventory.dims: num_heads {dims.num_heads} is not a multiple of "
@@ -121,7 +128,11 @@ class Posterior:
         fresh = {f"push.{k}": v for k, v in push.state_dict().items() if not k.startswith("cost_")}
         state = _load_tensors(run_dir / "push.safetensors", {**_shapes(fresh), "prior.level": tuple(prior.level.shape)})
         push_state = {k[len("push."):]: v for k, v in state.items() if k.startswith("push.")}
-        push.load_state_dict({**push.state_dict(), **push_state})
+        try:
+            push.load_state_dict({**push.state_dict(), **push_state})
+        except RuntimeError:
+            raise RunError(f"{run_dir / 'push.safetensors'} does not match posterior.json (push.thresholds: "
+                           f"{push_cfg.thresholds}); the two files come from different runs: re-run `ppn fit`") from None
         with torch.no_grad():
             prior.level.copy_(state["prior.level"])
         guide = make_guide(prior, guide_cfg)

@@ -25,6 +25,23 @@ to the norm-based ordering (``delta = 0`` is the paper). Plain Normal hierarchy 
 ``s ~ HalfNormal(global_scale)``, ``delta_l = s * e_l``, children as above. ``kind: none`` has no latent
 sites at all (the paper's preset: scores are the norms).
 
+**Centring (``centre: true``, the default of the ``ours`` preset).** The gates see a score only
+through ``a_u - tau_k(lambda)``, and the threshold curves ``tau_k`` (one per kind, shared by all
+layers) are point estimates. A shift common to every layer offset, or to every child deviation of
+a kind, would move all scores of a kind together, which is exactly what a shift of ``tau_k`` does:
+a latent direction with the same effect on the gates as a point estimate. So the offsets enter
+centred::
+
+    delta_l  <- delta_l - mean_l delta_l                       (sum over layers 0)
+    delta_lh <- delta_l + (sig_l^h e_lh - mean_h sig_l^h e_lh)   (a layer's heads average to delta_l)
+
+The latents then carry only what no point estimate can: each layer's level relative to the others
+and each unit's share within its layer; the per-kind level is the shared curve's (the level
+``c_kind`` is then frozen at 0, :class:`~ppn_bayes.model.PPNModel`). The sample sites and their
+laws are unchanged; the centring is a deterministic map of them, so the one direction of ``e``
+that it removes is identified by the prior alone, as any direction the data do not inform.
+``centre: false`` is the uncentred form of runs written before this correction.
+
 Non-centred forms keep the posterior geometry benign for SVI and NUTS (NumPyro's "bad posterior
 geometry" notes); the scales are clamped below at ``1e-6`` (see docs/method.md, "Numerical guards").
 
@@ -106,7 +123,10 @@ class ScorePrior(PyroModule):
             sig = pyro.sample(f"sig_{kind}", dist.HalfNormal(self.config.child_scale * one)).clamp_min(SCALE_FLOOR)
         with pyro.plate(f"{kind}_unit_plate", width, dim=-1), pyro.plate(f"{kind}_row_plate", L, dim=-2):
             e = pyro.sample(f"e_{kind}", dist.Normal(0.0 * one, one))
-        return parent.unsqueeze(-1) + sig.unsqueeze(-1) * e
+        dev = sig.unsqueeze(-1) * e
+        if self.config.centre:
+            dev = dev - dev.mean(-1, keepdim=True)
+        return parent.unsqueeze(-1) + dev
 
     @fp32
     def forward(self) -> dict[str, torch.Tensor]:
@@ -116,6 +136,8 @@ class ScorePrior(PyroModule):
             offsets = {k: torch.zeros_like(getattr(self, f"z_{k}")) for k in self.kinds}
         else:
             d_layer = self._layer_offsets()
+            if self.config.centre:
+                d_layer = d_layer - d_layer.mean(-1, keepdim=True)
             offsets = {"layers": d_layer}
             if "heads" in self.kinds:
                 offsets["heads"] = self._child_offsets("heads", d_layer, inv.num_heads)

@@ -12,6 +12,14 @@ and its mask is a straight-through Bernoulli sample ``m = b + rho - stopgrad(rho
 inclusion ``rho_bar(lambda)`` (its expectation, which has far lower gradient variance than the
 sampled cost).
 
+Thresholds are shared per unit kind (``push.thresholds: shared``, the default): one curve
+``tau_k(lambda)`` for all layers, so that each layer's level is carried by the latent layer offsets
+of the score prior and nothing point-estimated duplicates a latent (docs/method.md,
+"Identifiability"). The paper's per-layer curves ``tau_{l,k}`` (``per_layer``) stay for the
+``paper`` preset, which has no latents; with latent layer offsets they would be confounded:
+adding ``d`` to ``delta_l`` and to control points ``c_1..c_9`` of layer ``l``'s curve changes no
+gate at any ``lambda >= 1/6`` (the first cubic basis function vanishes for ``x >= 1/7``).
+
 Thresholds are cubic B-splines of ``x = lambda / (lambda + 1)`` in ``[0, 1)`` with control points
 ``c_0 = -1/T`` (fixed: every unit is on at ``lambda = 0``) and ``c_j = c_{j-1} + softplus(theta_j)``;
 increasing control points make a B-spline non-decreasing, so larger prices never grow the network,
@@ -142,7 +150,10 @@ class Push(nn.Module):
         self.config = config
         self.kinds = tuple(inventory.kinds)
         L, T = inventory.num_layers, config.temperature
-        self.thresholds_spline = MonotoneSpline(L * len(self.kinds), config.control_points,
+        # ``shared``: one curve per kind (series k); ``per_layer``: series k * L + l (the paper's layout)
+        self.shared = config.thresholds == "shared"
+        n_series = len(self.kinds) * (1 if self.shared else L)
+        self.thresholds_spline = MonotoneSpline(n_series, config.control_points,
                                                 start=-1.0 / T, end=config.threshold_max)
         costs = inventory.unit_costs(currency)
         total = inventory.total_cost(currency)
@@ -204,10 +215,20 @@ class Push(nn.Module):
         return float(self.expected_size(rho))
 
     @fp32
+    def threshold_values(self, x: torch.Tensor) -> torch.Tensor:
+        """``tau_{l,k}`` at spline coordinates ``x`` ``[...]``: ``[..., kinds, L]`` (a shared curve
+        repeated over layers), the one place that knows the spline's series layout."""
+        vals = self.thresholds_spline(x)  # [..., n_series]
+        K, L = len(self.kinds), self.inventory.num_layers
+        if self.shared:
+            return vals.unsqueeze(-1).expand(*vals.shape[:-1], K, L)
+        return vals.view(*vals.shape[:-1], K, L)
+
+    @fp32
     def thresholds(self, lam: float | torch.Tensor) -> dict[str, torch.Tensor]:
         """``tau_{l,k}(lambda)`` for every gated kind: ``{kind: [L]}``."""
         x = squash(lam).to(self.thresholds_spline.theta.device)
-        vals = self.thresholds_spline(x).view(len(self.kinds), self.inventory.num_layers)
+        vals = self.threshold_values(x)
         return dict(zip(self.kinds, vals.unbind(0)))
 
     @fp32

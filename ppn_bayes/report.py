@@ -156,6 +156,42 @@ def check_report_out(run_dir: Path, out: Path, overwrite: bool = False) -> None:
         raise OutputError(f"--out {out} already holds a report; pass --force to replace it, or choose another --out")
 
 
+def fit_warning(run: Any) -> str | None:
+    """The one-line warning when the run's score posterior has not flattened (guides.guide_convergence),
+    or ``None`` (converged, or a run without guide records to judge)."""
+    from ppn_bayes.guides import convergence_warning, guide_convergence
+
+    run_dir = Path(getattr(run, "path", run))
+    _, metrics = _run_facts(run_dir)
+    return convergence_warning(guide_convergence(metrics))
+
+
+def _fit_lines(metrics: list[dict]) -> list[str]:
+    """The report's "Is the posterior fitted?" section."""
+    from ppn_bayes.guides import convergence_warning, guide_convergence
+
+    recs = [m for m in metrics if m.get("type") == "guide"]
+    if not recs:
+        return ["_This run logged no guide records (it predates them, or it has no latent scores)._", ""]
+    last = recs[-1]
+    lines = [(f"After {last['step']} steps the guide's marginal sds (unconstrained space) are "
+              f"{last['scale_min']:.3g}-{last['scale_max']:.3g} (mean {last['scale_mean']:.3g}), "
+              f"**{last['scale_ratio']:.2f}x** their initial values; its means moved by {last['loc_move']:.3g} "
+              f"(rms) from their start; KL(q || prior) = {last['kl']:.4g} nats (start {recs[0]['kl']:.4g})."), ""]
+    conv = guide_convergence(metrics)
+    if conv is None:
+        lines.append("Too few guide records (fewer than three) to judge whether the fit flattened.")
+    else:
+        rates = ", ".join(f"{k} {v:.0%}" for k, v in conv["relative_rate"].items())
+        verdict = "**flattened**" if conv["flattened"] else "**not flattened**"
+        lines.append(f"Between steps {conv['steps'][1]} and {conv['steps'][2]} the guide moved at {rates} of its "
+                     f"average rate per unit of learning rate (flattened when all <= {conv['tol']:.0%}): {verdict}.")
+        warning = convergence_warning(conv)
+        if warning:
+            lines += ["", f"> {warning}"]
+    return lines + [""]
+
+
 def write_report(run: Any, sizes: Sequence[float] = (0.25, 0.5, 0.75), num_draws: int = 256, quantile: float = 0.5,
                  seed: int = 0, out: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write ``report.md``, ``keepsets.json``, the plots (``plots/``) and ``posterior.nc``; return the report path.
@@ -285,6 +321,7 @@ def _markdown(run_dir: Path, inv, manifest: dict, metrics: list[dict], results: 
             if len(r.boundary) > 12:
                 L.append(f"| … {len(r.boundary) - 12} more in keepsets.json | | |")
         L.append("")
+    L += ["## Is the posterior fitted?", ""] + _fit_lines(metrics)
     L += ["## Diagnostics", ""] + diag_lines + [""]
     if nc is not None:
         L += [f"Posterior draws of every latent are saved as arviz NetCDF: `{nc.name}`.", ""]

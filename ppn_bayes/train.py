@@ -98,6 +98,41 @@ def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def total_steps(t) -> int:
+    """Optimizer steps of a run: the joint ``steps`` and then the guide-only ``guide_steps``."""
+    return t.steps + t.guide_steps
+
+
+def group_multiplier(t, step: int, group: str) -> float:
+    """Learning-rate multiplier of parameter group ``group`` at optimizer step ``step``: the recipe's
+    schedule over ``steps`` for every group; in the guide-only phase (``step >= steps``) the guide's
+    own schedule over ``guide_steps`` (no warmup) and 0 for every other group (frozen exactly: AdamW's
+    update and its decay are both proportional to lr)."""
+    if step < t.steps:
+        return lr_multiplier(step, t.steps, t.warmup_steps, t.schedule)
+    if group != "guide":
+        return 0.0
+    return lr_multiplier(step - t.steps, t.guide_steps, 0, t.schedule)
+
+
+def guide_lr_spent(t, steps: int) -> float:
+    """Sum of the guide's learning rate over the first ``steps`` optimizer steps (guides.guide_convergence)."""
+    return float(sum(t.lr_guide * group_multiplier(t, i, "guide") for i in range(steps)))
+
+
+def log_guide(s: Session, step: int) -> dict[str, Any] | None:
+    """Append the ``guide`` record (guides.guide_summary) for the state after ``step`` steps."""
+    from ppn_bayes.guides import guide_summary
+
+    summary = guide_summary(s.guide, s.ppn.prior, s.guide_init)
+    if not summary:
+        return None
+    record = {"type": "guide", "step": step, "lr_sum": guide_lr_spent(s.recipe.train, step),
+              "phase": "guide" if step > s.recipe.train.steps else "joint", **summary}
+    rundir.append_metrics(s.run_dir, record)
+    return record
+
+
 # ------------------------------------------------------------------------------------------- the ELBO
 
 
@@ -181,6 +216,7 @@ class Session:
     generator: torch.Generator
     seconds: float = 0.0
     callbacks: list = field(default_factory=list)
+    guide_init: tuple = ()  # guides.guide_marginals right after the guide was built (before any restore)
 
     @property
     def main(self) -> bool:
@@ -221,7 +257,7 @@ def _decoder_weights(gated) -> dict[str, nn.Parameter]:
 
 
 def _param_groups(recipe: Recipe, ppn, guide, lora, named_weights) -> dict[str, list[nn.Parameter]]:
-    push = [p for n, p in ppn.named_parameters() if not n.startswith("gated.")]
+    push = [p for n, p in ppn.named_parameters() if not n.startswith("gated.") and p.requires_grad]
     if lora is not None:
         weights, nodecay = list(lora.parameters()), []
     else:
@@ -241,9 +277,10 @@ def _group_hparams(recipe: Recipe, name: str) -> dict[str, Any]:
 def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: torch.device | None = None
           ) -> Session:
     """Load the base model and data and build model, guide, adapters, optimizer (one process's share)."""
+    from ppn_bayes.anchor import score_anchors
     from ppn_bayes.backbone.gated import gate
     from ppn_bayes.data import token_blocks
-    from ppn_bayes.guides import make_guide
+    from ppn_bayes.guides import guide_marginals, make_guide
     from ppn_bayes.model import PPNModel
     from ppn_bayes.zoo import load_model, resolve_model
 
@@ -263,9 +300,11 @@ def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: 
         raise ConfigError(f"train.batch_size {t.batch_size} exceeds the {train_blocks.shape[0]} training blocks; "
                           "lower it or use more data")
     gated = gate(model, group_size=recipe.units.group_size, kinds=tuple(recipe.units.kinds))
+    u = recipe.units
+    anchors = score_anchors(gated, u.score_anchor, train_blocks[:u.anchor_blocks], batch_size=t.batch_size)
     torch.manual_seed(t.seed)  # the guide's init_to_median draws from the prior
     ppn = PPNModel(gated, recipe.prior, recipe.push, num_sequences=train_blocks.shape[0],
-                   tokens_per_sequence=d.block_size, tempering=t.tempering,
+                   tokens_per_sequence=d.block_size, norms=anchors, tempering=t.tempering,
                    autocast_dtype=torch.bfloat16 if t.bf16 else None).to(device)
     guide = make_guide(ppn.prior, recipe.guide).to(device)
     lora, named = _setup_weights(recipe, gated, t.seed)
@@ -282,10 +321,11 @@ def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: 
         if named:  # FSDP replaces the layers' parameters by shards
             named = _decoder_weights(gated)
     groups = _param_groups(recipe, ppn, guide, lora, named)
+    init = guide_marginals(guide)
     optimizer = torch.optim.AdamW([{"params": ps, "name": n, **_group_hparams(recipe, n)} for n, ps in groups.items()],
                                   lr=t.lr_guide, betas=tuple(t.betas), eps=1e-8)
     return Session(recipe, Path(run_dir), device, rank, world, base_path, gated, ppn, guide, lora, objective,
-                   wrapped, train_blocks, val_blocks, groups, named, optimizer, generator)
+                   wrapped, train_blocks, val_blocks, groups, named, optimizer, generator, guide_init=init)
 
 
 # ------------------------------------------------------------------------------------- one step
@@ -363,9 +403,8 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
             p.grad.mul_(coef)
     elif t.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
-    mult = lr_multiplier(step, t.steps, t.warmup_steps, t.schedule)
     for group in s.optimizer.param_groups:
-        group["lr"] = group["base_lr"] * mult
+        group["lr"] = group["base_lr"] * group_multiplier(t, step, group["name"])
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     synchronize(s.device)  # the step's kernels have run: its seconds are its own (the next step would wait anyway)
@@ -472,7 +511,7 @@ def _manifest_start(s: Session) -> None:
         recipe={"name": r.name, "preset": r.preset}, base=model_identity(s.base_path), weights=r.train.weights,
         tempering=r.train.tempering, num_sequences=s.ppn.num_sequences, num_tokens=s.ppn.num_tokens,
         block_size=r.data.block_size, inventory=s.ppn.inventory.describe(), world_size=s.world,
-        device=str(s.device), steps_total=r.train.steps, status="running", error=None, final_eval=False)
+        device=str(s.device), steps_total=total_steps(r.train), status="running", error=None, final_eval=False)
 
 
 def fit(recipe: Recipe | str | os.PathLike | None = None, out: str | os.PathLike | None = None,
@@ -552,7 +591,7 @@ def _discard_unstarted(run_dir: Path, err: BaseException, existed: bool) -> None
 
 def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, resume: bool, progress: bool,
          callbacks: list) -> rundir.Run:
-    if resume and _already_finished(run_dir, r.train.steps):
+    if resume and _already_finished(run_dir, total_steps(r.train)):
         return rundir.load_run(run_dir)
     # The checkpoint is read and validated before the model loads, and restored (its shapes checked
     # against the session) before the run directory is touched: a damaged checkpoint changes nothing.
@@ -573,12 +612,15 @@ def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, 
         rundir.update_manifest(run_dir, steps_done=start)
     barrier(s)
     t = r.train
+    total = total_steps(t)
     if start == 0:
         evaluate(s, 0)
-    bar = _progress(progress and s.main, t.steps, start)
+        if s.main:
+            log_guide(s, 0)
+    bar = _progress(progress and s.main, total, start)
     step = start
     try:
-        for step in range(start, t.steps):
+        for step in range(start, total):
             for cb in callbacks:
                 cb(s, step)
             record = train_step(s, step)
@@ -586,13 +628,15 @@ def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, 
                 rundir.append_metrics(run_dir, record)
             _update_bar(bar, record, t.log_every)
             done = step + 1
-            if t.eval_every and done % t.eval_every == 0 and done < t.steps:
+            if s.main and (done % t.log_every == 0 or done == total):
+                log_guide(s, done)
+            if t.eval_every and done % t.eval_every == 0 and done < total:
                 evaluate(s, done)
-            if done % t.checkpoint_every == 0 or done == t.steps:
+            if done % t.checkpoint_every == 0 or done == total:
                 save(s, done)
-        if start >= t.steps and ckpt_dir is None:
-            save(s, t.steps)
-        evaluate(s, t.steps)
+        if start >= total and ckpt_dir is None:
+            save(s, total)
+        evaluate(s, total)
     except BaseException as err:
         if s.main:
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
@@ -603,7 +647,7 @@ def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, 
         if bar is not None:
             bar.close()
     if s.main:
-        rundir.update_manifest(run_dir, status="finished", steps_done=t.steps, error=None, final_eval=True)
+        rundir.update_manifest(run_dir, status="finished", steps_done=total, error=None, final_eval=True)
     barrier(s)
     return rundir.load_run(run_dir)
 

@@ -36,8 +36,10 @@ def test_demo_rejects_bad_sizes(capsys):
 
 @pytest.mark.slow
 def test_demo_end_to_end_on_smollm2(smollm2_path, tmp_path, capsys):
-    """The whole path on the real bundled model, with a 3-step fit so that it stays short."""
-    code = main(["demo", "--out", str(tmp_path / "demo"), "--set", "train.steps=3", "--set", "data.val_blocks=2",
+    """The whole path on the real bundled model, with a 3-step fit (and a 2-step guide-only phase) so
+    that it stays short."""
+    code = main(["demo", "--out", str(tmp_path / "demo"), "--set", "train.steps=3", "--set", "train.guide_steps=2",
+                 "--set", "data.val_blocks=2",
                  "--eval-blocks", "2", "--new-tokens", "4", "--no-progress", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)

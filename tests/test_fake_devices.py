@@ -147,7 +147,8 @@ def test_build_and_one_objective_pass_on_meta(tiny_llama_dir, corpus, tmp_path, 
     monkeypatch.setattr(zoo, "load_model", load_on_meta)
     for weights, guide in (("lora", "mean_field"), ("full", "low_rank")):
         recipe = recipe_from_dict({
-            "name": "meta", "model": {"name": str(tiny_llama_dir)}, "units": {"group_size": 16},
+            # the data score anchor needs real activations (a meta tensor has no values): norms here
+            "name": "meta", "model": {"name": str(tiny_llama_dir)}, "units": {"group_size": 16, "score_anchor": "norm"},
             "guide": {"kind": guide, "rank": 2},
             "data": {"corpus": str(corpus), "block_size": 32, "val_blocks": 2},
             "train": {"steps": 2, "batch_size": 2, "weights": weights}})

@@ -93,8 +93,15 @@ def test_svi_agrees_with_nuts():
     rank correlation of the means >= 0.8 (four layers: one adjacent swap allowed); |mean gap| <= 0.6
     on the logit scale (the NUTS means' own Monte-Carlo error is sd / sqrt(ESS) ~ 1.5 / sqrt(50) ~ 0.2,
     and mean-field moves the means of a correlated posterior a little); R-hat <= 1.1 and bulk ESS >= 20
-    per site; divergences <= 5 % of draws. The sds are reported, not tested: mean-field
-    underdispersion is expected. Observed: Spearman 1.0, max gap 0.13, sd ratio SVI/NUTS 0.71-0.92.
+    per site; divergences <= 5 % of draws. Posterior sds: SVI/NUTS ratio per layer in [0.5, 1.5].
+    Why that band: mean-field under-disperses a correlated posterior (tolerated down to half the
+    NUTS width); on the wide side, the centred offsets (prior.centre) leave one direction of the
+    e's that moves no score, which a factorized q cannot decouple from the contrasts: for a Gaussian
+    posterior it widens every contrast's sd by sqrt(L / (L - 1)) = 1.15 at L = 4 (1.02 at L = 30),
+    and the NUTS sd has a Monte-Carlo error of about sd / sqrt(2 ESS) ~ 10 % at ESS ~ 50, so
+    1.15 * 1.25 ~ 1.45. A guide 2x too narrow or too wide fails. Observed: 0.71-0.92 before the
+    identifiability correction, 0.99-1.39 after (the band was set after that observation, with the
+    reason above).
     """
     importance, targets = NUTS_CHECK
     hf = synthetic_stack(importance, targets, seed=0)
@@ -103,13 +110,43 @@ def test_svi_agrees_with_nuts():
     res = nuts_check(g, ids, lam=LAM, prior=PriorConfig(kind="normal", global_scale=1.0),
                      num_warmup=100, num_samples=100, chains=2, svi_steps=600, seed=0)
     cmp = res["scores"]
-    print({k: cmp[k] for k in ("nuts_mean", "nuts_sd", "svi_mean", "svi_sd", "spearman", "max_abs_diff")})
+    print({k: cmp[k] for k in ("nuts_mean", "nuts_sd", "svi_mean", "svi_sd", "sd_ratio", "spearman", "max_abs_diff")})
     assert cmp["spearman"] >= 0.8
     assert cmp["max_abs_diff"] <= 0.6
     for site, s in res["sites"].items():
         assert s["rhat"] <= 1.1 and s["ess_bulk"] >= 20, (site, s)
     assert sum(res["divergences"]) <= 0.05 * 2 * 100
+    assert all(0.5 <= r <= 1.5 for r in cmp["sd_ratio"]), cmp["sd_ratio"]
     # NUTS itself separates the essential layers (w >= 0.5) from the (near-)identities; their order
     # within the essential pair is not identified: once rho ~ 1 more score buys no likelihood.
     means = torch.tensor(cmp["nuts_mean"])
     assert float(means[[0, 2]].min()) > float(means[[1, 3]].max())
+
+
+@pytest.mark.slow
+def test_recovery_in_the_production_regime_over_seeds():
+    """Production regime: thresholds (the shared curve) learned jointly with the guide, likelihood
+    scaled to num_sequences = 8 x batch, sampled masks, lambda drawn per step, horseshoe prior, norm
+    anchor (which ranks these layers exactly backwards). Three seeds, each with its own data and SVI
+    noise. Statistic: Kendall tau of posterior-mean scores vs the true importances. Tolerance: the
+    mean over seeds minus 2 standard errors (sd / sqrt(3)) must be >= 0.5, i.e. well above the
+    anchor's -1 (the power check: the prior mean alone fails it) and above chance 0. Observed:
+    Kendall 1.00, 1.00, 0.73 (SE 0.09); 140 s for the three seeds on one loaded core."""
+    importance, targets = RECOVERY
+    hf = synthetic_stack(importance, targets, seed=0)
+    g = gate(hf, kinds=("layers",))
+    w = torch.tensor(importance)
+    taus = []
+    for seed in range(3):
+        ids = sample_sequences(hf, B, T, seed=10 + seed)
+        model = PPNModel(g, PriorConfig(), PushConfig(amplitude=False), num_sequences=8 * B, tokens_per_sequence=T)
+        model.set_generator(torch.Generator().manual_seed(seed))
+        guide = fit_svi(model, (ids,), {}, steps=400, lr=0.05, seed=seed, num_particles=1, lr_push=0.02)
+        scores = layer_score_draws(model, guide=guide, num_samples=500)
+        taus.append(float(stats.kendalltau(scores.mean(0), w).statistic))
+    taus_t = torch.tensor(taus)
+    se = float(taus_t.std()) / len(taus) ** 0.5
+    print({"kendall": taus, "se": se})
+    assert float(taus_t.mean()) - 2 * se >= 0.5, taus
+    anchor_tau = float(stats.kendalltau(model.prior.z_layers, w).statistic)
+    assert anchor_tau - 2 * se < 0.5  # power: the anchor alone would fail the same bound

@@ -7,6 +7,10 @@ check with probability < 1e-5 while a wrong scale (say 10 % off) moves the stati
 * the empirical CDF at an analytic quantile q has SE sqrt(q (1 - q) / n);
 * a sample mean of N(0, s^2) draws has SE s / sqrt(n); a sample sd has SE ~ s / sqrt(2 n).
 
+The law checks use ``centre: false`` (the hierarchy's sample sites as written); the centred form the
+``ours`` preset uses is a deterministic map of the same sites, checked exactly by
+``test_centred_offsets_are_the_centred_map_of_the_same_sites``.
+
 Seeds are fixed, so the draws (and the test outcome) are the same on every run.
 """
 
@@ -83,14 +87,14 @@ def _assert_std_normal(e: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def hs():
-    cfg = PriorConfig(kind="horseshoe", global_scale=0.3, slab_scale=2.0, slab_df=4.0, child_scale=0.5)
+    cfg = PriorConfig(kind="horseshoe", global_scale=0.3, slab_scale=2.0, slab_df=4.0, child_scale=0.5, centre=False)
     prior = _prior(cfg)
     return prior, cfg, _draw(prior, 3000, seed=0)
 
 
 @pytest.fixture(scope="module")
 def normal():
-    cfg = PriorConfig(kind="normal", global_scale=0.4, child_scale=0.25)
+    cfg = PriorConfig(kind="normal", global_scale=0.4, child_scale=0.25, centre=False)
     prior = _prior(cfg)
     return prior, cfg, _draw(prior, 3000, seed=1)
 
@@ -154,7 +158,7 @@ def test_children_pool_around_their_layer(hs):
 def test_layer_offset_given_scales_is_normal_with_capped_sd():
     """Conditioned on (tau0, caux, lam), delta_l ~ N(0, tau0 * lamt_l): sample sd matches the hand
     value for every layer, including a huge lam whose sd is capped at c by the slab."""
-    cfg = PriorConfig(kind="horseshoe", global_scale=0.3, slab_scale=2.0, slab_df=4.0)
+    cfg = PriorConfig(kind="horseshoe", global_scale=0.3, slab_scale=2.0, slab_df=4.0, centre=False)
     prior = _prior(cfg, kinds=("layers",))
     tau0, caux = 0.3, 1.5
     lam = torch.tensor([0.05, 0.5, 1.0, 2.0, 5.0, 20.0, 100.0, 1e4])
@@ -170,7 +174,7 @@ def test_layer_offset_given_scales_is_normal_with_capped_sd():
 
 
 def test_children_given_parent_are_normal_with_sig_sd():
-    cfg = PriorConfig(kind="normal", global_scale=0.4, child_scale=0.5)
+    cfg = PriorConfig(kind="normal", global_scale=0.4, child_scale=0.5, centre=False)
     prior = _prior(cfg, kinds=("layers", "heads"))
     e_l = torch.linspace(-1.5, 1.5, L)
     sig = torch.linspace(0.1, 1.0, L)
@@ -221,3 +225,24 @@ def test_none_has_no_latents_and_scores_are_level_plus_centred_log_norms():
         expect = float(prior.level.detach()[i]) + z[kind]
         torch.testing.assert_close(tr.nodes[f"score_{kind}"]["value"], expect)
         assert abs(float(z[kind].mean())) < 1e-6  # centred per kind
+
+
+def test_centred_offsets_are_the_centred_map_of_the_same_sites():
+    """centre: true (the default) changes no sample site; the scores are the uncentred offsets with the
+    layer mean removed, and each layer's child deviations with their within-layer mean removed. So the
+    layer offsets sum to 0 and a layer's heads (groups) average to its offset. Exact up to float32."""
+    raw = _prior(PriorConfig(kind="horseshoe", global_scale=0.3, centre=False))
+    cen = _prior(PriorConfig(kind="horseshoe", global_scale=0.3))
+    assert PriorConfig().centre is True
+    dr, dc = _draw(raw, 50, seed=4), _draw(cen, 50, seed=4)
+    for name in raw.latent_names():
+        np.testing.assert_array_equal(dr[name], dc[name])  # same sites, same draws
+    lay_r, lay_c = _offsets(raw, dr, "layers"), _offsets(cen, dc, "layers")
+    np.testing.assert_allclose(lay_c, lay_r - lay_r.mean(1, keepdims=True), atol=2e-6)
+    assert np.abs(lay_c.sum(1)).max() < 1e-5
+    for kind in ("heads", "groups"):
+        ch_r, ch_c = _offsets(raw, dr, kind), _offsets(cen, dc, kind)
+        dev = ch_r - lay_r[..., None]
+        expect = lay_c[..., None] + dev - dev.mean(-1, keepdims=True)
+        np.testing.assert_allclose(ch_c, expect, atol=5e-6)
+        np.testing.assert_allclose(ch_c.mean(-1), lay_c, atol=5e-6)

@@ -197,4 +197,7 @@ def test_lr_schedule_warmup_then_cosine():
 def test_metrics_are_json_lines(tiny_llama_dir, corpus, tmp_path):
     fit(tiny_recipe(tiny_llama_dir, corpus, steps=2), out=tmp_path / "r", progress=False)
     lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
-    assert all(isinstance(json.loads(x), dict) for x in lines) and len(lines) == 4  # eval, 2 steps, eval
+    recs = [json.loads(x) for x in lines]
+    assert all(isinstance(r, dict) for r in recs)
+    # eval, guide at step 0, (train, guide) per step (log_every 1), eval
+    assert [r["type"] for r in recs] == ["eval", "guide", "train", "guide", "train", "guide", "eval"]

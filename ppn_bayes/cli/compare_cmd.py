@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--sizes", default="0.9,0.75,0.6,0.5,0.4",
                    help="fractions of decoder parameters to keep (default: 0.9,0.75,0.6,0.5,0.4)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated, from ppn,ppn-paper,gisp,shortgpt,prunepath,wanda,sparsegpt,random "
+                   help="comma-separated, from ppn,ppn-paper,anchor,gisp,shortgpt,prunepath,wanda,sparsegpt,random "
                         "(default: the six peers, plus ppn when --run and ppn-paper when --paper-run is given)")
     p.add_argument("--run", default=None,
                    help="finished PPN run for the ppn rows (without it, ppn fits inference/smollm2-demo.yaml)")
@@ -56,6 +56,9 @@ def register(subparsers: Any) -> None:
                    help='margin objective: your own JSONL of choice examples, one {"context": "...", '
                         '"choices": ["...", ...], "label": INDEX} per line')
     p.add_argument("--experts", type=int, default=16, help="PrunePath: experts per MLP (default 16)")
+    p.add_argument("--anchor-kinds", default="layers,heads,groups",
+                   help="anchor (the PPN prior's data score anchor alone, no training): the unit kinds it "
+                        "ranks (default: layers,heads,groups; channel groups of --group-size)")
     p.add_argument("--decode-tokens", type=int, default=16,
                    help="batch-1 decode steps timed for the speedup column; 0 skips timing (default 16)")
     p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass in evaluation (default 8)")
@@ -170,7 +173,8 @@ def _run(args: argparse.Namespace, sizes: list[float], methods: list[str], items
                      gisp_step=args.gisp_step, prunepath_experts=args.experts, decode_tokens=args.decode_tokens,
                      batch_size=args.batch_size, progress=not args.json,
                      model_path=resolve_model(args.model) if {"ppn", "ppn-paper"} & set(methods) else None,
-                     fit_dir=args.out, gisp_objective=args.gisp_objective, gisp_choices=gisp_choices)
+                     fit_dir=args.out, gisp_objective=args.gisp_objective, gisp_choices=gisp_choices,
+                     anchor_kinds=tuple(k for k in args.anchor_kinds.split(",") if k))
     result["config"].update(model=args.model, data=args.data, seed=args.seed, device=str(device), **choice_info)
     paths = write_outputs(result, args.out)
     if args.json:

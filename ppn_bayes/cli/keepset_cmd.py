@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_target_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -44,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
 
         result.eval = evaluate_run_keepset(args.run, result, blocks=args.blocks, samples=args.samples,
                                            device=args.device)
+    from ppn_bayes.report import fit_warning
+
+    warning = fit_warning(args.run)
+    if warning:
+        print(warning, file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _sizes(text: str) -> list[float]:
@@ -34,7 +35,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppn_bayes.report import write_report
+    from ppn_bayes.report import fit_warning, write_report
+
+    warning = fit_warning(args.run)
+    if warning:
+        print(warning, file=sys.stderr)
 
     path = write_report(args.run, sizes=_sizes(args.sizes), num_draws=args.draws, quantile=args.quantile, seed=args.seed,
                         out=args.out, overwrite=args.force)
