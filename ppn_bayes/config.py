@@ -228,7 +228,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         where = f"{prefix}." if prefix else ""
         close = difflib.get_close_matches(unknown[0][:60], sorted(names), n=1)
         hint = f"; did you mean {where}{close[0]}?" if close else ""
-        raise ConfigError(f"unknown key {where}{unknown[0][:60]}; valid keys here: {', '.join(sorted(names))}{hint}")
+        key = unknown[0] if len(unknown[0]) <= 40 else unknown[0][:40] + "..."  # the input, cut: the list matters more
+        raise ConfigError(f"unknown key {where}{key}; valid keys here: {', '.join(sorted(names))}{hint}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name

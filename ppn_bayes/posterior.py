@@ -126,13 +126,20 @@ class Posterior:
         prior = ScorePrior(inventory, norms, prior_cfg)
         push = Push(inventory, push_cfg)
         fresh = {f"push.{k}": v for k, v in push.state_dict().items() if not k.startswith("cost_")}
-        state = _load_tensors(run_dir / "push.safetensors", {**_shapes(fresh), "prior.level": tuple(prior.level.shape)})
+        mismatch = RunError(f"{run_dir / 'push.safetensors'} does not match posterior.json (push.thresholds: "
+                            f"{push_cfg.thresholds}); the two files come from different runs: re-run `ppn fit`")
+        try:
+            state = _load_tensors(run_dir / "push.safetensors",
+                                  {**_shapes(fresh), "prior.level": tuple(prior.level.shape)})
+        except RunError as err:
+            if "thresholds_spline" in str(err):  # per-layer curves against a shared-curve posterior.json, or back
+                raise mismatch from None
+            raise
         push_state = {k[len("push."):]: v for k, v in state.items() if k.startswith("push.")}
         try:
             push.load_state_dict({**push.state_dict(), **push_state})
         except RuntimeError:
-            raise RunError(f"{run_dir / 'push.safetensors'} does not match posterior.json (push.thresholds: "
-                           f"{push_cfg.thresholds}); the two files come from different runs: re-run `ppn fit`") from None
+            raise mismatch from None
         with torch.no_grad():
             prior.level.copy_(state["prior.level"])
         guide = make_guide(prior, guide_cfg)

@@ -96,12 +96,20 @@ _EVAL_RECORD = Obj(required={"step": Int(0)}, optional={
     "lambdas": List(Obj(optional={"lambda": _LOOSE, "loss": _LOOSE, "size": _LOOSE}))})
 
 
+_GUIDE_RECORD = Obj(required={"step": Int(0), "lr_sum": _LOOSE}, optional={
+    "phase": Str(("joint", "guide")),
+    **{k: _LOOSE for k in ("scale_min", "scale_mean", "scale_max", "log_scale_mean", "scale_ratio", "loc_move",
+                           "kl")}})
+_RECORDS = {"train": _TRAIN_RECORD, "eval": _EVAL_RECORD, "guide": _GUIDE_RECORD}
+
+
 class _Record(Spec):
-    """A metrics record: ``{"type": "train", "step": >= 0, ...}`` or ``{"type": "eval", "step": >= 0, ...}``."""
+    """A metrics record: ``{"type": "train" | "eval" | "guide", "step": >= 0, ...}`` (``guide``: the
+    guide's summary every ``log_every`` steps, :func:`ppn_bayes.guides.guide_summary`)."""
 
     def check(self, value, where):
-        Obj(required={"type": Str(("train", "eval"))}).check(value, where)
-        return (_TRAIN_RECORD if value["type"] == "train" else _EVAL_RECORD).check(value, where)
+        Obj(required={"type": Str(tuple(_RECORDS))}).check(value, where)
+        return _RECORDS[value["type"]].check(value, where)
 
 
 METRICS_SCHEMA = _Record()
