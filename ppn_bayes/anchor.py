@@ -45,8 +45,7 @@ from ppn_bayes.baselines import (
     keepsets_from_order,
     timed,
 )
-from ppn_bayes.baselines.gisp import _objective as perplexity_terms
-from ppn_bayes.baselines.gisp import taylor_importance
+from ppn_bayes.baselines.gisp import loss_closures, taylor_importance
 from ppn_bayes.baselines.shortgpt import block_influence
 from ppn_bayes.errors import ConfigError
 
@@ -60,7 +59,7 @@ def _layer_anchor(g: GatedLM, blocks: torch.Tensor, batch_size: int) -> torch.Te
 
 
 def _taylor_anchor(g: GatedLM, blocks: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    terms = perplexity_terms("perplexity", blocks, None, batch_size, 1.0)(g)  # GISP's own loss closures
+    terms = loss_closures("perplexity", blocks, None, batch_size, 1.0)(g)  # GISP's own loss closures
     with g.gates():  # the dense model, whatever gates a caller has open
         out = taylor_importance(g, terms)
     return {k: v.float().cpu().clamp_min(FLOOR) for k, v in out.items()}

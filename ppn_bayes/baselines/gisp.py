@@ -192,7 +192,7 @@ def gisp(model: nn.Module | GatedLM, blocks: torch.Tensor, sizes: Sequence[float
     """Nested keep-sets by global iterative Taylor pruning (see the module docstring)."""
     sizes = check_sizes(sizes)
     check_step(step)
-    terms_of = _objective(objective, blocks, choices, batch_size, gamma)
+    terms_of = loss_closures(objective, blocks, choices, batch_size, gamma)
     with timed() as t, gated_view(model, group_size, kinds=("layers", "heads", "groups")) as g:
         if "heads" not in g.inventory.kinds:
             raise ConfigError(f"GISP prunes attention heads, which {g.family.name} cannot cut exactly; "
@@ -218,8 +218,8 @@ def gisp(model: nn.Module | GatedLM, blocks: torch.Tensor, sizes: Sequence[float
                           info={"objective": objective, "step": step, "schedule": history})
 
 
-def _objective(objective: str, blocks: torch.Tensor | None, choices: Sequence[ChoiceExample] | None,
-               batch_size: int, gamma: float) -> Callable[[GatedLM], list]:
+def loss_closures(objective: str, blocks: torch.Tensor | None, choices: Sequence[ChoiceExample] | None,
+                  batch_size: int, gamma: float) -> Callable[[GatedLM], list]:
     """A function from the gated model to its weighted loss closures for one importance pass."""
     if objective == "perplexity":
         blocks = check_blocks(blocks)  # type: ignore[arg-type]
