@@ -274,11 +274,11 @@ def ppn_rows(bench: Bench, method: str, run_dir: str | os.PathLike | None, sizes
     return rows
 
 
-DEMO_RECIPE = Path(__file__).resolve().parent.parent / "inference" / "smollm2-demo.yaml"
+DEMO_RECIPE = "smollm2-demo"  # a bundled recipe (inference/smollm2-demo.yaml)
 
 
 def fit_ppn_run(method: str, model_path: str | os.PathLike, out_dir: str | os.PathLike,
-                recipe: str | os.PathLike = DEMO_RECIPE) -> tuple[Path, float]:
+                recipe: str | os.PathLike | None = None) -> tuple[Path, float]:
     """Fit the run a ``ppn``/``ppn-paper`` row needs when none is given: ``(run_dir, seconds)``.
 
     ``ppn``: the demo recipe as written, on ``model_path``. ``ppn-paper``: the same model, data and
@@ -287,12 +287,12 @@ def fit_ppn_run(method: str, model_path: str | os.PathLike, out_dir: str | os.Pa
     """
     import yaml
 
-    from ppn_bayes.config import recipe_from_dict
+    from ppn_bayes.config import bundled_recipe, recipe_from_dict
     from ppn_bayes.train import fit
 
-    path = Path(recipe)
+    path = bundled_recipe(DEMO_RECIPE) if recipe is None else Path(recipe)
     if not path.is_file():
-        raise ConfigError(f"no --run given and the demo recipe {path} is missing; pass --run RUN_DIR")
+        raise ConfigError(f"no --run given and the recipe {path} is missing; pass --run RUN_DIR")
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     data["model"] = {**data.get("model", {}), "name": str(model_path)}
     if method == "ppn-paper":

@@ -27,6 +27,7 @@ import yaml
 
 from ppn_bayes.errors import ConfigError
 from ppn_bayes.schema import short
+from ppn_bayes.shipped import shipped_folder
 
 #: Seeds go to numpy's legacy seeding (through Pyro) as well as torch's: 0 .. 2**32 - 1.
 SEED_MAX = 2**32 - 1
@@ -423,14 +424,12 @@ def apply_overrides(data: dict | None, overrides: list[str]) -> dict:
 
 
 def bundled_recipe(name: str) -> Path:
-    """The path of a recipe shipped with the package (``ppn_bayes/recipes/<name>.yaml``).
-
-    The canonical recipes live in the repository's ``inference/`` folder; the package carries
-    byte-identical copies (checked by a test) so that an installed wheel can run ``ppn demo``.
-    """
-    path = Path(__file__).parent / "recipes" / f"{name}.yaml"
+    """The path of a recipe shipped with the package (``inference/<name>.yaml``; see
+    :mod:`ppn_bayes.shipped` for where an installed wheel keeps it)."""
+    folder = shipped_folder("recipes")
+    path = folder / f"{name}.yaml"
     if not path.is_file():
-        names = sorted(p.stem for p in (Path(__file__).parent / "recipes").glob("*.yaml"))
+        names = sorted(p.stem for p in folder.glob("*.yaml"))
         raise ConfigError(f"no bundled recipe {name!r}; bundled recipes: {', '.join(names)}")
     return path
 

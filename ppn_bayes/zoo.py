@@ -3,7 +3,7 @@
 Every command that needs a base model goes through :func:`resolve_model`, which accepts three kinds
 of name so that the same flag works for everyone:
 
-* a bundled **alias** (``smollm2-135m``), defined by a model card in ``ppn_bayes/cards/`` rather than
+* a bundled **alias** (``smollm2-135m``), defined by a model card in ``models/`` (:mod:`ppn_bayes.shipped`) rather than
   in Python, so adding a model is adding a YAML file;
 * a **local directory** holding a ``transformers`` checkpoint (``config.json`` + safetensors);
 * a **Hugging Face Hub id** (``org/name``), downloaded with ``huggingface_hub`` for users with a network.
@@ -31,7 +31,6 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ import torch
 import yaml
 
 from ppn_bayes.errors import ModelError
+from ppn_bayes.shipped import shipped_folder
 from ppn_bayes.files import sha256_file
 
 #: Written into every directory that :func:`fetch` builds; lets :func:`model_identity` name it.
@@ -64,9 +64,9 @@ def models_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def _cards() -> dict[str, dict[str, Any]]:
-    """Alias -> model card, read once from the package's ``cards`` directory."""
+    """Alias -> model card, read once from the shipped ``models/`` folder (:mod:`ppn_bayes.shipped`)."""
     cards: dict[str, dict[str, Any]] = {}
-    for entry in sorted(resources.files("ppn_bayes").joinpath("cards").iterdir(), key=lambda e: e.name):
+    for entry in sorted(shipped_folder("cards").iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
             card = yaml.safe_load(entry.read_text(encoding="utf-8"))
             cards[card["alias"]] = card

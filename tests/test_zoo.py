@@ -16,7 +16,7 @@ from ppn_bayes import zoo
 from ppn_bayes.errors import ModelError
 
 REPO = Path(__file__).resolve().parents[1]
-CARDS = REPO / "ppn_bayes" / "cards"
+CARDS = REPO / "models"
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:
@@ -28,11 +28,10 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 # ------------------------------------------------------------------------------------------ cards
 
 
-def test_models_dir_mirrors_packaged_cards():
-    """ppn_bayes/cards/ is canonical (it ships in the wheel); models/ must be an identical copy."""
-    packaged = {p.name: p.read_bytes() for p in CARDS.glob("*.yaml")}
-    mirrored = {p.name: p.read_bytes() for p in (REPO / "models").glob("*.yaml")}
-    assert packaged == mirrored, "copy ppn_bayes/cards/*.yaml to models/ (or the other way round)"
+def test_cards_have_one_copy():
+    """models/ is the only copy of the model cards (the wheel maps it into the package)."""
+    assert not (REPO / "ppn_bayes" / "cards").exists()
+    assert {p.stem for p in CARDS.glob("*.yaml")} == set(zoo.list_aliases())
 
 
 def test_aliases_come_from_cards():
