@@ -1,7 +1,12 @@
 """The main job, end to end, on the bundled default: ``ppn demo``.
 
 fetch SmolLM2-135M (first use) -> fit ``smollm2-demo`` -> report -> keep-sets at several sizes
--> lazy resize to 0.5 -> perplexity and decode speed of the resized model vs dense.
+-> perplexity of every size -> lazy resize -> perplexity and decode speed of the resized model vs dense.
+
+The headline says which sizes are close enough to dense to use: a size is *usable* when its test
+perplexity is at most :data:`USABLE_RATIO` times dense on the same blocks (a 10 % loss is about what
+structured-pruning papers report as "near-lossless" at moderate sparsity; it is a reading aid, not a
+guarantee: the measurement is ``eval_blocks`` blocks of one novel).
 
 Every step is a call of the public API, so this module doubles as a worked example; it only adds
 timing, a short table at the end and the list of artefacts. Re-running with the same ``--out``
@@ -26,6 +31,8 @@ from ppn_bayes.errors import SizeError
 DEMO_RECIPE = "smollm2-demo"
 #: What ``ppn demo`` writes into ``--out`` (a rerun reuses the run and replaces the rest).
 DEMO_ENTRIES = ("run", "resized-*", "demo.json")
+#: A size is called usable when its perplexity is at most this many times dense's (module docstring).
+USABLE_RATIO = 1.10
 
 
 @dataclass
@@ -34,13 +41,19 @@ class DemoResult:
 
     run_dir: Path
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per evaluated model
-    keepsets: list[dict[str, Any]] = field(default_factory=list)
+    keepsets: list[dict[str, Any]] = field(default_factory=list)  # one per size, with its perplexity
     artefacts: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "rows": self.rows, "keepsets": self.keepsets,
+                "usable_sizes": self.usable_sizes, "usable_ratio": USABLE_RATIO,
                 "artefacts": self.artefacts, "seconds": self.seconds}
+
+    @property
+    def usable_sizes(self) -> list[float]:
+        """The requested sizes whose perplexity is within :data:`USABLE_RATIO` of dense, largest first."""
+        return [k["requested"] for k in self.keepsets if k.get("ppl_ratio", float("inf")) <= USABLE_RATIO]
 
 
 def _step(name: str, log: Callable[[str], None], seconds: dict[str, float]):
@@ -115,7 +128,8 @@ def _run_demo(out: Path, sizes: tuple[float, ...], resize_size: float, eval_bloc
     with _step("report: keep-sets, uncertainty, plots, arviz", log, secs):
         report = run.report(sizes=sizes)
     with _step("keep-sets", log, secs):
-        for r in run.keepsets(sorted(sizes, reverse=True)):
+        size_results = run.keepsets(sorted(sizes, reverse=True))
+        for r in size_results:
             res.keepsets.append({
                 "requested": float(r.requested_size),
                 "achieved_params": float(r.achieved["params_fraction"]),
@@ -124,20 +138,30 @@ def _run_demo(out: Path, sizes: tuple[float, ...], resize_size: float, eval_bloc
                 "p_equal": float(r.p_equal), "boundary": len(r.boundary),
                 "layers": len(r.keep.layers), "heads": len(r.keep.heads), "groups": len(r.keep.groups),
             })
+    with _step(f"evaluate: perplexity of dense and of every size on {eval_blocks} test blocks", log, secs):
+        dense, tok = load_model(base)
+        blocks = token_blocks(tok, "test", 256, max_blocks=eval_blocks)
+        dense_ppl = perplexity(dense, blocks, batch_size=4)
+        gated = run.load_model("cpu")  # the trained network: every size is a gating of it
+        with torch.no_grad():
+            for entry, r in zip(res.keepsets, size_results):
+                gated.set_gates(**run.posterior.push.gates(run.inventory.masks(r.keep), r.lam))
+                ppl = perplexity(gated.model, blocks, batch_size=4)["perplexity"]
+                entry.update(perplexity=ppl, ppl_ratio=ppl / dense_ppl["perplexity"])
+        gated.remove_hooks()
+        del gated
     resized_dir = out / f"resized-{resize_size:g}"
     with _step(f"resize to {resize_size:g} (reading only the kept tensors)", log, secs):
         info = resize_run(run, resized_dir, size=resize_size, overwrite=True)
-    with _step(f"evaluate: perplexity on {eval_blocks} test blocks and decode speed", log, secs):
-        dense, tok = load_model(base)
+    with _step("evaluate: the resized model's perplexity and decode speed against dense", log, secs):
         small = load_resized(resized_dir)
-        blocks = token_blocks(tok, "test", 256, max_blocks=eval_blocks)
         prompt = blocks[:1, :64]
         keep = run.keepset(size=resize_size).keep
         ideal = ideal_ratios(run.inventory, keep, int(dense.config.vocab_size), prompt.shape[1], new_tokens)
         dense_tps, small_tps = decode_speeds([dense, small], prompt, new_tokens)
         for name, model, tps, size in (("dense", dense, dense_tps, 1.0), (f"ppn {resize_size:g}", small, small_tps,
                                                                           float(info["size_params"]))):
-            ppl = perplexity(model, blocks, batch_size=4)
+            ppl = dense_ppl if model is dense else perplexity(model, blocks, batch_size=4)
             res.rows.append({"model": name, "size_params": size, "perplexity": ppl["perplexity"],
                              "tokens": ppl["tokens"], "decode_tok_s": tps, "speedup": tps / dense_tps,
                              "ideal_speedup": 1.0 if name == "dense" else ideal["decode"]})
@@ -159,16 +183,22 @@ def _run_demo(out: Path, sizes: tuple[float, ...], resize_size: float, eval_bloc
 
 def format_demo(res: DemoResult) -> str:
     """The short table ``ppn demo`` ends with."""
-    lines = ["", "Keep-sets (one trained network, every size):",
+    lines = ["", "Keep-sets (one trained network, every size; perplexity on the bundled test split):",
              (f"  {'size':>6} {'params':>7} {'FLOPs':>7} {'lambda*':>8} {'layers':>6} {'heads':>5} {'groups':>6} "
-              f"{'P(draw=set)':>11}")]
+              f"{'P(draw=set)':>11} {'perplexity':>10} {'x dense':>7}")]
     for k in res.keepsets:
         lam = "   (sat.)" if k.get("lambda_saturated") else f"{k['lambda']:>8.3g}"
         lines.append(f"  {k['requested']:>6.2f} {k['achieved_params']:>7.3f} {k['achieved_flops']:>7.3f} "
-                     f"{lam:>8} {k['layers']:>6} {k['heads']:>5} {k['groups']:>6} {k['p_equal']:>11.2f}")
+                     f"{lam:>8} {k['layers']:>6} {k['heads']:>5} {k['groups']:>6} {k['p_equal']:>11.2f} "
+                     f"{k.get('perplexity', float('nan')):>10.2f} {k.get('ppl_ratio', float('nan')):>7.2f}")
     if any(k.get("lambda_saturated") for k in res.keepsets):
         lines.append("  (sat.): no finite price reaches this size in expectation; the keep-set follows the posterior's "
                      "exit-price order (docs/keepsets.md)")
+    usable = res.usable_sizes
+    lines.append(f"  usable (perplexity within {USABLE_RATIO:.2f}x dense): "
+                 + (", ".join(f"{u:g}" for u in usable) if usable else
+                    "none of these sizes; for a closer small model train longer or the weights "
+                    "(inference/smollm2-full.yaml)"))
     lines += ["", "Resized model vs dense (bundled test split; decode with KV cache, batch 1):",
               f"  {'model':<10} {'size':>6} {'perplexity':>10} {'decode tok/s':>12} {'speedup':>8} {'ideal':>6}"]
     for r in res.rows:

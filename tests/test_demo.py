@@ -48,5 +48,28 @@ def test_demo_end_to_end_on_smollm2(smollm2_path, tmp_path, capsys):
     assert small["size_params"] <= 0.5 + 1e-9
     assert 1.0 < dense["perplexity"] < 200  # a real model: tens, not thousands
     assert len(out["keepsets"]) == 3 and all(k["achieved_params"] <= k["requested"] + 1e-9 for k in out["keepsets"])
+    # every size is measured, and the export is the same network as the gated run at its size
+    # (float32 forward passes that differ only in summation order: 1e-3 relative covers it, while a
+    # wrong layer kept or an amplitude correction left out moves perplexity by far more)
+    at_half = next(k for k in out["keepsets"] if k["requested"] == 0.5)
+    assert at_half["perplexity"] == pytest.approx(small["perplexity"], rel=1e-3)
+    assert all(k["ppl_ratio"] == pytest.approx(k["perplexity"] / dense["perplexity"]) for k in out["keepsets"])
+    assert out["usable_sizes"] == [k["requested"] for k in out["keepsets"] if k["ppl_ratio"] <= out["usable_ratio"]]
     for path in out["artefacts"].values():
         assert Path(path).exists(), path
+
+
+def test_the_demo_headline_names_the_usable_sizes():
+    """Constructed measurements: the headline lists exactly the sizes within USABLE_RATIO of dense."""
+    from ppn_bayes.demo import USABLE_RATIO, DemoResult, format_demo
+
+    def entry(size, ratio):
+        return {"requested": size, "achieved_params": size, "achieved_flops": size, "lambda": 1.0,
+                "lambda_saturated": False, "p_equal": 1.0, "boundary": 0, "layers": 1, "heads": 0, "groups": 0,
+                "perplexity": 50.0 * ratio, "ppl_ratio": ratio}
+
+    res = DemoResult(run_dir=Path("run"), keepsets=[entry(0.9, 1.04), entry(0.75, USABLE_RATIO), entry(0.5, 1.6)])
+    assert res.usable_sizes == [0.9, 0.75]
+    assert "usable (perplexity within 1.10x dense): 0.9, 0.75" in format_demo(res)
+    none = DemoResult(run_dir=Path("run"), keepsets=[entry(0.5, 1.6)])
+    assert none.usable_sizes == [] and "none of these sizes" in format_demo(none)
