@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
-import torch
 
 from ppn_bayes import plots
 from ppn_bayes.keepsets import KeepsetSolver
@@ -47,6 +48,12 @@ def test_perplexity_vs_size(tmp_path):
                                          dense=20.0))
 
 
-def test_palette_is_okabe_ito():
-    assert plots.OKABE_ITO[0] == "#0072B2" and plots.HEATMAP == "cividis"
-    assert torch.tensor(0).item() == 0
+def test_curves_are_drawn_in_the_colour_blind_safe_palette(tmp_path):
+    """The curves' strokes in the SVG are Okabe-Ito colours (lines, not just a constant defined)."""
+    metrics = [{"type": "train", "step": i, "elbo": 10.0 - i, "token_loss": 3 - 0.1 * i} for i in range(10)]
+    _, svg = plots.plot_traces(metrics, tmp_path / "traces")
+    strokes = set(re.findall(r"stroke: ?(#[0-9a-fA-F]{6})", svg.read_text()))
+    palette = {c.lower() for c in plots.OKABE_ITO}
+    drawn = {c.lower() for c in strokes} & palette
+    assert drawn, f"no Okabe-Ito colour among the strokes {sorted(strokes)}"
+    assert not {c.lower() for c in strokes} - palette - {"#000000", "#ffffff", "#cccccc", "#b0b0b0", "#262626"}
