@@ -62,9 +62,11 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_run(tiny_llama_dir, tmp_path_factory) -> Path:
-    """A 2-step frozen-weights PPN run on the tiny Llama through the real ``fit`` path (one per module)."""
+    """A 2-step frozen-weights PPN run on the tiny Llama through the real ``fit`` path, fitted once per
+    session: tests read it (those that damage a run work on a copy, and the reliability tests watch
+    that it stays unchanged)."""
     from ppn_bayes.config import recipe_from_dict
     from ppn_bayes.data import load_corpus
     from ppn_bayes.train import fit
