@@ -10,6 +10,8 @@ import json
 import math
 from typing import Any
 
+from ppn_bayes.cli.options import add_device, add_json
+
 HELP = "speed benchmarks of dense vs resized models"
 
 
@@ -27,8 +29,8 @@ def register(subparsers: Any) -> None:
     speed.add_argument("--new-tokens", type=int, default=64, help="greedy decode steps (default: 64)")
     speed.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     speed.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default: 1)")
-    speed.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    speed.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_device(speed)
+    add_json(speed)
     speed.add_argument("--plot", default=None, metavar="PNG", help="also write a plot of measured vs ideal")
     speed.set_defaults(func=run_speed)
     parser.set_defaults(func=lambda args: _no_subcommand(parser))

@@ -10,6 +10,8 @@ import argparse
 import json
 from typing import Any
 
+from ppn_bayes.cli.options import add_device, add_json
+
 HELP = "compare PPN with GISP, ShortGPT, PrunePath, Wanda, SparseGPT and random pruning"
 
 
@@ -62,9 +64,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--decode-tokens", type=int, default=16,
                    help="batch-1 decode steps timed for the speedup column; 0 skips timing (default 16)")
     p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass in evaluation (default 8)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    add_device(p)
     p.add_argument("--out", default="compare-out", help="directory for compare.json/.md/.png (default compare-out)")
-    p.add_argument("--json", action="store_true", help="print {\"results\": [...]} as JSON on stdout")
+    add_json(p, "the results ({\"results\": [...]})")
     p.set_defaults(func=run)
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from ppn_bayes.cli.options import add_json
+
 HELP = "fit the bundled SmolLM2-135M, report, resize to 0.5 and compare it with dense"
 
 
@@ -19,7 +21,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key of the demo fit, e.g. --set train.steps=20")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_json(p, "the summary")
     p.set_defaults(func=run)
 
 

@@ -15,6 +15,8 @@ import math
 import time
 from typing import Any
 
+from ppn_bayes.cli.options import add_device, add_json, add_posterior_options, quantile_of
+
 HELP = "perplexity and zero-shot tasks of a model, a resized export or a run at a size"
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -29,11 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--run", default=None, help="run directory written by `ppn fit`; needs --size or --dense")
     what.add_argument("--size", type=float, default=None,
                       help="with --run: fraction of decoder parameters to keep, in (0, 1]")
-    what.add_argument("--quantile", type=float, default=None,
-                      help="with --run --size: posterior quantile that ranks units (default 0.5, lower is "
-                           "risk-averse)")
+    add_posterior_options(what, draws=False, seed=False, quantile_unset=True)
     what.add_argument("--dense", action="store_true", help="with --run: the run's whole network (lambda = 0)")
-    what.add_argument("--draws", type=int, default=256, help="with --run --size: posterior draws (default 256)")
+    add_posterior_options(what, quantile=False, seed=False)
     parser.add_argument("--data", default="bundled",
                         help="corpus: bundled (Austen), kjv, a local file/directory, or a HF dataset name")
     parser.add_argument("--split", default="test", help="corpus split (default: test)")
@@ -50,10 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --tasks: items per task (a count, or a fraction below 1), for quick checks")
     parser.add_argument("--include-path", action="append", default=None, metavar="DIR",
                         help="with --tasks: a folder of your own lm-eval task YAMLs (repeatable)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    add_device(parser)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a Hub checkpoint to run its own Python code (off by default)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    add_json(parser)
 
 
 def register(subparsers: Any) -> None:
@@ -94,7 +94,7 @@ def load_target(args: argparse.Namespace, device: Any):
     from ppn_bayes.evaluate import load_model_target, load_run_target
 
     if args.run is not None:
-        quantile = 0.5 if args.quantile is None else args.quantile
+        quantile = quantile_of(args)
         return load_run_target(args.run, size=args.size, quantile=quantile, dense=args.dense, device=device,
                                num_draws=args.draws)
     return load_model_target(args.model or DEFAULT_MODEL, device=device, trust_remote_code=args.trust_remote_code)

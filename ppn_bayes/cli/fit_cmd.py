@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any
 
+from ppn_bayes.cli.options import add_json
+
 HELP = "train a push puppet network (SVI over gate scores, jointly with the weights) from a recipe"
 
 
@@ -26,7 +28,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set train.steps=20 (repeatable; values are YAML)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print a JSON summary of the finished run")
+    add_json(parser, "a summary of the finished run")
     parser.set_defaults(func=run)
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ppn_bayes.cli.options import add_device, add_json, add_posterior_options
+
 
 def add_target_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     """The four ways to ask for a size (shared by ``keepset`` and ``uncertainty``)."""
@@ -22,16 +24,13 @@ def register(subparsers) -> None:
                                           "with per-unit inclusion probabilities (reads only the posterior).")
     p.add_argument("run", help="run directory written by `ppn fit`")
     add_target_args(p)
-    p.add_argument("--quantile", type=float, default=0.5, help="posterior quantile that ranks units "
-                   "(0.5 median; lower is risk-averse)")
-    p.add_argument("--draws", type=int, default=256, help="joint posterior draws (default 256)")
-    p.add_argument("--seed", type=int, default=0)
+    add_posterior_options(p)
     p.add_argument("--eval", action="store_true", help="also measure held-out loss of the keep-set and of "
                    "sampled keep-sets (loads the model)")
     p.add_argument("--blocks", type=int, default=4, help="test blocks for --eval (default 4)")
     p.add_argument("--samples", type=int, default=8, help="sampled keep-sets for --eval (default 8)")
-    p.add_argument("--device", default="cpu", help="device for --eval (default cpu)")
-    p.add_argument("--json", action="store_true", help="print JSON (per-unit probabilities included)")
+    add_device(p, "for --eval")
+    add_json(p, "the keep-set (per-unit probabilities included)")
     p.set_defaults(func=run)
 
 

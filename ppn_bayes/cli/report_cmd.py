@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ppn_bayes.cli.options import add_posterior_options
+
 
 def _sizes(text: str) -> list[float]:
     from ppn_bayes.errors import SizeError
@@ -25,9 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("run", help="run directory written by `ppn fit`")
     p.add_argument("--sizes", default="0.25,0.5,0.75",
                    help="comma-separated parameter fractions (default 0.25,0.5,0.75)")
-    p.add_argument("--draws", type=int, default=256, help="joint posterior draws (default 256)")
-    p.add_argument("--quantile", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    add_posterior_options(p)
     p.add_argument("--out", default=None, help="output directory (default: the run directory); never another run")
     p.add_argument("--force", action="store_true", help="replace an earlier report in --out (the run's own report "
                    "is always replaced)")

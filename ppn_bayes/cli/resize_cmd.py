@@ -11,6 +11,7 @@ import argparse
 import json
 
 from ppn_bayes.cli.keepset_cmd import add_target_args
+from ppn_bayes.cli.options import add_json, add_posterior_options
 from ppn_bayes.errors import ConfigError
 
 
@@ -23,10 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("run", nargs="?", help="run directory written by `ppn fit`")
     add_target_args(p, required=False)
     p.add_argument("--out", required=True, help="output directory (written whole, or not at all)")
-    p.add_argument("--quantile", type=float, default=0.5, help="posterior quantile that ranks units "
-                   "(0.5 median; lower is risk-averse)")
-    p.add_argument("--draws", type=int, default=256, help="joint posterior draws (default 256)")
-    p.add_argument("--seed", type=int, default=0)
+    add_posterior_options(p)
     p.add_argument("--model", help="base model (alias, directory or Hub id): required with --keepset; with a run, "
                    "where its base model now is (checked against the run's hashes)")
     p.add_argument("--keepset", help="keep-set JSON (KeepSet, `ppn keepset --json` output or a ppn-resize.json); "
@@ -36,7 +34,7 @@ def register(subparsers) -> None:
                    "(default layers,heads,groups)")
     p.add_argument("--no-tokenizer", action="store_true", help="do not copy the base's tokenizer files")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_json(p, "the export's report")
     p.set_defaults(func=run)
 
 

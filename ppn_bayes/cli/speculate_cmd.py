@@ -9,6 +9,8 @@ import argparse
 import json
 from typing import Any
 
+from ppn_bayes.cli.options import add_device, add_json
+
 HELP = "self-speculative decoding: sub-network drafts verified by the full model"
 
 
@@ -22,8 +24,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--draft-lengths", default="2,4,6", help="tokens drafted per round")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats; the median is reported")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_device(parser)
+    add_json(parser)
     parser.set_defaults(func=run)
 
 

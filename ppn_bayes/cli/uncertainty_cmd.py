@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ppn_bayes.cli.options import add_device, add_json, add_posterior_options
+
 
 def register(subparsers) -> None:
     from ppn_bayes.cli.keepset_cmd import add_target_args
@@ -16,10 +18,9 @@ def register(subparsers) -> None:
     add_target_args(p)
     p.add_argument("--k", type=int, default=8, help="sampled sub-networks (default 8)")
     p.add_argument("--blocks", type=int, default=4, help="held-out test blocks (default 4)")
-    p.add_argument("--quantile", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_posterior_options(p, draws=False)
+    add_device(p)
+    add_json(p, "the report")
     p.set_defaults(func=run)
 
 

@@ -1,0 +1,53 @@
+"""The options several commands share, declared once: one name, one default, one help text.
+
+A command adds what it needs (``add_posterior_options(p)``, ``add_device(p)``, ``add_json(p, ...)``)
+instead of spelling the flag itself, so ``--quantile`` means the same thing with the same default in
+``keepset``, ``resize``, ``report``, ``eval`` and ``uncertainty``, and ``--device`` is ``auto``
+everywhere (CUDA when present, else CPU; ``ppn_bayes.device.resolve_device``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+QUANTILE = 0.5
+DRAWS = 256
+SEED = 0
+DEVICE = "auto"
+
+QUANTILE_HELP = (f"posterior quantile that ranks units (default {QUANTILE}: the median; lower is risk-averse, "
+                 "e.g. 0.1)")
+DRAWS_HELP = f"joint posterior draws of the scores and masks (default {DRAWS})"
+SEED_HELP = f"seed of the posterior draws (default {SEED})"
+DEVICE_HELP = f"cpu, cuda, cuda:N or auto (default {DEVICE}: CUDA when present, else CPU)"
+
+
+def add_posterior_options(p: Any, quantile: bool = True, draws: bool = True, seed: bool = True,
+                          quantile_unset: bool = False) -> None:
+    """``--quantile``, ``--draws``, ``--seed`` for commands that read keep-sets off the posterior.
+
+    ``quantile_unset``: the parser stores ``None`` when the flag is absent (for a command that must
+    tell "not given" from the default; it then uses :data:`QUANTILE`).
+    """
+    if quantile:
+        p.add_argument("--quantile", type=float, default=None if quantile_unset else QUANTILE, help=QUANTILE_HELP)
+    if draws:
+        p.add_argument("--draws", type=int, default=DRAWS, help=DRAWS_HELP)
+    if seed:
+        p.add_argument("--seed", type=int, default=SEED, help=SEED_HELP)
+
+
+def add_device(p: Any, what: str = "") -> None:
+    """``--device`` (default ``auto``); ``what`` says what runs there, e.g. "for --eval"."""
+    p.add_argument("--device", default=DEVICE, help=f"{what + ': ' if what else ''}{DEVICE_HELP}")
+
+
+def add_json(p: Any, what: str = "the result") -> None:
+    """``--json``: print ``what`` as one JSON object on stdout instead of text."""
+    p.add_argument("--json", action="store_true", help=f"print {what} as one JSON object")
+
+
+def quantile_of(args: argparse.Namespace) -> float:
+    """The quantile a command uses, for parsers built with ``quantile_unset``."""
+    return QUANTILE if args.quantile is None else args.quantile

@@ -1,0 +1,79 @@
+"""One CLI vocabulary: a shared option has one default and one help text in every command.
+
+The parser of every subcommand (nested ones such as ``ppn bench speed`` included) is walked and
+its actions collected per option string. A command that spelled ``--device`` itself with another
+default (``cpu`` where the rest say ``auto``) fails here; the power check below builds such a parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from ppn_bayes.cli import build_parser
+from ppn_bayes.cli import options as shared
+
+# option -> (default, help) that every command declaring it must use
+SHARED = {
+    "--quantile": (shared.QUANTILE, shared.QUANTILE_HELP),
+    "--draws": (shared.DRAWS, shared.DRAWS_HELP),
+    "--device": (shared.DEVICE, shared.DEVICE_HELP),
+}
+# ``ppn compare --seed`` seeds the peers' calibration draw, not the posterior's: another meaning,
+# another help; everywhere else --seed is the posterior draws' seed.
+OTHER_MEANING = {("compare", "--seed")}
+
+
+def commands(parser: argparse.ArgumentParser, prefix: str = ""):
+    """``(name, parser)`` of every leaf subcommand."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield prefix, parser
+    for sub in subs:
+        for name, child in sub.choices.items():
+            yield from commands(child, f"{prefix} {name}".strip())
+
+
+def violations(parser: argparse.ArgumentParser) -> list[str]:
+    found = []
+    for name, command in commands(parser):
+        for action in command._actions:
+            for flag in action.option_strings:
+                if (name.split()[0], flag) in OTHER_MEANING:
+                    continue
+                if flag == "--seed":
+                    want = (shared.SEED, shared.SEED_HELP)
+                elif flag == "--json":
+                    if not (action.default is False and action.help.startswith("print ")
+                            and action.help.endswith(" as one JSON object")):
+                        found.append(f"ppn {name} {flag}: {action.help!r}")
+                    continue
+                elif flag in SHARED:
+                    want = SHARED[flag]
+                else:
+                    continue
+                default = shared.QUANTILE if flag == "--quantile" and action.default is None else action.default
+                if default != want[0] or not action.help.endswith(want[1]):
+                    found.append(f"ppn {name} {flag}: default {action.default!r}, help {action.help!r}")
+    return found
+
+
+def test_every_command_uses_the_shared_options():
+    assert violations(build_parser()) == []
+
+
+def test_the_check_catches_a_command_with_its_own_device_default():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    sub.add_parser("good").add_argument("--device", default="auto", help=shared.DEVICE_HELP)
+    sub.add_parser("drifted").add_argument("--device", default="cpu", help="device (default cpu)")
+    assert violations(parser) == ["ppn drifted --device: default 'cpu', help 'device (default cpu)'"]
+
+
+@pytest.mark.parametrize("command", ["keepset", "resize", "report", "uncertainty", "eval"])
+def test_quantile_means_the_same_everywhere(command):
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    (quantile,) = [a for a in sub.choices[command]._actions if "--quantile" in a.option_strings]
+    assert quantile.help == shared.QUANTILE_HELP
