@@ -22,11 +22,7 @@ import torch
 from torch import nn
 
 from ppn_bayes.backbone.gated import GatedLM
-
-
-def _is_projection(module: nn.Module) -> bool:
-    """``nn.Linear`` or GPT-2's transposed ``Conv1D``."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+from ppn_bayes.backbone.projections import is_projection
 
 
 def _in_out(module: nn.Module) -> tuple[int, int, bool]:
@@ -44,7 +40,7 @@ def lora_targets(gated: GatedLM) -> dict[str, nn.Module]:
     for i, layer in enumerate(gated.family.layers(gated.model)):
         prefix = gated.family.layer_prefix(i)
         for name, module in layer.named_modules():
-            if name and _is_projection(module):
+            if name and is_projection(module):
                 out[prefix + name] = module
     return out
 

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from ppn_bayes.backbone.family import Family, SliceRule, family_for
+from ppn_bayes.backbone.projections import is_conv1d
 from ppn_bayes.backbone.slicing import LayerCut, layer_cut, rule_indices
 from ppn_bayes.backbone.units import KeepSet, UnitInventory
 from ppn_bayes.errors import ConfigError, ModelError, RunError
@@ -199,7 +200,7 @@ class LayerLayout:
 def _kind(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
         return "linear"
-    if hasattr(module, "nf"):  # transformers' Conv1D
+    if is_conv1d(module):
         return "conv1d"
     return "norm"
 

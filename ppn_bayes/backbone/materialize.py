@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ppn_bayes.backbone.family import Family, family_for
+from ppn_bayes.backbone.projections import is_conv1d
 from ppn_bayes.backbone.slicing import cut_tensor, layer_cut
 from ppn_bayes.backbone.units import Dims, KeepSet, UnitInventory
 
@@ -43,7 +44,7 @@ def _replace_param(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
     w = getattr(owner, "weight", None)
     if isinstance(owner, nn.Linear) and w is not None:
         owner.out_features, owner.in_features = w.shape
-    elif hasattr(owner, "nf") and w is not None:  # transformers' Conv1D: weight [in, out]
+    elif is_conv1d(owner) and w is not None:  # weight [in, out]
         owner.nf = w.shape[1]
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ppn_bayes.backbone.gated import GatedLM
+from ppn_bayes.backbone.projections import is_projection
 from ppn_bayes.backbone.units import ALL_KINDS, KeepSet, UnitInventory
 from ppn_bayes.errors import ConfigError, SizeError
 
@@ -253,7 +254,8 @@ def _key(u: Any) -> Any:
 def decoder_linear_weights(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
     """``(layer, name, module)`` of every matrix-product module in the decoder layers, in order.
 
-    ``nn.Linear`` and GPT-2's ``Conv1D`` (weight ``[in, out]``); see :func:`weight_as_out_in`.
+    ``nn.Linear`` and GPT-2's ``Conv1D`` (weight ``[in, out]``); see
+    :func:`ppn_bayes.backbone.projections.weight_out_in`.
     """
     from ppn_bayes.backbone.family import family_for
 
@@ -261,14 +263,9 @@ def decoder_linear_weights(model: nn.Module) -> list[tuple[int, str, nn.Module]]
     out = []
     for l, layer in enumerate(family.layers(model)):
         for name, mod in layer.named_modules():
-            if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D":
+            if is_projection(mod):
                 out.append((l, name, mod))
     return out
-
-
-def weight_as_out_in(mod: nn.Module) -> torch.Tensor:
-    """The weight as ``[out, in]`` (a view: Conv1D stores ``[in, out]``)."""
-    return mod.weight.data if isinstance(mod, nn.Linear) else mod.weight.data.t()
 
 
 def decoder_param_fraction(model: nn.Module) -> float:
@@ -332,5 +329,4 @@ __all__ = [
     "keepsets_from_order",
     "linear_sparsity_for",
     "timed",
-    "weight_as_out_in",
 ]

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ppn_bayes.backbone.family import family_for
+from ppn_bayes.backbone.projections import is_projection
 
 
 class InputStats(Protocol):
@@ -27,10 +28,6 @@ class InputStats(Protocol):
 
 def _hidden(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, (tuple, list)) else x
-
-
-def is_matmul(mod: nn.Module) -> bool:
-    return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
 
 
 @torch.no_grad()
@@ -71,7 +68,7 @@ def sequential_prune(model: nn.Module, blocks: torch.Tensor, make_stats: Callabl
     layers = family_for(model.config).layers(model)
     xs, calls = capture_layer_calls(model, blocks, batch_size)
     for l, layer in enumerate(layers):
-        mods = [(name, mod) for name, mod in layer.named_modules() if is_matmul(mod)]
+        mods = [(name, mod) for name, mod in layer.named_modules() if is_projection(mod)]
         stats = {name: make_stats(mod) for name, mod in mods}
         handles = [mod.register_forward_pre_hook(lambda m, a, s=stats[name]: s.add(a[0])) for name, mod in mods]
         try:

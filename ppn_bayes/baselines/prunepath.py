@@ -43,6 +43,7 @@ from torch import nn
 
 from ppn_bayes.backbone.family import family_for
 from ppn_bayes.backbone.gated import GatedLM
+from ppn_bayes.backbone.projections import weight_out_in
 from ppn_bayes.baselines import check_blocks, gated_view, timed
 from ppn_bayes.errors import ConfigError, SizeError
 
@@ -89,8 +90,7 @@ def balanced_kmeans(x: torch.Tensor, n_clusters: int, iters: int = 15, seed: int
 
 def _linear_parts(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight [out, in], bias)`` of an ``nn.Linear`` or GPT-2 ``Conv1D``."""
-    w = lin.weight.data if isinstance(lin, nn.Linear) else lin.weight.data.t()
-    return w, (lin.bias.data if getattr(lin, "bias", None) is not None else None)
+    return weight_out_in(lin), (lin.bias.data if getattr(lin, "bias", None) is not None else None)
 
 
 def mlp_parts(mlp: nn.Module) -> dict:

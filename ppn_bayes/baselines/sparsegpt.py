@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from ppn_bayes.backbone.gated import GatedLM
+from ppn_bayes.backbone.projections import weight_out_in
 from ppn_bayes.baselines import (
     UnstructuredResult,
     check_blocks,
     decoder_param_fraction,
     linear_sparsity_for,
     timed,
-    weight_as_out_in,
 )
 from ppn_bayes.baselines.layerwise import sequential_prune
 from ppn_bayes.errors import ConfigError
@@ -158,12 +158,12 @@ def sparsegpt(model: nn.Module | GatedLM, blocks: torch.Tensor, size: float = 0.
         sparsity = 0.5 if pattern == "2:4" else linear_sparsity_for(pruned, size)
 
         def prune(mod: nn.Module, stats: Hessian) -> None:
-            w = weight_as_out_in(mod)
+            w = weight_out_in(mod)
             H = stats.H if stats.H is not None else torch.zeros(w.shape[1], w.shape[1], device=w.device)
             w.copy_(sparsegpt_prune(w, H, sparsity, pattern, blocksize, percdamp))
 
         def make(mod: nn.Module) -> Hessian:
-            return Hessian(weight_as_out_in(mod).shape[1])
+            return Hessian(weight_out_in(mod).shape[1])
 
         try:
             sequential_prune(pruned, blocks, make, prune, batch_size)

@@ -25,13 +25,13 @@ import torch
 from torch import nn
 
 from ppn_bayes.backbone.gated import GatedLM
+from ppn_bayes.backbone.projections import weight_out_in
 from ppn_bayes.baselines import (
     UnstructuredResult,
     check_blocks,
     decoder_param_fraction,
     linear_sparsity_for,
     timed,
-    weight_as_out_in,
 )
 from ppn_bayes.baselines.layerwise import sequential_prune
 from ppn_bayes.errors import ConfigError
@@ -98,11 +98,11 @@ def wanda(model: nn.Module | GatedLM, blocks: torch.Tensor, size: float = 0.5, p
         sparsity = 0.5 if pattern == "2:4" else linear_sparsity_for(pruned, size)
 
         def prune(mod: nn.Module, stats: ColumnNorms) -> None:
-            w = weight_as_out_in(mod)
+            w = weight_out_in(mod)
             w.mul_(wanda_mask(w, stats.norms, sparsity, pattern).to(w.dtype))
 
         def make(mod: nn.Module) -> ColumnNorms:
-            return ColumnNorms(weight_as_out_in(mod).shape[1])
+            return ColumnNorms(weight_out_in(mod).shape[1])
 
         sequential_prune(pruned, blocks, make, prune, batch_size)
     return UnstructuredResult("wanda", pattern, pruned, decoder_param_fraction(pruned), t.seconds,
