@@ -334,14 +334,3 @@ def keepsets_for(model: nn.Module, sizes: list[float], run: str | os.PathLike | 
     for s in sizes:
         out[s], inv = layer_keepset_by_norm(model, s)
     return out, inv
-
-
-def parse_list(text: str, kind: type, name: str) -> list:
-    """``"1.0,0.75"`` -> ``[1.0, 0.75]`` with a one-line error naming the option."""
-    try:
-        values = [kind(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{name} {text!r} must be a comma-separated list of {kind.__name__} values") from None
-    if not values:
-        raise ConfigError(f"{name} is empty; give at least one value")
-    return values

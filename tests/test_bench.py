@@ -13,7 +13,6 @@ from ppn_bayes.bench import (
     ideal_ratios,
     keepsets_for,
     layer_keepset_by_norm,
-    parse_list,
     plot_speed,
     speed_benchmark,
 )
@@ -84,6 +83,8 @@ def test_speed_benchmark_result_fields(tmp_path):
 
 
 def test_parse_list_errors():
+    from ppn_bayes.cli.options import comma_list as parse_list
+
     assert parse_list("1.0, 0.5", float, "--sizes") == [1.0, 0.5]
     with pytest.raises(ConfigError, match="--sizes"):
         parse_list("1.0,x", float, "--sizes")

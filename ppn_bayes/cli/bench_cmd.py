@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-from ppn_bayes.cli.options import add_device, add_json
+from ppn_bayes.cli.options import add_device, add_json, comma_list
 
 HELP = "speed benchmarks of dense vs resized models"
 
@@ -45,12 +45,12 @@ def _no_subcommand(parser: argparse.ArgumentParser) -> int:
 
 
 def run_speed(args: argparse.Namespace) -> int:
-    from ppn_bayes.bench import format_table, keepsets_for, parse_list, plot_speed, speed_benchmark
+    from ppn_bayes.bench import format_table, keepsets_for, plot_speed, speed_benchmark
     from ppn_bayes.device import resolve_device
     from ppn_bayes.zoo import load_model
 
-    sizes = parse_list(args.sizes, float, "--sizes")
-    batches = parse_list(args.batch_sizes, int, "--batch-sizes")
+    sizes = comma_list(args.sizes, float, "--sizes")
+    batches = comma_list(args.batch_sizes, int, "--batch-sizes", "1,8")
     _validate(sizes, batches, args)  # before the model loads: a typo costs a second, not a load
     if args.plot:
         import os

@@ -10,18 +10,9 @@ import argparse
 import json
 from typing import Any
 
-from ppn_bayes.cli.options import add_device, add_json
+from ppn_bayes.cli.options import add_device, add_json, comma_list
 
 HELP = "compare PPN with GISP, ShortGPT, PrunePath, Wanda, SparseGPT and random pruning"
-
-
-def _floats(text: str) -> list[float]:
-    from ppn_bayes.errors import ConfigError
-
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--sizes {text!r} is not a comma-separated list of numbers; e.g. 0.9,0.75,0.5") from None
 
 
 def register(subparsers: Any) -> None:
@@ -141,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from ppn_bayes.files import writer_lock
 
     _validate(args)
-    sizes = check_sizes(_floats(args.sizes))
+    sizes = check_sizes(comma_list(args.sizes, float, "--sizes", "0.9,0.75,0.5"))
     methods = _methods(args)
     items, choice_info = _choice_items(args, methods)
     device = resolve_device(args.device)

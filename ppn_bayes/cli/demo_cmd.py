@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ppn_bayes.cli.options import add_json
+from ppn_bayes.cli.options import add_json, comma_list
 
 HELP = "fit the bundled SmolLM2-135M, report, resize to 0.5 and compare it with dense"
 
@@ -26,13 +26,12 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppn_bayes.bench import parse_list
     from ppn_bayes.demo import format_demo, run_demo
     from ppn_bayes.errors import ConfigError
 
     if args.eval_blocks < 1 or args.new_tokens < 1:
         raise ConfigError("--eval-blocks and --new-tokens must be at least 1")
-    res = run_demo(args.out, sizes=tuple(parse_list(args.sizes, float, "--sizes")), resize_size=args.resize, eval_blocks=args.eval_blocks,
+    res = run_demo(args.out, sizes=tuple(comma_list(args.sizes, float, "--sizes")), resize_size=args.resize, eval_blocks=args.eval_blocks,
                    new_tokens=args.new_tokens, overrides=args.overrides, progress=not args.no_progress)
     print(json.dumps(res.to_dict()) if args.json else format_demo(res))
     return 0

@@ -3,13 +3,16 @@
 A command adds what it needs (``add_posterior_options(p)``, ``add_device(p)``, ``add_json(p, ...)``)
 instead of spelling the flag itself, so ``--quantile`` means the same thing with the same default in
 ``keepset``, ``resize``, ``report``, ``eval`` and ``uncertainty``, and ``--device`` is ``auto``
-everywhere (CUDA when present, else CPU; ``ppn_bayes.device.resolve_device``).
+everywhere (CUDA when present, else CPU; ``ppn_bayes.device.resolve_device``). Comma-separated
+options (``--sizes 0.75,0.5``) are read by :func:`comma_list`.
 """
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
+
+from ppn_bayes.errors import ConfigError
 
 QUANTILE = 0.5
 DRAWS = 256
@@ -51,3 +54,15 @@ def add_json(p: Any, what: str = "the result") -> None:
 def quantile_of(args: argparse.Namespace) -> float:
     """The quantile a command uses, for parsers built with ``quantile_unset``."""
     return QUANTILE if args.quantile is None else args.quantile
+
+
+def comma_list(text: str, kind: type, flag: str, example: str = "0.75,0.5") -> list:
+    """``"1.0, 0.75"`` -> ``[1.0, 0.75]`` for a comma-separated option; a one-line error names the flag."""
+    try:
+        values = [kind(x.strip()) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes a comma-separated list of {kind.__name__} values such as {example}, "
+                          f"got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{flag} is empty; give at least one value, e.g. {flag} {example}")
+    return values

@@ -5,19 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ppn_bayes.cli.options import add_posterior_options
-
-
-def _sizes(text: str) -> list[float]:
-    from ppn_bayes.errors import SizeError
-
-    try:
-        sizes = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise SizeError(f"--sizes takes comma-separated fractions such as 0.25,0.5,0.75, got {text!r}") from None
-    if not sizes:
-        raise SizeError("--sizes is empty; pass comma-separated fractions such as 0.25,0.5,0.75")
-    return sizes
+from ppn_bayes.cli.options import add_posterior_options, comma_list
 
 
 def register(subparsers) -> None:
@@ -41,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
 
-    path = write_report(args.run, sizes=_sizes(args.sizes), num_draws=args.draws, quantile=args.quantile, seed=args.seed,
+    path = write_report(args.run, sizes=comma_list(args.sizes, float, "--sizes", "0.25,0.5,0.75"), num_draws=args.draws, quantile=args.quantile, seed=args.seed,
                         out=args.out, overwrite=args.force)
     print(f"wrote {path}")
     return 0

@@ -11,7 +11,7 @@ import argparse
 import json
 
 from ppn_bayes.cli.keepset_cmd import add_target_args
-from ppn_bayes.cli.options import add_json, add_posterior_options
+from ppn_bayes.cli.options import add_json, add_posterior_options, comma_list
 from ppn_bayes.errors import ConfigError
 
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.model or args.group_size is None:
             raise ConfigError("--keepset needs --model (the base checkpoint) and --group-size (as the keep-set "
                               "was made with)")
-        kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        kinds = tuple(comma_list(args.kinds, str, "--kinds", "layers,heads,groups"))
         report = resize_keepset_file(args.model, args.keepset, args.out, group_size=args.group_size, kinds=kinds,
                                      overwrite=args.force, tokenizer=not args.no_tokenizer)
     else:

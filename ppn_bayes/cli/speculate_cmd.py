@@ -9,7 +9,7 @@ import argparse
 import json
 from typing import Any
 
-from ppn_bayes.cli.options import add_device, add_json
+from ppn_bayes.cli.options import add_device, add_json, comma_list
 
 HELP = "self-speculative decoding: sub-network drafts verified by the full model"
 
@@ -31,14 +31,14 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ppn_bayes.backbone.switch import SubnetSwitch
-    from ppn_bayes.bench import keepsets_for, parse_list
+    from ppn_bayes.bench import keepsets_for
     from ppn_bayes.device import resolve_device
     from ppn_bayes.errors import ConfigError
     from ppn_bayes.speculative import benchmark_speculative, format_result
     from ppn_bayes.zoo import load_model
 
-    sizes = parse_list(args.sizes, float, "--sizes")
-    lengths = parse_list(args.draft_lengths, int, "--draft-lengths")
+    sizes = comma_list(args.sizes, float, "--sizes")
+    lengths = comma_list(args.draft_lengths, int, "--draft-lengths", "2,4")
     if min(lengths) < 1 or args.max_new_tokens < 1 or args.repeats < 1:
         raise ConfigError("--draft-lengths, --max-new-tokens and --repeats must be >= 1")
     device = resolve_device(args.device)
