@@ -212,12 +212,12 @@ def load_run_target(run: Any, size: float | None = None, quantile: float = 0.5, 
     solved from the posterior *before* the model is loaded, so an impossible size fails in a second.
     """
     from ppn_bayes.errors import ConfigError
-    from ppn_bayes.run import Run, load_run
+    from ppn_bayes.run import load_run
 
     if dense == (size is not None):
         raise ConfigError("give a run either a size (--size S, a fraction in (0, 1]) or --dense, not "
                           f"{'both' if dense else 'neither'}")
-    run = run if isinstance(run, Run) else load_run(run)
+    run = load_run(run)
     info: dict[str, Any] = {"target": "run", "run": str(run.path), "base": run.manifest.get("base", {}).get("name")}
     result = None
     if not dense:

@@ -779,10 +779,10 @@ def resize_run(
     ``requested_size``, ``achieved_size``, ``lambda``, ``quantile``, ...); they are also in
     ``ppn-resize.json``.
     """
-    from ppn_bayes.run import Run, load_run
+    from ppn_bayes.run import load_run
     from ppn_bayes.zoo import resolve_model
 
-    run = run if isinstance(run, Run) else load_run(run)
+    run = load_run(run)
     out = Path(out)
     base_path = run.base_path() if base is None else resolve_model(base)
     inputs = [("run directory", run.path), ("base model", base_path)]

@@ -566,9 +566,13 @@ def apply_full_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
         params[name].copy_(value.to(params[name].dtype))
 
 
-def load_run(path: str | os.PathLike[str]) -> Run:
-    """Open a run directory written by :func:`ppn_bayes.train.fit`, checked as a whole (:meth:`Run.check`)."""
-    return Run(path).check()
+def load_run(path: str | os.PathLike[str] | Run) -> Run:
+    """Open a run directory written by :func:`ppn_bayes.train.fit`, checked as a whole (:meth:`Run.check`).
+
+    A :class:`Run` passes through unchanged (it was checked when it was opened), so functions that take
+    "a run or its directory" call this once instead of testing the type themselves.
+    """
+    return path if isinstance(path, Run) else Run(path).check()
 
 
 def recipe_fields_changed(old: Recipe, new: Recipe) -> list[str]:

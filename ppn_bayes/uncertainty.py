@@ -232,9 +232,9 @@ def run_test_blocks(run, blocks: int, tokenizer=None) -> torch.Tensor:
 
 
 def _load(run_or_path):
-    from ppn_bayes.run import Run, load_run
+    from ppn_bayes.run import load_run
 
-    return run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
+    return load_run(run_or_path)
 
 
 def evaluate_run_keepset(run, result, blocks: int = 4, samples: int = 8, device: str = "cpu") -> dict[str, Any]:
