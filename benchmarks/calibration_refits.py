@@ -88,7 +88,7 @@ def tiny_setup(root: Path) -> dict[str, Any]:
         tmp.rename(base)
     return {"name": "tiny-refit", "model": {"name": str(base)}, "units": {"group_size": 16, "anchor_blocks": 2},
             "data": {"corpus": str(corpus), "block_size": 32, "val_blocks": 4},
-            "train": {"steps": 3, "guide_steps": 2, "batch_size": 2, "checkpoint_every": 5, "log_every": 1,
+            "train": {"steps": 2, "guide_steps": 1, "batch_size": 2, "checkpoint_every": 5, "log_every": 1,
                       "weights": "frozen", "eval_lambdas": [0.5], "device": "cpu"}}
 
 
