@@ -104,7 +104,7 @@ def refit(out: Path, r: int, recipe: str | Path | None, overrides: list[str], se
     from ppn_bayes.train import fit
 
     run_dir = out / "runs" / f"refit-{r}"
-    if (run_dir / MANIFEST).is_file() and read_json(run_dir / MANIFEST).get("status") == "done":
+    if (run_dir / MANIFEST).is_file() and read_json(run_dir / MANIFEST).get("status") == "finished":
         return run_dir
     mine = [*overrides, f"train.seed={seed + r}", f"data.bootstrap_seed={seed + r}"]
     rec = recipe_from_dict(apply_overrides(tiny, mine)) if tiny is not None else load_recipe(recipe or DEMO, mine)

@@ -93,7 +93,10 @@ def candidate_swaps(solver: KeepsetSolver, res, per_side: int) -> tuple[list[dic
                 new[u], new[v] = False, True
                 keep = table.keepset(new)
                 cost = inv.kept_cost(keep, cur) if cur != "layers" else float(len(keep.layers))
-                if abs(cost - base_cost) > COST_TOL * unit_cost or (kind != "layers" and keep.layers != res.keep.layers):
+                others = (table.layer == table.layer[u]) & (table.kind_id > 0) & new  # u's layer keeps a unit
+                emptied = kind != "layers" and "layers" in table.kinds and not bool(others.any())
+                if abs(cost - base_cost) > COST_TOL * unit_cost or emptied or (
+                        kind != "layers" and keep.layers != res.keep.layers):
                     skipped += 1
                     continue
                 swaps.append({"kind": kind, "out": table.unit_name(u), "in": table.unit_name(v), "u": u, "v": v,

@@ -73,6 +73,9 @@ def test_benchmarks_end_to_end_on_tiny_refits(refits, tmp_path):
     runs = [refits.refit(tmp_path, r, None, [], 0, tiny) for r in range(2)]
     from ppn_bayes.run import load_run
 
+    stamp = (runs[0] / "manifest.json").read_text()
+    assert refits.refit(tmp_path, 0, None, [], 0, tiny) == runs[0]  # a finished refit is reused, not refitted
+    assert (runs[0] / "manifest.json").read_text() == stamp
     recipes = [load_run(r).recipe.data for r in runs]
     assert [d.bootstrap_seed for d in recipes] == [0, 1] and recipes[0].bootstrap_unit == "chapters"
     res = refits.main(["--runs", *map(str, runs), "--out", str(tmp_path / "refits"), "--sizes", "0.5", "--draws", "32"])
