@@ -49,10 +49,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ppn_bayes import calibration_checks as cc  # noqa: E402
-from ppn_bayes.files import atomic_write_bytes  # noqa: E402
-from ppn_bayes.keepsets import KIND_ORDER, KeepsetSolver, UnitTable  # noqa: E402
-from ppn_bayes.posterior import Posterior  # noqa: E402
+from ppn_bayes import calibration_checks as cc
+from ppn_bayes.files import atomic_write_bytes
+from ppn_bayes.keepsets import KIND_ORDER, KeepsetSolver, UnitTable
+from ppn_bayes.posterior import Posterior
 
 DEMO = ROOT / "inference" / "smollm2-demo.yaml"
 SIZES = (0.25, 0.5, 0.75)
@@ -90,6 +90,17 @@ def tiny_setup(root: Path) -> dict[str, Any]:
             "data": {"corpus": str(corpus), "block_size": 32, "val_blocks": 4},
             "train": {"steps": 2, "guide_steps": 1, "batch_size": 2, "checkpoint_every": 5, "log_every": 1,
                       "weights": "frozen", "eval_lambdas": [0.5], "device": "cpu"}}
+
+
+def parse_sizes(text: str) -> tuple[float, ...]:
+    """``--sizes 0.25,0.5``: fractions in (0, 1], checked before anything is fitted (one-line exit)."""
+    try:
+        sizes = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise SystemExit(f"error: --sizes takes comma-separated fractions such as 0.25,0.5,0.75, got {text!r}") from None
+    if not sizes or not all(0 < s <= 1 for s in sizes):
+        raise SystemExit(f"error: --sizes {text!r}: give fractions in (0, 1] such as 0.25,0.5,0.75")
+    return sizes
 
 
 # ---------------------------------------------------------------------------------------------- refits
@@ -137,16 +148,23 @@ def kind_fraction(table: UnitTable, row: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def refit_forecasts(pi: torch.Tensor, keep: torch.Tensor, base: torch.Tensor) -> dict[str, Any]:
-    """The check at one size from ``pi``, ``keep`` (``[R, N]``: each run's inclusion probabilities and
-    keep-set) and ``base`` (``[R, N]`` uninformed forecasts): every statistic of the module docstring."""
+def pair_forecasts(pi: torch.Tensor, keep: torch.Tensor, base: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forecasts, outcomes and uninformed forecasts of every ordered pair of runs ``r != r'``:
+    ``pi_r(u)`` against ``1[u in K_r']``, and ``base_r(u)``; each ``[R (R - 1) N]``."""
     R = pi.shape[0]
     if R < 2:
         raise ValueError("the refit check needs at least two runs")
     pairs = [(r, s) for r in range(R) for s in range(R) if r != s]
-    p = torch.cat([pi[r] for r, _ in pairs])
-    y = torch.cat([keep[s].double() for _, s in pairs])
-    b = torch.cat([base[r] for r, _ in pairs])
+    return (torch.cat([pi[r] for r, _ in pairs]), torch.cat([keep[s].double() for _, s in pairs]),
+            torch.cat([base[r] for r, _ in pairs]))
+
+
+def refit_forecasts(pi: torch.Tensor, keep: torch.Tensor, base: torch.Tensor) -> dict[str, Any]:
+    """The check at one size from ``pi``, ``keep`` (``[R, N]``: each run's inclusion probabilities and
+    keep-set) and ``base`` (``[R, N]`` uninformed forecasts): every statistic of the module docstring."""
+    R = pi.shape[0]
+    p, y, b = pair_forecasts(pi, keep, base)
     k = keep.double()
     loo = (k.sum(0, keepdim=True) - k) / (R - 1)  # [R, N] keep frequency over the other refits
     freq = k.mean(0)
@@ -180,20 +198,14 @@ def analyse(run_dirs: list[Path], sizes=SIZES, draws: int = 256, seed: int = 0, 
             per[s]["p_equal"].append(res.p_equal)
     out: dict[str, Any] = {"runs": [str(d) for d in run_dirs], "draws": draws, "seed": seed, "quantile": quantile,
                            "units": [table0.unit_name(u) for u in range(table0.size)], "sizes": {}}
-    pooled = {"p": [], "y": [], "b": []}
+    pooled = []
     for s in sizes:
         pi, keep, base = (torch.stack(per[s][k]) for k in ("pi", "keep", "base"))
         res = refit_forecasts(pi, keep, base)
         res["p_equal"] = per[s]["p_equal"]
         out["sizes"][str(s)] = res
-        R = pi.shape[0]
-        for r in range(R):
-            for t in range(R):
-                if r != t:
-                    pooled["p"].append(pi[r])
-                    pooled["y"].append(keep[t].double())
-                    pooled["b"].append(base[r])
-    out["all_sizes"] = cc.score_forecasts(torch.cat(pooled["p"]), torch.cat(pooled["y"]), torch.cat(pooled["b"]))
+        pooled.append(pair_forecasts(pi, keep, base))
+    out["all_sizes"] = cc.score_forecasts(*(torch.cat(parts) for parts in zip(*pooled)))
     out["goal"] = {"brier_skill_positive": out["all_sizes"]["brier_skill"] > 0,
                    "ece_at_most_0.1": out["all_sizes"]["ece"] <= 0.1}
     return out
@@ -241,7 +253,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="recipe override for every refit (repeatable)")
     ap.add_argument("--tiny", action="store_true", help="smoke test on a tiny random Llama (seconds)")
     a = ap.parse_args(argv)
-    sizes = tuple(float(s) for s in a.sizes.split(",") if s.strip())
+    sizes = parse_sizes(a.sizes)
+    if not a.runs and a.refits < 2:
+        raise SystemExit(f"error: --refits {a.refits}: the refit check needs at least two refits; use e.g. --refits 5")
     t0 = time.time()
     if a.runs:
         runs = list(a.runs)

@@ -51,10 +51,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.calibration_refits import keep_row, refit, tiny_setup  # noqa: E402
-from ppn_bayes import calibration_checks as cc  # noqa: E402
-from ppn_bayes.files import atomic_write_bytes  # noqa: E402
-from ppn_bayes.keepsets import KIND_ORDER, KeepsetSolver  # noqa: E402
+from benchmarks.calibration_refits import keep_row, parse_sizes, refit, tiny_setup
+from ppn_bayes import calibration_checks as cc
+from ppn_bayes.files import atomic_write_bytes
+from ppn_bayes.keepsets import KIND_ORDER, KeepsetSolver
 
 SIZES = (0.3, 0.4, 0.5, 0.6, 0.7)
 COST_TOL = 0.01  # of one unit's cost: GQA KV shares and a narrower last channel group break a match
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.run is None:
         ap.error("give a run directory, or --tiny")
     t0 = time.time()
-    res = check_run(a.run, tuple(float(s) for s in a.sizes.split(",") if s.strip()), a.per_side, a.blocks, a.split,
+    res = check_run(a.run, parse_sizes(a.sizes), a.per_side, a.blocks, a.split,
                     a.draws, device=a.device)
     res["seconds"] = time.time() - t0
     path, png = write(res, a.out)

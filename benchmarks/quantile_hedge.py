@@ -39,9 +39,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.calibration_refits import keep_row, refit, tiny_setup  # noqa: E402
-from ppn_bayes.files import atomic_write_bytes  # noqa: E402
-from ppn_bayes.keepsets import KeepsetSolver  # noqa: E402
+from benchmarks.calibration_refits import keep_row, parse_sizes, refit, tiny_setup
+from ppn_bayes.files import atomic_write_bytes
+from ppn_bayes.keepsets import KeepsetSolver
 
 SIZES = (0.25, 0.5, 0.75)
 QUANTILES = (0.5, 0.1)
@@ -99,8 +99,8 @@ def summarize(runs: list[dict[str, Any]], sizes, quantiles) -> dict[str, Any]:
 
 
 def table_text(res: dict[str, Any]) -> str:
-    lines = [f"{'size':>5} {'q':>4} {'runs':>4} {'NLL mean':>9} {'5 %':>8} {'95 %':>8} {'sd':>7}  "
-             f"{'draws: mean [5, 95 %]':>28} {'rank':>5} {'differs':>7}"]
+    lines = [(f"{'size':>5} {'q':>4} {'runs':>4} {'NLL mean':>9} {'5 %':>8} {'95 %':>8} {'sd':>7}  "
+              f"{'draws: mean [5, 95 %]':>28} {'rank':>5} {'differs':>7}")]
     for s, row in res["summary"].items():
         sm = row["sampled_mean"]
         for q in res["quantiles"]:
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         a.runs = [refit(a.out, r, None, [], 0, tiny) for r in range(2)]
     if not a.runs:
         ap.error("give one or more run directories, or --tiny")
-    sizes = tuple(float(s) for s in a.sizes.split(",") if s.strip())
+    sizes = parse_sizes(a.sizes)
     quantiles = tuple(float(q) for q in a.quantiles.split(",") if q.strip())
     t0 = time.time()
     runs = [measure_run(d, sizes, quantiles, a.samples, a.blocks, a.split, a.draws, device=a.device) for d in a.runs]

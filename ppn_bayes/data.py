@@ -31,6 +31,7 @@ Hugging Face dataset name ``org/name[:config]`` for users with a network.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -189,7 +190,7 @@ def chapters(text: str) -> list[str]:
     if len(starts) < 2:
         return [text]
     cuts = [0, *starts[1:], len(paras)]
-    return ["\n\n".join(paras[a:b]) for a, b in zip(cuts, cuts[1:])]
+    return ["\n\n".join(paras[a:b]) for a, b in itertools.pairwise(cuts)]
 
 
 def bootstrap_units(docs: list[str], seed: int, unit: str = "chapters") -> list[str]:

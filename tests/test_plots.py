@@ -50,3 +50,10 @@ def test_perplexity_vs_size(tmp_path):
 def test_palette_is_okabe_ito():
     assert plots.OKABE_ITO[0] == "#0072B2" and plots.HEATMAP == "cividis"
     assert torch.tensor(0).item() == 0
+
+
+def test_reliability(tmp_path):
+    from ppn_bayes.calibration_checks import reliability_curve
+
+    curve = reliability_curve([0.0, 0.2, 0.8, 1.0, 0.55], [0, 1, 1, 1, 0])
+    _check(plots.plot_reliability({"a": curve, "empty": []}, tmp_path / "rel", "title"))  # an empty series is skipped
