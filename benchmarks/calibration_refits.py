@@ -5,7 +5,7 @@
     # other recipes / keys: --recipe inference/smollm2-full.yaml --set train.tempering=0.01
     # in the background, then re-analyse whenever (finished refits are reused, a broken one resumed):
     nohup python benchmarks/calibration_refits.py --refits 10 --out OUT > OUT.log 2>&1 &
-    python benchmarks/calibration_refits.py --runs OUT/runs/refit-* --out OUT
+    python benchmarks/calibration_refits.py --runs OUT/runs/refit-* --out OUT   # unfinished ones are skipped
     # smoke test: a tiny random Llama on a tiny corpus (seconds; what tests/ runs)
     python benchmarks/calibration_refits.py --tiny --refits 3 --out /tmp/refits
 
@@ -122,6 +122,21 @@ def refit(out: Path, r: int, recipe: str | Path | None, overrides: list[str], se
     resume = (run_dir / MANIFEST).is_file()
     fit(rec, out=run_dir, resume=resume, progress=False)
     return run_dir
+
+
+def finished(run_dirs: list[Path]) -> list[Path]:
+    """The finished runs among ``run_dirs``; the others (a campaign still running in the background, a
+    failed refit) are named on stderr and left out, so a campaign can be re-analysed at any time."""
+    from ppn_bayes.run import MANIFEST, read_json
+
+    out = []
+    for d in run_dirs:
+        status = read_json(d / MANIFEST).get("status") if (d / MANIFEST).is_file() else "no manifest.json"
+        if status == "finished":
+            out.append(d)
+        else:
+            print(f"skipping {d}: {status}", file=sys.stderr)
+    return out
 
 
 # -------------------------------------------------------------------------------------------- analysis
@@ -258,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: --refits {a.refits}: the refit check needs at least two refits; use e.g. --refits 5")
     t0 = time.time()
     if a.runs:
-        runs = list(a.runs)
+        runs = finished(a.runs)
     else:
         tiny = tiny_setup(a.out) if a.tiny else None
         runs = []
