@@ -179,14 +179,19 @@ def calibration_line(manifest: dict) -> tuple[bool, str]:
     the inclusion probabilities are not calibrated (module docstring)."""
     cal = manifest.get("calibration")
     trained = manifest.get("tempering", (manifest.get("recipe") or {}).get("train", {}).get("tempering", 1.0))
+    trained = float(trained) if isinstance(trained, (int, float)) and not isinstance(trained, bool) else 1.0
     if not isinstance(cal, dict) or not isinstance(cal.get("beta"), (int, float)):
-        return False, (f"not calibrated: beta = {trained:g} per token assumed (train.tempering; every training "
-                       "token counted as independent evidence, so π is likely too sure); run `ppn calibrate RUN`")
+        why = ("every training token counted as independent evidence, so π is likely too sure" if trained == 1.0
+               else "set by hand, not estimated")
+        return False, (f"not calibrated: beta = {trained:g} per token assumed (train.tempering; {why}); "
+                       "run `ppn calibrate RUN`")
     unit = str(cal.get("unit", "units"))
     n = cal.get("n_units")
+    was = cal.get("trained_with_beta", trained)
     how = (f"beta = {cal['beta']:.4g} (the token likelihood's weight) estimated by "
            f"{cal.get('method', 'an unnamed method')} with {n if n is not None else 'an unrecorded number of'} {unit} "
-           f"as the independent units of data; trained with beta = {cal.get('trained_with_beta', trained):g}")
+           f"as the independent units of data; trained with beta = {was:g}" if isinstance(was, (int, float))
+           else f"beta = {cal['beta']:.4g} estimated by {cal.get('method', 'an unnamed method')}")
     if cal.get("posterior") == "rederived":
         return True, f"calibrated: {how}; the posterior was re-derived at the calibrated beta"
     return False, (f"not calibrated: {how}, but the posterior was not re-derived at it, so π still reflects the "

@@ -58,6 +58,7 @@ def test_calibration_line_reads_the_manifest():
 
     ok, line = calibration_line({"tempering": 1.0})
     assert not ok and line.startswith("not calibrated: beta = 1 per token assumed") and "ppn calibrate RUN" in line
+    assert "set by hand" in calibration_line({"tempering": 0.01})[1]
     rec = {"method": "information matching", "beta": 0.0123, "unit": "chapters", "n_units": 214,
            "trained_with_beta": 1.0, "posterior": "rederived", "details": {}}
     ok, line = calibration_line({"calibration": rec})
