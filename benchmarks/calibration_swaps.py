@@ -17,9 +17,12 @@ only gated kind (a layer with gated heads and groups brings or takes them along,
 them). Swaps that fail these rules are skipped and counted.
 
 **The forecast.** In posterior draw ``k`` each unit has an exit price ``e_u^k``: the price at which
-the push drops it, ``tau^{-1}(a_u^k)`` nested through its layer (``keepsets.exit_coordinates``; the
-keep-set rule keeps the units with the highest exit prices that fit). The posterior says the swap
-helps, i.e. ``v`` is worth more at the margin than ``u``, with probability
+the push drops it, ``tau^{-1}(a_u^k)`` (``keepsets.exit_coordinates``; the keep-set rule keeps the
+units with the highest exit prices that fit). For layers it is the nested price the keep-set rule
+uses; for heads and groups the unit's *own* price, its layer ignored: a swap happens inside kept
+layers, so a draw in which the layer would leave first (and the two nested prices tie at the
+layer's) still says which of the two units is worth more. The posterior says the swap helps, i.e.
+``v`` is worth more at the margin than ``u``, with probability
 
     P(swap lowers held-out loss) = (1/K) sum_k ( 1[e_v^k > e_u^k] + 1/2 1[e_v^k = e_u^k] ).
 
@@ -54,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.calibration_refits import keep_row, parse_sizes, refit, tiny_setup
 from ppn_bayes import calibration_checks as cc
 from ppn_bayes.files import atomic_write_bytes
-from ppn_bayes.keepsets import KIND_ORDER, KeepsetSolver
+from ppn_bayes.keepsets import KIND_ORDER, KeepsetSolver, exit_coordinates
 
 SIZES = (0.3, 0.4, 0.5, 0.6, 0.7)
 COST_TOL = 0.01  # of one unit's cost: GQA KV shares and a narrower last channel group break a match
@@ -74,6 +77,7 @@ def candidate_swaps(solver: KeepsetSolver, res, per_side: int) -> tuple[list[dic
     prio = table.flatten(res.priority)
     base_cost = inv.kept_cost(res.keep, cur) if cur != "layers" else float(len(res.keep.layers))
     kinds = ["layers"] if table.kinds == ("layers",) else [k for k in ("heads", "groups") if k in table.kinds]
+    own = exit_coordinates(solver.posterior, table, solver.scores, nested=False)  # [K, N]
     swaps, skipped = [], 0
     for kind in kinds:
         kid = KIND_ORDER.index(kind)
@@ -101,7 +105,7 @@ def candidate_swaps(solver: KeepsetSolver, res, per_side: int) -> tuple[list[dic
                     continue
                 swaps.append({"kind": kind, "out": table.unit_name(u), "in": table.unit_name(v), "u": u, "v": v,
                               "keep": keep, "cost_change": cost - base_cost,
-                              "p": swap_probability(solver.exits, u, v)})
+                              "p": swap_probability(solver.exits if kind == "layers" else own, u, v)})
     return swaps, skipped
 
 
