@@ -68,6 +68,7 @@ def test_calibration_line_reads_the_manifest():
     assert "\n" not in line
 
 
+@pytest.mark.slow  # a tiny fit (the fixture) and two reports: ~20 s on loaded cores
 def test_report_labels_pi_and_adds_the_band(tiny_run):
     from ppn_bayes.report import write_report
     from ppn_bayes.run import update_manifest
