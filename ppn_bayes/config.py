@@ -107,6 +107,10 @@ class DataConfig:
     block_size: int = 256
     train_blocks: int | None = None  # None = all training blocks
     val_blocks: int = 16
+    # Refit checks (issue 12): train on a bootstrap resample of the train split's chapters (or
+    # documents), drawn with replacement from this seed before blocks are packed; null = the split itself.
+    bootstrap_seed: int | None = None
+    bootstrap_unit: Literal["chapters", "documents"] = "chapters"
 
 
 @dataclass
@@ -280,6 +284,8 @@ def validate(recipe: Recipe) -> Recipe:
     need(d.block_size >= 8, "data.block_size", f"must be >= 8 tokens, got {d.block_size}")
     need(d.train_blocks is None or d.train_blocks >= 1, "data.train_blocks", "must be >= 1 or null")
     need(d.val_blocks >= 1, "data.val_blocks", "must be >= 1")
+    if d.bootstrap_seed is not None:
+        check_seed(d.bootstrap_seed, "data.bootstrap_seed")
     for key, val in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
                      ("train.lora_rank", t.lora_rank), ("train.log_every", t.log_every),
                      ("train.checkpoint_every", t.checkpoint_every)):

@@ -10,6 +10,14 @@ is computed on blocks from here, so the rules live in one place:
 * **Packing**: a split's documents are tokenized without special tokens, joined with the EOS token
   between them, and cut into non-overlapping blocks of ``block_size`` tokens (the tail that does not
   fill a block is dropped).  A block never spans two splits because each split is packed alone.
+* **Bootstrap** (``data.bootstrap_seed``, for the refit check of issue 12): the train split's
+  documents are cut into *units* (``data.bootstrap_unit``: chapters, split before every chapter
+  heading paragraph such as ``CHAPTER 1``, ``Chapter I``, front matter going with the first chapter,
+  a document without headings being one unit; or whole documents) and as many units as there are
+  are drawn with replacement (``torch.randint`` from the seed) and packed in the drawn order, EOS
+  between units. Chapters, not tokens or blocks, are resampled because they are the independent
+  units of a novel: neighbouring blocks of one chapter share its characters and scene. Off (``None``,
+  the default), nothing changes: the same blocks, bit for bit, and the same cache entry.
 * **Caching**: packed blocks are stored under ``$PPN_HOME/cache/blocks/`` keyed by the tokenizer's
   identity, the corpus files' hashes, the split, the block size and the stride, so a hit can never
   return blocks of another tokenizer or an edited corpus.
@@ -23,8 +31,10 @@ Hugging Face dataset name ``org/name[:config]`` for users with a network.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,6 +49,9 @@ BUNDLED_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED = {"bundled": "austen", "austen": "austen", "kjv": "kjv"}
 SPLITS = ("train", "validation", "test")
 _EXTS = (".jsonl.gz", ".jsonl", ".json.gz", ".json", ".txt.gz", ".txt")
+BOOTSTRAP_UNITS = ("chapters", "documents")
+#: A chapter heading paragraph: "CHAPTER 1", "Chapter I", "CHAPTER XLII." (the Austen novels' spellings).
+CHAPTER_HEADING = re.compile(r"^chapter\s+(?:\d+|[ivxlc]+)\.?$", re.IGNORECASE)
 _FORMAT = 1  # bump when the packing rule changes, to invalidate old cache entries
 
 
@@ -168,6 +181,28 @@ def _remove_new_locks(root: Path, before: set[Path]) -> None:
             path.rmdir()  # only when empty
 
 
+def chapters(text: str) -> list[str]:
+    """The chapters of one document: it is split before every :data:`CHAPTER_HEADING` paragraph
+    (paragraphs are separated by a blank line); text before the first heading (title, front matter)
+    goes with the first chapter, and a document without headings is one chapter."""
+    paras = text.split("\n\n")
+    starts = [i for i, para in enumerate(paras) if CHAPTER_HEADING.match(" ".join(para.split()))]
+    if len(starts) < 2:
+        return [text]
+    cuts = [0, *starts[1:], len(paras)]
+    return ["\n\n".join(paras[a:b]) for a, b in itertools.pairwise(cuts)]
+
+
+def bootstrap_units(docs: list[str], seed: int, unit: str = "chapters") -> list[str]:
+    """A bootstrap resample of ``docs``' units (chapters or documents): as many as there are, drawn
+    with replacement from ``seed``, in the drawn order (module docstring)."""
+    if unit not in BOOTSTRAP_UNITS:
+        raise DataError(f"unknown bootstrap unit {short(unit)}; choose one of {', '.join(BOOTSTRAP_UNITS)}")
+    units = [c for d in docs for c in (chapters(d) if unit == "chapters" else [d])]
+    idx = torch.randint(len(units), (len(units),), generator=torch.Generator().manual_seed(int(seed)))
+    return [units[i] for i in idx.tolist()]
+
+
 # --------------------------------------------------------------------------------------------- identity
 
 
@@ -281,8 +316,14 @@ def token_blocks(
     max_context: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
+    bootstrap_seed: int | None = None,
+    bootstrap_unit: str = "chapters",
 ) -> torch.Tensor:
     """A ``LongTensor [N, block_size]`` of one split, packed as described in the module docstring.
+
+    ``bootstrap_seed`` (train split only): pack a bootstrap resample of the split's units
+    (``bootstrap_unit``: chapters or documents) instead of the split itself; ``None`` (the default)
+    leaves everything as it was.
 
     ``max_blocks`` keeps the first N blocks (the cache always holds the full split, so asking for
     more later costs nothing).  ``max_context`` is the model's ``max_position_embeddings``; a block
@@ -293,13 +334,23 @@ def token_blocks(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token to separate documents; set tokenizer.eos_token")
+    if bootstrap_seed is not None:
+        if split != "train":
+            raise DataError(f"a bootstrap resample is drawn of the train split only, not {split!r}; "
+                            "held-out splits stay as they are")
+        if bootstrap_unit not in BOOTSTRAP_UNITS:
+            raise DataError(f"unknown bootstrap unit {short(bootstrap_unit)}; choose one of {', '.join(BOOTSTRAP_UNITS)}")
     corpus_id = _corpus_fingerprint(data, split)
     key = {"format": _FORMAT, "tokenizer": tokenizer_fingerprint(tokenizer), "corpus": corpus_id,
            "split": split, "block_size": block_size, "stride": stride or block_size}
+    if bootstrap_seed is not None:  # only then: the default key (and cache entry) is today's
+        key["bootstrap"] = [int(bootstrap_seed), bootstrap_unit]
     path = _cache_path(Path(cache_dir) if cache_dir else _ppn_home() / "cache" / "blocks", key)
     blocks = _read_cache(path, block_size) if use_cache and path.is_file() else None
     if blocks is None:
         docs = load_corpus(data, split)
+        if bootstrap_seed is not None:
+            docs = bootstrap_units(docs, bootstrap_seed, bootstrap_unit)
         ids = [tokenizer(d, add_special_tokens=False, verbose=False)["input_ids"] for d in docs]
         blocks = pack_blocks(ids, eos, block_size, stride)
         if blocks.shape[0] == 0:

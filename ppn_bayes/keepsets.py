@@ -261,8 +261,10 @@ def threshold_grid(posterior, points: int = GRID) -> tuple[torch.Tensor, dict[st
     return xs, {k: vals[:, i, :].transpose(0, 1).contiguous() for i, k in enumerate(push.kinds)}
 
 
-def exit_coordinates(posterior, table: UnitTable, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-draw exit prices ``[K, N]`` (in ``x = lambda / (1 + lambda)`` units), nested through layers."""
+def exit_coordinates(posterior, table: UnitTable, scores: dict[str, torch.Tensor], nested: bool = True
+                     ) -> torch.Tensor:
+    """Per-draw exit prices ``[K, N]`` (in ``x = lambda / (1 + lambda)`` units), nested through layers
+    (``nested=False``: each unit's own exit price, its layer ignored)."""
     xs, tau = threshold_grid(posterior)
     L = posterior.inventory.num_layers
     out = {}
@@ -272,7 +274,7 @@ def exit_coordinates(posterior, table: UnitTable, scores: dict[str, torch.Tensor
         rows = s.reshape(K, L, -1).permute(1, 0, 2).reshape(L, -1)  # [L, K * width]
         e = _invert(tau[k], xs, rows).reshape(L, K, -1).permute(1, 0, 2)  # [K, L, width]
         out[k] = e[..., 0] if k == "layers" else e
-    if "layers" in out:
+    if nested and "layers" in out:
         for k in ("heads", "groups"):
             if k in out:
                 out[k] = torch.minimum(out[k], out["layers"].unsqueeze(-1))

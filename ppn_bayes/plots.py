@@ -170,3 +170,32 @@ def plot_perplexity_vs_size(points: Sequence[dict[str, float]], stem: str | Path
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save(fig, stem)
+
+
+def plot_reliability(curves: dict[str, Sequence[dict[str, float]]], stem: str | Path, title: str,
+                     xlabel: str = "forecast probability", ylabel: str = "observed frequency") -> list[Path]:
+    """Reliability curves: per series, each non-empty bin's mean forecast against its observed frequency
+    (``{"mean_forecast", "observed", "count"}`` rows, :func:`ppn_bayes.calibration_checks.reliability_curve`),
+    marker area by count, with the diagonal of perfect calibration and a +-0.1 band around it."""
+    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="calibrated")
+    ax.fill_between([0, 1], [-0.1, 0.9], [0.1, 1.1], color="grey", alpha=0.12, label="within 0.1")
+    for i, (label, curve) in enumerate(curves.items()):
+        pts = [r for r in curve if r["count"]]
+        if not pts:
+            continue
+        n = sum(r["count"] for r in pts)
+        x, y = [r["mean_forecast"] for r in pts], [r["observed"] for r in pts]
+        color = OKABE_ITO[i % len(OKABE_ITO)]
+        ax.plot(x, y, "-", color=color, lw=1.2, label=f"{label} (n = {n})")
+        ax.scatter(x, y, s=[12 + 300 * r["count"] / n for r in pts], color=color, alpha=0.8, zorder=3)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_aspect("equal")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return save(fig, stem)

@@ -1,10 +1,26 @@
 """``ppn report``: a Markdown report a user can act on without reading anything else.
 
-It answers, in this order: what the run is; which layers and heads the push removes first (the
-priority order every keep-set is a prefix of); which keep decisions the posterior is unsure about
-(boundary units per size, probability that a posterior draw gives the reported keep-set); a per-size
-table (lambda*, achieved vs requested size in params and FLOPs); the arviz summary and PSIS k-hat
-when :mod:`ppn_bayes.diagnostics` is available; plots. Alongside it, ``keepsets.json`` (every
+It answers, in this order: what the run is, and whether its posterior is calibrated; which layers
+and heads the push removes first (the priority order every keep-set is a prefix of); which keep
+decisions the posterior is unsure about (boundary units per size, probability that a posterior draw
+gives the reported keep-set); a per-size table (lambda*, achieved vs requested size in params and
+FLOPs); optionally the held-out loss of each keep-set with a credible band; the arviz summary and
+PSIS k-hat when :mod:`ppn_bayes.diagnostics` is available; plots.
+
+**Saying how sure it is, truthfully** (issue 12). The inclusion probabilities pi are shares of
+posterior draws, so they mean "the chance another fit keeps the unit" only if the posterior's width
+is right. The learning rate ``beta`` (``train.tempering``, the weight of the token likelihood) sets
+that width; at the default ``beta = 1`` per token every token counts as independent evidence and pi
+is far too sure (issue 12: five seeds keep layer sets with Jaccard 0.42 while reporting P = 1.00).
+So the report labels pi **calibrated** only when the run's manifest records a calibration
+(``manifest["calibration"]``, written by ``ppn calibrate RUN``) whose posterior was re-derived at the
+calibrated ``beta``; otherwise **not calibrated**, with the reason, in one line (:func:`calibration_line`).
+
+**Credible band of the held-out loss** (``band_samples`` > 0, ``ppn report --band K``; it loads the
+model, so it is off by default): at each size, the held-out NLL of the reported keep-set on the run's
+first ``band_blocks`` validation blocks, and the 5-95 % band of the NLL of ``K`` sampled
+sub-networks at the same size (each posterior draw's own keep-set, same rule and budget:
+:func:`ppn_bayes.uncertainty.evaluate_keepset`, the code behind ``ppn keepset --eval``). Alongside it, ``keepsets.json`` (every
 size's keep-set with per-unit probabilities) and ``posterior.nc`` (arviz NetCDF). All files are
 written atomically into the run directory (or ``out``).
 
@@ -156,6 +172,32 @@ def check_report_out(run_dir: Path, out: Path, overwrite: bool = False) -> None:
         raise OutputError(f"--out {out} already holds a report; pass --force to replace it, or choose another --out")
 
 
+def calibration_line(manifest: dict) -> tuple[bool, str]:
+    """``(calibrated, one line)``: how the posterior's learning rate ``beta`` was obtained, from
+    ``manifest["calibration"]`` (``{"method", "beta", "unit", "n_units", "trained_with_beta",
+    "posterior": "rederived" | "not rederived", "details"}``, written by ``ppn calibrate``), or why
+    the inclusion probabilities are not calibrated (module docstring)."""
+    cal = manifest.get("calibration")
+    trained = manifest.get("tempering", (manifest.get("recipe") or {}).get("train", {}).get("tempering", 1.0))
+    trained = float(trained) if isinstance(trained, (int, float)) and not isinstance(trained, bool) else 1.0
+    if not isinstance(cal, dict) or not isinstance(cal.get("beta"), (int, float)):
+        why = ("every training token counted as independent evidence, so π is likely too sure" if trained == 1.0
+               else "set by hand, not estimated")
+        return False, (f"not calibrated: beta = {trained:g} per token assumed (train.tempering; {why}); "
+                       "run `ppn calibrate RUN`")
+    unit = str(cal.get("unit", "units"))
+    n = cal.get("n_units")
+    was = cal.get("trained_with_beta", trained)
+    how = (f"beta = {cal['beta']:.4g} (the token likelihood's weight) estimated by "
+           f"{cal.get('method', 'an unnamed method')} with {n if n is not None else 'an unrecorded number of'} {unit} "
+           f"as the independent units of data; trained with beta = {was:g}" if isinstance(was, (int, float))
+           else f"beta = {cal['beta']:.4g} estimated by {cal.get('method', 'an unnamed method')}")
+    if cal.get("posterior") == "rederived":
+        return True, f"calibrated: {how}; the posterior was re-derived at the calibrated beta"
+    return False, (f"not calibrated: {how}, but the posterior was not re-derived at it, so π still reflects the "
+                   "trained beta; run `ppn calibrate RUN` to re-derive it")
+
+
 def fit_warning(run: Any) -> str | None:
     """The one-line warning when the run's score posterior has not flattened (guides.guide_convergence),
     or ``None`` (converged, or a run without guide records to judge)."""
@@ -192,17 +234,38 @@ def _fit_lines(metrics: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def check_band(band_samples: int, band_blocks: int, num_draws: int) -> None:
+    """Eager checks of the credible-band options (one-line ConfigError)."""
+    from ppn_bayes.errors import ConfigError
+
+    if isinstance(band_samples, bool) or not isinstance(band_samples, int) or band_samples < 0:
+        raise ConfigError(f"--band must be a whole number of sampled sub-networks >= 0 (0 = no band), got {band_samples!r}")
+    if band_samples > num_draws:
+        raise ConfigError(f"--band {band_samples} exceeds the {num_draws} posterior draws; pass --draws {band_samples} "
+                          "or more, or a smaller --band")
+    if band_samples and (isinstance(band_blocks, bool) or not isinstance(band_blocks, int) or band_blocks < 1):
+        raise ConfigError(f"--band-blocks must be a whole number >= 1, got {band_blocks!r}")
+
+
 def write_report(run: Any, sizes: Sequence[float] = (0.25, 0.5, 0.75), num_draws: int = 256, quantile: float = 0.5,
-                 seed: int = 0, out: str | Path | None = None, overwrite: bool = False) -> Path:
+                 seed: int = 0, out: str | Path | None = None, overwrite: bool = False, band_samples: int = 0,
+                 band_blocks: int = 4, device: str = "cpu") -> Path:
     """Write ``report.md``, ``keepsets.json``, the plots (``plots/``) and ``posterior.nc``; return the report path.
 
     ``out``: the run directory by default; elsewhere, an earlier report there is replaced only with
     ``overwrite`` (see the module docstring). A report that fails half-way into a new ``out``
-    removes it again.
+    removes it again. ``band_samples`` > 0 adds each keep-set's held-out NLL on ``band_blocks``
+    validation blocks with the 5-95 % band over that many sampled sub-networks (loads the model on
+    ``device``; needs a full run directory).
     """
+    from ppn_bayes.errors import RunError
     from ppn_bayes.run import MANIFEST, Run, load_run
 
+    check_band(band_samples, band_blocks, num_draws)
     run_dir = Path(getattr(run, "path", run))
+    if band_samples and not isinstance(run, Run) and not (run_dir / MANIFEST).is_file():
+        raise RunError(f"{run_dir} holds a posterior but no run (manifest.json, weights), so a held-out band "
+                       "cannot be computed; pass a run directory written by `ppn fit`, or drop --band")
     if isinstance(run, Run):
         run.check()
     elif not hasattr(run, "posterior") and (run_dir / MANIFEST).is_file():
@@ -213,7 +276,8 @@ def write_report(run: Any, sizes: Sequence[float] = (0.25, 0.5, 0.75), num_draws
         check_report_out(run_dir, out, overwrite)  # again, now that no other writer can change it
         created = not os.path.lexists(out)
         try:
-            return _write_report(run, run_dir, out, sizes, num_draws, quantile, seed)
+            return _write_report(run, run_dir, out, sizes, num_draws, quantile, seed, band_samples, band_blocks,
+                                 device)
         except BaseException:
             if created:
                 shutil.rmtree(out, ignore_errors=True)
@@ -221,7 +285,7 @@ def write_report(run: Any, sizes: Sequence[float] = (0.25, 0.5, 0.75), num_draws
 
 
 def _write_report(run: Any, run_dir: Path, out: Path, sizes: Sequence[float], num_draws: int, quantile: float,
-                  seed: int) -> Path:
+                  seed: int, band_samples: int = 0, band_blocks: int = 4, device: str = "cpu") -> Path:
     from ppn_bayes import plots
 
     solver = KeepsetSolver(run_dir if not hasattr(run, "posterior") else run.posterior, num_draws, seed)
@@ -231,6 +295,13 @@ def _write_report(run: Any, run_dir: Path, out: Path, sizes: Sequence[float], nu
     results = [solver.solve(size=s, quantile=quantile) for s in sorted(sizes)]
     inv, post = solver.inventory, solver.posterior
     manifest, metrics = _run_facts(run_dir)
+    if band_samples:
+        from ppn_bayes.uncertainty import evaluate_keepset, run_test_blocks
+
+        gated = run.load_model(device)
+        blocks = run_test_blocks(run, band_blocks, split="validation")
+        for r in results:
+            r.eval = {"split": "validation", **evaluate_keepset(gated, r, blocks, band_samples)}
 
     figs = out / "plots"
     made: list[tuple[str, Path]] = []
@@ -255,7 +326,8 @@ def _write_report(run: Any, run_dir: Path, out: Path, sizes: Sequence[float], nu
     atomic_write_bytes(out / "keepsets.json", json.dumps({
         "quantile": quantile, "draws": num_draws, "seed": seed,
         "keepsets": [r.to_dict() for r in results]}, indent=1).encode())
-    md = _markdown(run_dir, inv, manifest, metrics, results, diag_lines, nc, made, out, quantile, num_draws)
+    md = _markdown(run_dir, inv, manifest, metrics, results, diag_lines, nc, made, out, quantile, num_draws,
+                   band_samples)
     path = out / "report.md"
     atomic_write_bytes(path, md.encode())
     return path
@@ -263,7 +335,7 @@ def _write_report(run: Any, run_dir: Path, out: Path, sizes: Sequence[float], nu
 
 def _markdown(run_dir: Path, inv, manifest: dict, metrics: list[dict], results: list[KeepsetResult],
               diag_lines: list[str], nc: Path | None, made: list[tuple[str, Path]], out: Path, quantile: float,
-              num_draws: int) -> str:
+              num_draws: int, band_samples: int = 0) -> str:
     d = inv.describe()
     base = manifest.get("base", {}).get("name", "unknown base model")
     train = [m for m in metrics if m.get("type", "train") == "train"]
@@ -276,6 +348,8 @@ def _markdown(run_dir: Path, inv, manifest: dict, metrics: list[dict], results: 
           (f"- decoder: {d['decoder_params']:.4g} parameters, {d['decoder_flops_per_token']:.4g} FLOPs/token; "
           f"embeddings and LM head ({d['embedding_params']:.4g} params) are never pruned"),
           f"- keep-sets rank units by the {quantile} posterior quantile of their exit price over {num_draws} joint draws"]
+    calibrated, cal_line = calibration_line(manifest)
+    L.append(f"- inclusion probabilities: **{cal_line.split(':')[0]}** —{cal_line.split(':', 1)[1]}")
     if train:
         last = train[-1]
         L.append(f"- last training step {last.get('step')}: ELBO loss {last.get('elbo', float('nan')):.4g}, "
@@ -306,9 +380,13 @@ def _markdown(run_dir: Path, inv, manifest: dict, metrics: list[dict], results: 
                  f"| {len(k.heads)} | {len(k.groups)} | {r.p_equal:.3f} | {len(r.boundary)} |")
     L += ["", ("Achieved sizes never exceed the request (exact costs, a GQA KV head charged once). λ* is the price "
           "at which the push's expected size equals the request; * marks a request beyond the trained range."), ""]
+    label = ("**calibrated** (the posterior was re-derived at a calibrated beta; see The run): read π as the chance "
+             "that another fit of this recipe keeps the unit" if calibrated else
+             "**not calibrated** (see The run): π describes the spread of this fit's posterior at its assumed beta, not "
+             "the chance that another fit keeps the unit; `benchmarks/calibration_refits.py` measures that")
     L += ["## Uncertain decisions", "",
           ("π is the share of posterior draws whose own keep-set (same rule, same budget) keeps the unit; units with "
-          "0.1 < π < 0.9 are boundary units, listed most uncertain first."), ""]
+          f"0.1 < π < 0.9 are boundary units, listed most uncertain first. These π are {label}."), ""]
     for r in results:
         L.append(f"**Size {r.requested_size:.3g}** — P(a draw gives the reported keep-set) = {r.p_equal:.3f}; "
                  f"{len(r.boundary)} boundary units.")
@@ -321,6 +399,7 @@ def _markdown(run_dir: Path, inv, manifest: dict, metrics: list[dict], results: 
             if len(r.boundary) > 12:
                 L.append(f"| … {len(r.boundary) - 12} more in keepsets.json | | |")
         L.append("")
+    L += _band_lines(results, band_samples)
     L += ["## Is the posterior fitted?", ""] + _fit_lines(metrics)
     L += ["## Diagnostics", ""] + diag_lines + [""]
     if nc is not None:
@@ -331,3 +410,24 @@ def _markdown(run_dir: Path, inv, manifest: dict, metrics: list[dict], results: 
     L += ["## Files", "", ("- `keepsets.json`: every size's keep-set with per-unit inclusion probabilities π, mask "
           "probabilities ρ and credible intervals of scores and gates"), "- `plots/`: PNG and SVG of every figure", ""]
     return "\n".join(L)
+
+
+def _band_lines(results: list[KeepsetResult], band_samples: int) -> list[str]:
+    """The "Held-out loss" section: each keep-set's NLL with the band over sampled sub-networks."""
+    L = ["## Held-out loss", ""]
+    evals = [r for r in results if r.eval]
+    if not evals:
+        return L + [("_Not computed (it loads the model): `ppn report RUN --band 8` adds each keep-set's held-out "
+                     "loss with a 5-95 % band over 8 sampled sub-networks._"), ""]
+    e0 = evals[0].eval
+    L += [(f"Mean next-token NLL (nats) on the first {e0['blocks']} {e0.get('split', 'held-out')} blocks: the reported "
+           f"keep-set, and the 5-95 % credible band over {e0['samples']} sub-networks sampled from the posterior at the "
+           "same size (each draw's own keep-set)."), "",
+          "| requested size | NLL (ppl) of the keep-set | sampled: median | 5 % | 95 % | keep-set inside the band |",
+          "|---|---|---|---|---|---|"]
+    for r in evals:
+        e = r.eval
+        inside = "yes" if e["nll_q05"] <= e["nll"] <= e["nll_q95"] else ("below" if e["nll"] < e["nll_q05"] else "above")
+        L.append(f"| {r.requested_size:.3f} | {e['nll']:.4f} ({e['ppl']:.2f}) | {e['nll_q50']:.4f} | {e['nll_q05']:.4f} "
+                 f"| {e['nll_q95']:.4f} | {inside} |")
+    return L + [""]

@@ -485,11 +485,12 @@ class Run:
         return self.keepset(size, params, layers, flops, quantile, num_draws, seed).inclusion
 
     def report(self, sizes=(0.25, 0.5, 0.75), num_draws: int = 256, quantile: float = 0.5, seed: int = 0, out=None,
-               overwrite: bool = False):
-        """Write report.md, plots, keepsets.json and posterior.nc: :func:`ppn_bayes.report.write_report`."""
+               overwrite: bool = False, band_samples: int = 0, band_blocks: int = 4, device: str = "cpu"):
+        """Write report.md, plots, keepsets.json and posterior.nc: :func:`ppn_bayes.report.write_report`
+        (``band_samples`` > 0: each keep-set's held-out loss with a band over that many sampled sub-networks)."""
         from ppn_bayes.report import write_report
 
-        return write_report(self, sizes, num_draws, quantile, seed, out, overwrite)
+        return write_report(self, sizes, num_draws, quantile, seed, out, overwrite, band_samples, band_blocks, device)
 
     def uncertainty(self, size=None, k: int = 8, blocks: int = 4, device: str = "cpu", **target):
         """Posterior predictive over k sampled sub-networks: :func:`ppn_bayes.uncertainty.run_uncertainty`."""

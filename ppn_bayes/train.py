@@ -294,7 +294,8 @@ def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: 
                                   trust_remote_code=recipe.model.trust_remote_code)
     ctx = getattr(model.config, "max_position_embeddings", None)
     d = recipe.data
-    train_blocks = token_blocks(tokenizer, "train", d.block_size, d.corpus, max_blocks=d.train_blocks, max_context=ctx)
+    train_blocks = token_blocks(tokenizer, "train", d.block_size, d.corpus, max_blocks=d.train_blocks, max_context=ctx,
+                                bootstrap_seed=d.bootstrap_seed, bootstrap_unit=d.bootstrap_unit)
     val_blocks = token_blocks(tokenizer, "validation", d.block_size, d.corpus, max_blocks=d.val_blocks, max_context=ctx)
     if train_blocks.shape[0] < t.batch_size:
         raise ConfigError(f"train.batch_size {t.batch_size} exceeds the {train_blocks.shape[0]} training blocks; "

@@ -219,8 +219,8 @@ def predictive_uncertainty(gated, result, blocks: torch.Tensor, k: int = 8) -> P
 # ------------------------------------------------------------------------------------- run helpers
 
 
-def run_test_blocks(run, blocks: int, tokenizer=None) -> torch.Tensor:
-    """The first ``blocks`` test blocks of the run's corpus at its block size."""
+def run_test_blocks(run, blocks: int, tokenizer=None, split: str = "test") -> torch.Tensor:
+    """The first ``blocks`` blocks of the run's corpus (``split``: test by default) at its block size."""
     from ppn_bayes.data import token_blocks
     from ppn_bayes.errors import ConfigError
 
@@ -228,7 +228,7 @@ def run_test_blocks(run, blocks: int, tokenizer=None) -> torch.Tensor:
         raise ConfigError(f"--blocks must be >= 1, got {blocks}")
     tok = tokenizer or run.load_tokenizer()
     data = run.recipe.data
-    return token_blocks(tok, "test", data.block_size, data.corpus, max_blocks=blocks)
+    return token_blocks(tok, split, data.block_size, data.corpus, max_blocks=blocks)
 
 
 def _load(run_or_path):

@@ -30,6 +30,9 @@ INFERENCE = Path(__file__).resolve().parents[1] / "inference"
     ({"train": {"distributed": "horovod"}}, r"train\.distributed"),
     ({"train": {"device": "tpu"}}, r"train\.device"),
     ({"train": 3}, r"train: expected a mapping"),
+    ({"data": {"bootstrap_seed": -1}}, r"data\.bootstrap_seed: a seed must be a whole number"),
+    ({"data": {"bootstrap_seed": 1.5}}, r"data\.bootstrap_seed: expected an integer or null"),
+    ({"data": {"bootstrap_unit": "pages"}}, r"data\.bootstrap_unit: expected one of 'chapters', 'documents'"),
     ([1, 2], r"a recipe must be a mapping"),
 ])
 def test_bad_recipes_name_the_key(data, match):

@@ -199,3 +199,48 @@ def test_smollm2_bundled_block_counts(smollm2_path, tmp_path):
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     counts = [data.token_blocks(tok, s, 256, cache_dir=tmp_path).shape[0] for s in data.SPLITS]
     assert counts == [2808, 383, 411]  # as documented in PROVENANCE.md
+
+
+# ------------------------------------------------------------------------------ bootstrap resampling
+
+
+def test_chapters_split_before_headings():
+    text = "TITLE\n\nby Someone\n\nCHAPTER 1\n\nOne.\n\nMore one.\n\nChapter II\n\nTwo.\n\nCHAPTER 3.\n\nThree."
+    assert data.chapters(text) == ["TITLE\n\nby Someone\n\nCHAPTER 1\n\nOne.\n\nMore one.", "Chapter II\n\nTwo.",
+                                   "CHAPTER 3.\n\nThree."]  # front matter goes with the first chapter
+    assert data.chapters("no headings here\n\nat all") == ["no headings here\n\nat all"]
+    assert data.chapters("CHAPTER 1\n\nonly one") == ["CHAPTER 1\n\nonly one"]
+    assert [len(data.chapters(d)) for d in data.load_corpus("bundled", "train")] == [50, 61, 48, 55]
+
+
+def test_bootstrap_units_draw_with_replacement():
+    docs = [f"CHAPTER {i}\n\ntext {i}" if i else "x" for i in range(5)] + ["A\n\nCHAPTER 1\n\na\n\nCHAPTER 2\n\nb"]
+    units = [u for d in docs for u in data.chapters(d)]
+    draw = data.bootstrap_units(docs, seed=3)
+    assert len(draw) == len(units) == 7 and set(draw) <= set(units)
+    assert len(set(draw)) < len(draw)  # with replacement: at seed 3 some unit is drawn twice
+    assert draw == data.bootstrap_units(docs, seed=3) and draw != data.bootstrap_units(docs, seed=4)
+    assert len(data.bootstrap_units(docs, seed=3, unit="documents")) == 6
+    with pytest.raises(DataError, match="bootstrap unit"):
+        data.bootstrap_units(docs, 0, unit="pages")
+
+
+def test_token_blocks_bootstrap(tiny_tokenizer, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    novel = "\n\n".join(f"CHAPTER {i}\n\n" + f"Words of chapter {i} go on. " * 12 for i in range(1, 9))
+    (corpus / "train.jsonl").write_text(json.dumps({"text": novel}) + "\n")
+    (corpus / "validation.jsonl").write_text(json.dumps({"text": novel[:2000]}) + "\n")
+    cache = tmp_path / "cache"
+    plain = data.token_blocks(tiny_tokenizer, "train", 32, str(corpus), cache_dir=cache)
+    # Off is bit-identical to the call without the keys, and uses the same cache entry.
+    assert torch.equal(plain, data.token_blocks(tiny_tokenizer, "train", 32, str(corpus), cache_dir=cache,
+                                                bootstrap_seed=None))
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    boot = data.token_blocks(tiny_tokenizer, "train", 32, str(corpus), cache_dir=cache, bootstrap_seed=1)
+    assert len(list(cache.glob("*.safetensors"))) == 2  # its own cache entry
+    assert not torch.equal(boot[:5], plain[:5]) and abs(boot.shape[0] - plain.shape[0]) <= 0.5 * plain.shape[0]
+    assert torch.equal(boot, data.token_blocks(tiny_tokenizer, "train", 32, str(corpus), cache_dir=cache,
+                                               bootstrap_seed=1, use_cache=False))  # deterministic, cache or not
+    with pytest.raises(DataError, match="train split only"):
+        data.token_blocks(tiny_tokenizer, "validation", 32, str(corpus), cache_dir=cache, bootstrap_seed=1)

@@ -249,3 +249,16 @@ def test_quantile_rows_matches_torch_and_is_monotone_to_the_ulp():
     inf = float("inf")
     y = torch.tensor([[1.0, inf], [inf, inf]], dtype=torch.float64)  # units that never exit
     assert torch.equal(quantile_rows(y, 0.5), torch.tensor([inf, inf], dtype=torch.float64))
+
+
+def test_exit_coordinates_unnested_are_each_units_own(solver):
+    """``nested=False`` gives every unit its own exit price; nesting is then the minimum with its layer's."""
+    from ppn_bayes.keepsets import exit_coordinates
+
+    own = exit_coordinates(solver.posterior, solver.table, solver.scores, nested=False)
+    t = solver.table
+    layer_of = own[:, (t.kind_id == 0).nonzero().flatten()][:, t.layer]  # [K, N] the layer's exit price
+    child = t.kind_id > 0
+    assert torch.equal(solver.exits[:, ~child], own[:, ~child])
+    assert torch.equal(solver.exits[:, child], torch.minimum(own[:, child], layer_of[:, child]))
+    assert bool((own[:, child] > layer_of[:, child]).any())  # the fixture has units nesting actually clips

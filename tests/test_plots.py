@@ -57,3 +57,10 @@ def test_curves_are_drawn_in_the_colour_blind_safe_palette(tmp_path):
     drawn = {c.lower() for c in strokes} & palette
     assert drawn, f"no Okabe-Ito colour among the strokes {sorted(strokes)}"
     assert not {c.lower() for c in strokes} - palette - {"#000000", "#ffffff", "#cccccc", "#b0b0b0", "#262626"}
+
+
+def test_reliability(tmp_path):
+    from ppn_bayes.calibration_checks import reliability_curve
+
+    curve = reliability_curve([0.0, 0.2, 0.8, 1.0, 0.55], [0, 1, 1, 1, 0])
+    _check(plots.plot_reliability({"a": curve, "empty": []}, tmp_path / "rel", "title"))  # an empty series is skipped

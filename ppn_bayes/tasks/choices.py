@@ -24,25 +24,24 @@ shipped task's format; every problem is a one-line :class:`~ppn_bayes.errors.Dat
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ppn_bayes.data import CHAPTER_HEADING
 from ppn_bayes.errors import ConfigError, DataError
 
 CALIBRATION_SEED = "ppn-gisp-calibration-v1"
 CALIBRATION_DATA = "bundled"
 CALIBRATION_SPLIT = "train"  # never the test split, which the shipped task is cut from
 DEFAULT_CHOICES = 16  # ~5.6k tokens with SmolLM2's tokenizer, near the default 16x256 calibration blocks
-_HEADING = re.compile(r"^chapter\s+(?:\d+|[ivxlc]+)\.?$", re.IGNORECASE)
 
 
 def numbered_chapters(text: str) -> str:
     """``text`` with every chapter heading paragraph rewritten to ``Chapter N`` (N counts from 1)."""
     out, n = [], 0
     for para in text.split("\n\n"):
-        if _HEADING.match(" ".join(para.split())):
+        if CHAPTER_HEADING.match(" ".join(para.split())):
             n += 1
             para = f"Chapter {n}"
         out.append(para)
