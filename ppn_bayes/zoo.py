@@ -38,8 +38,8 @@ import torch
 import yaml
 
 from ppn_bayes.errors import ModelError
-from ppn_bayes.shipped import shipped_folder
 from ppn_bayes.files import sha256_file
+from ppn_bayes.shipped import shipped_folder
 
 #: Written into every directory that :func:`fetch` builds; lets :func:`model_identity` name it.
 MARKER = "ppn-model.json"
