@@ -40,7 +40,7 @@ from torch import nn
 
 from ppn_bayes.backbone.gated import GatedLM
 from ppn_bayes.backbone.units import KeepSet, UnitInventory
-from ppn_bayes.errors import ConfigError, RunError, SizeError
+from ppn_bayes.errors import ConfigError, SizeError
 from ppn_bayes.files import atomic_write_bytes
 
 # ------------------------------------------------------------------------------------ keep-sets
@@ -68,11 +68,8 @@ def layer_keepset_by_norm(model: nn.Module, size: float) -> tuple[KeepSet, UnitI
 def run_keepsets(run: str | os.PathLike, sizes: list[float], quantile: float = 0.5
                  ) -> tuple[dict[float, KeepSet], UnitInventory]:
     """Keep-sets of a fitted run (``ppn_bayes.run.load_run(run).keepset(size=, quantile=)``)."""
-    try:
-        from ppn_bayes.run import load_run
-    except ImportError as err:
-        raise RunError(f"cannot read runs in this installation ({err}); omit --run to use weight-norm keep-sets") \
-            from None
+    from ppn_bayes.run import load_run
+
     loaded = load_run(run)
     return {s: loaded.keepset(size=s, quantile=quantile).keep for s in sizes}, loaded.inventory
 

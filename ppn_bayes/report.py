@@ -111,11 +111,8 @@ def _diagnostics(posterior, num_draws: int, seed: int, out: Path, manifest: dict
     heads and groups included, is in the NetCDF. PSIS needs the model and a held-out batch, so the
     report shows a k-hat the run recorded (manifest ``psis`` or a metrics record with ``khat``).
     """
-    try:
-        diag = importlib.import_module("ppn_bayes.diagnostics")
-    except ImportError:
-        return [("_The diagnostics module (`ppn_bayes.diagnostics`) is missing in this install, so there is no "
-                "arviz summary, NetCDF export or PSIS k-hat._")], None
+    from ppn_bayes import diagnostics as diag
+
     lines: list[str] = []
     nc = None
     try:

@@ -129,17 +129,6 @@ def eval_tasks(target: Any, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def eval_base_model(args: argparse.Namespace) -> dict[str, Any]:
-    """Perplexity of the dense base model named by ``--model`` (kept for callers of the first version)."""
-    from ppn_bayes.data import check_corpus
-    from ppn_bayes.device import resolve_device
-
-    device = resolve_device(args.device)
-    check_corpus(args.data, args.split)
-    target = load_target(args, device)
-    return {**target.info, **eval_perplexity(target, args, device), "device": str(device)}
-
-
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Load the target once and run every requested metric on it; one merged result dict."""
     from ppn_bayes.data import check_corpus
