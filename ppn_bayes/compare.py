@@ -76,7 +76,7 @@ def heal(model: nn.Module, blocks: torch.Tensor, lr: float = 5e-5, batch_size: i
     Zeros are the pruned weights of Wanda/SparseGPT; re-applying the mask after each step keeps
     the sparsity (structured models are already cut, so they have none to keep).
     """
-    from ppn_bayes.backbone.family import family_for
+    from ppn_bayes.backbone.families import family_for
 
     layers = family_for(model.config).layers(model)
     params = [p for p in layers.parameters() if p.dtype.is_floating_point]
@@ -347,7 +347,7 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
         raise ConfigError("GISP's margin objective needs choice examples: pass gisp_choices=[ChoiceExample, ...] "
                           "(ppn compare builds them from the bundled train novels)")
     calib, test = check_blocks(calib), check_blocks(test, "test")
-    from ppn_bayes.backbone.family import family_for
+    from ppn_bayes.backbone.families import family_for
 
     family_for(model.config)  # an unsupported architecture fails here, before minutes of dense evaluation
     bench = Bench(model, test, heal_blocks, decode_tokens, batch_size)

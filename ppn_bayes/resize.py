@@ -50,7 +50,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ppn_bayes.backbone.family import Family, SliceRule, family_for
+from ppn_bayes.backbone.families import family_for
+from ppn_bayes.backbone.family import Family, SliceRule
 from ppn_bayes.backbone.projections import is_conv1d
 from ppn_bayes.backbone.slicing import LayerCut, layer_cut, rule_indices
 from ppn_bayes.backbone.units import KeepSet, UnitInventory

@@ -184,3 +184,27 @@ def test_bad_gate_shapes_and_kinds_are_one_line_errors():
         gate(tiny_model("olmo2"))
     with pytest.raises(ConfigError, match="group_size"):
         gate(tiny_model("llama"), group_size=0)
+
+
+def test_a_user_family_registered_first_keeps_the_built_in_ones():
+    """The registry is explicit (ppn_bayes.backbone.families): registering an adapter of one's own
+    before anything else asked for a family does not leave Llama, Qwen2, Mistral or GPT-2 out. A fresh
+    interpreter, so that no earlier import has filled the registry already."""
+    import subprocess
+    import sys
+
+    code = """
+from ppn_bayes.backbone.family import Family
+from ppn_bayes.backbone import families
+
+class Mine(Family):
+    name = "mine"
+    model_types = ("mine",)
+
+families.register(Mine())
+assert {"llama", "qwen2", "mistral", "gpt2", "olmo2", "mine"} <= set(families.supported_model_types())
+from transformers import LlamaConfig
+assert families.family_for(LlamaConfig()).name == "llama"
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-1500:]

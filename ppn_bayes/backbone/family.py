@@ -24,7 +24,6 @@ from typing import Literal
 from torch import nn
 
 from ppn_bayes.backbone.units import Dims
-from ppn_bayes.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -111,34 +110,3 @@ class Family:
             seen.add(id(p))
             total += p.numel()
         return total
-
-
-_REGISTRY: dict[str, Family] = {}
-
-
-def register(family: Family) -> Family:
-    for mt in family.model_types:
-        _REGISTRY[mt] = family
-    return family
-
-
-def supported_model_types() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def family_for(config) -> Family:
-    """The adapter for a ``transformers`` config, or a one-line error listing what is supported."""
-    _load_builtin()
-    mt = getattr(config, "model_type", None)
-    if mt not in _REGISTRY:
-        raise ModelError(
-            f"unsupported architecture {mt!r}; ppn-bayes supports {', '.join(supported_model_types())} "
-            "(add a family adapter in ppn_bayes/backbone/ to support more)"
-        )
-    return _REGISTRY[mt]
-
-
-def _load_builtin() -> None:
-    if not _REGISTRY:
-        from ppn_bayes.backbone import gpt2, llama  # noqa: F401  (registers on import)

@@ -28,7 +28,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ppn_bayes.backbone.family import Family, family_for
+from ppn_bayes.backbone.families import family_for
+from ppn_bayes.backbone.family import Family
 from ppn_bayes.backbone.slicing import unit_sq_norms
 from ppn_bayes.backbone.units import ALL_KINDS, KeepSet, UnitInventory
 from ppn_bayes.errors import ConfigError

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ppn_bayes.backbone.family import Family, SliceRule, register
+from ppn_bayes.backbone.family import Family, SliceRule
 from ppn_bayes.backbone.units import Dims
 
 
@@ -83,5 +83,3 @@ class GPT2Family(Family):
             SliceRule("mlp.c_proj.weight", 0, "ch"),
         ]
 
-
-register(GPT2Family())

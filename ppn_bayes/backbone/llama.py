@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ppn_bayes.backbone.family import Family, SliceRule, register
+from ppn_bayes.backbone.family import Family, SliceRule
 from ppn_bayes.backbone.units import Dims
 
 
@@ -119,6 +119,3 @@ class Olmo2Family(LlamaFamily):
     def mlp_branch(self, layer: nn.Module) -> nn.Module:
         return layer.post_feedforward_layernorm
 
-
-register(LlamaFamily())
-register(Olmo2Family())

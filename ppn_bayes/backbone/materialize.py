@@ -15,7 +15,8 @@ import copy
 import torch
 from torch import nn
 
-from ppn_bayes.backbone.family import Family, family_for
+from ppn_bayes.backbone.families import family_for
+from ppn_bayes.backbone.family import Family
 from ppn_bayes.backbone.projections import is_conv1d
 from ppn_bayes.backbone.slicing import cut_tensor, layer_cut
 from ppn_bayes.backbone.units import Dims, KeepSet, UnitInventory

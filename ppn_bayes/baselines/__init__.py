@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ppn_bayes.backbone.families import family_for
 from ppn_bayes.backbone.gated import GatedLM
 from ppn_bayes.backbone.projections import is_projection
 from ppn_bayes.backbone.units import ALL_KINDS, KeepSet, UnitInventory
@@ -131,8 +132,6 @@ def gated_view(model: nn.Module | GatedLM, group_size: int = 1,
             return
         model = model.model
     if "heads" in kinds:
-        from ppn_bayes.backbone.family import family_for
-
         if not family_for(model.config).supports_heads:
             kinds = tuple(k for k in kinds if k != "heads")
     g = GatedLM(model, group_size=group_size, kinds=tuple(kinds))
@@ -257,8 +256,6 @@ def decoder_linear_weights(model: nn.Module) -> list[tuple[int, str, nn.Module]]
     ``nn.Linear`` and GPT-2's ``Conv1D`` (weight ``[in, out]``); see
     :func:`ppn_bayes.backbone.projections.weight_out_in`.
     """
-    from ppn_bayes.backbone.family import family_for
-
     family = family_for(model.config)
     out = []
     for l, layer in enumerate(family.layers(model)):
@@ -270,8 +267,6 @@ def decoder_linear_weights(model: nn.Module) -> list[tuple[int, str, nn.Module]]
 
 def decoder_param_fraction(model: nn.Module) -> float:
     """Nonzero decoder-layer parameters / all decoder-layer parameters (norms and biases included)."""
-    from ppn_bayes.backbone.family import family_for
-
     layers = family_for(model.config).layers(model)
     total = sum(p.numel() for p in layers.parameters())
     nonzero = sum(int(torch.count_nonzero(p)) for p in layers.parameters())
@@ -284,8 +279,6 @@ def linear_sparsity_for(model: nn.Module, size: float) -> float:
     Norms and biases are never pruned by Wanda/SparseGPT, so the linear weights must carry a little
     more than ``1 - size`` sparsity for the *decoder* fraction to meet ``size`` exactly.
     """
-    from ppn_bayes.backbone.family import family_for
-
     layers = family_for(model.config).layers(model)
     total = sum(p.numel() for p in layers.parameters())
     linear = sum(mod.weight.numel() for _, _, mod in decoder_linear_weights(model))

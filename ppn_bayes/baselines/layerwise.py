@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ppn_bayes.backbone.family import family_for
+from ppn_bayes.backbone.families import family_for
 from ppn_bayes.backbone.projections import is_projection
 
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ppn_bayes.backbone.family import family_for
+from ppn_bayes.backbone.families import family_for
 from ppn_bayes.backbone.gated import GatedLM
 from ppn_bayes.backbone.projections import weight_out_in
 from ppn_bayes.baselines import check_blocks, gated_view, timed

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ppn_bayes.backbone.family import family_for
+from ppn_bayes.backbone.families import family_for
 from ppn_bayes.backbone.gated import GatedLM
 from ppn_bayes.baselines import (
     NestedKeepSets,
