@@ -255,11 +255,7 @@ def output_form(cuts: list[tuple[int, LayerCut]], inventory: UnitInventory, fami
     q, _, ch = shapes.pop()
     if q == 0 or ch == 0:
         return SHAPES_KEY  # no config can say "this layer has no attention / no MLP"
-    if family.name == "gpt2" and q != dims.num_heads:
-        return SHAPES_KEY  # GPT-2 derives head_dim from n_embd / n_head
-    if dims.hidden % q != 0:
-        return SHAPES_KEY  # transformers' Llama-family configs refuse hidden_size % num_attention_heads != 0
-    return "standard"
+    return "standard" if family.config_describes_heads(q, dims) else SHAPES_KEY
 
 
 def standard_config(cfg: dict, cuts: list[tuple[int, LayerCut]], inventory: UnitInventory,
@@ -269,15 +265,7 @@ def standard_config(cfg: dict, cuts: list[tuple[int, LayerCut]], inventory: Unit
     if not cuts:
         return cfg
     cut = cuts[0][1]
-    dims = inventory.dims
-    if family.name == "gpt2":
-        cfg["n_inner"] = len(cut.channels)
-        return cfg
-    cfg["num_attention_heads"] = len(cut.q_heads)
-    cfg["num_key_value_heads"] = len(cut.kv_heads)
-    cfg["head_dim"] = dims.head_dim  # no longer hidden / heads once heads are cut
-    cfg["intermediate_size"] = len(cut.channels)
-    return cfg
+    return family.uniform_config(cfg, len(cut.q_heads), len(cut.kv_heads), inventory.dims.head_dim, len(cut.channels))
 
 
 def _with_layers(cfg: dict, kept: list[int]) -> dict:

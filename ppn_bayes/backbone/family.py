@@ -99,6 +99,18 @@ class Family:
         """Modules with a ``layer_idx`` attribute (KV-cache slot) to renumber when layers are dropped."""
         return [m for m in layer.modules() if hasattr(m, "layer_idx")]
 
+    def config_describes_heads(self, num_heads: int, dims: Dims) -> bool:
+        """Whether the architecture's config can state ``num_heads`` query heads per layer (with
+        ``dims.head_dim`` each): Llama-family configs carry ``head_dim`` but refuse a hidden size that
+        the head count does not divide."""
+        return dims.hidden % num_heads == 0
+
+    def uniform_config(self, cfg: dict, num_heads: int, num_kv_heads: int, head_dim: int, channels: int) -> dict:
+        """The base ``config.json`` dict edited to uniform per-layer sizes (the layer count is set apart)."""
+        return {**cfg, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+                "head_dim": head_dim,  # no longer hidden / heads once heads are cut
+                "intermediate_size": channels}
+
     def embedding_params(self, model: nn.Module) -> int:
         """Parameters outside the decoder stack (embeddings, final norm, untied LM head)."""
         layer_ids = {id(p) for p in self.layers(model).parameters()}

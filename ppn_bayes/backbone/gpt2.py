@@ -18,6 +18,12 @@ class GPT2Family(Family):
     name = "gpt2"
     model_types = ("gpt2",)
 
+    def config_describes_heads(self, num_heads: int, dims: Dims) -> bool:
+        return num_heads == dims.num_heads  # GPT-2 derives head_dim from n_embd / n_head
+
+    def uniform_config(self, cfg: dict, num_heads: int, num_kv_heads: int, head_dim: int, channels: int) -> dict:
+        return {**cfg, "n_inner": channels}  # heads: all kept (config_describes_heads)
+
     def dims(self, config) -> Dims:
         d = config.n_embd
         inner = config.n_inner or 4 * d

@@ -14,6 +14,8 @@ Differences that matter for gating:
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from ppn_bayes.backbone.family import Family, SliceRule
@@ -33,8 +35,6 @@ class LlamaFamily(Family):
         extra = 2 * d  # input_layernorm + post_attention_layernorm
         if config.model_type == "qwen3":
             extra += 2 * hd  # q_norm, k_norm (per head_dim, shared by heads)
-        if config.model_type == "olmo2":
-            extra += config.num_attention_heads * hd + kv * hd  # full-width q_norm, k_norm
         return Dims(
             num_layers=config.num_hidden_layers,
             num_heads=config.num_attention_heads,
@@ -112,6 +112,11 @@ class Olmo2Family(LlamaFamily):
     name = "olmo2"
     model_types = ("olmo2",)
     supports_heads = False
+
+    def dims(self, config) -> Dims:
+        d = super().dims(config)
+        qk_norms = (d.num_heads + d.num_kv_heads) * d.head_dim  # full-width q_norm, k_norm
+        return dataclasses.replace(d, layer_extra_params=d.layer_extra_params + qk_norms)
 
     def attn_branch(self, layer: nn.Module) -> nn.Module:
         return layer.post_attention_layernorm
