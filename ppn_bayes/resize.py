@@ -717,15 +717,15 @@ def run_weights(run) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
     (:mod:`ppn_bayes.lora`); :func:`resize` takes ``{module: {"A", "B", "scale"}}`` with
     ``scale = alpha / rank`` from the run's recipe, as :meth:`ppn_bayes.run.Run.load_model` merges them.
     """
-    from ppn_bayes.run import ADAPTER, WEIGHTS, _check_adapter_header, _load
+    from ppn_bayes.run import ADAPTER, WEIGHTS, check_adapter_header, load_run_tensors
 
     mode = run.recipe.train.weights
     if mode == "full":
-        return _load(run.path / WEIGHTS), None
+        return load_run_tensors(run.path / WEIGHTS), None
     if mode != "lora":
         return None, None
-    _check_adapter_header(run.path / ADAPTER, int(run.recipe.train.lora_rank))  # complete A/B pairs of the rank
-    tensors = _load(run.path / ADAPTER)
+    check_adapter_header(run.path / ADAPTER, int(run.recipe.train.lora_rank))  # complete A/B pairs of the rank
+    tensors = load_run_tensors(run.path / ADAPTER)
     scale = float(run.recipe.train.lora_alpha) / int(run.recipe.train.lora_rank)
     lora: dict[str, dict] = {}
     for key, value in tensors.items():

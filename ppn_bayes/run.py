@@ -356,7 +356,7 @@ class Run:
         if mode == "full":
             tensor_header(self.path / WEIGHTS, RUN_FIX, missing=_NOT_YET)
         elif mode == "lora":
-            _check_adapter_header(self.path / ADAPTER, self.recipe.train.lora_rank)
+            check_adapter_header(self.path / ADAPTER, self.recipe.train.lora_rank)
         return self
 
     def _check_agreement(self, post: Posterior) -> None:
@@ -446,9 +446,9 @@ class Run:
         gated = gate(model, group_size=units.group_size, kinds=tuple(units.kinds))
         mode = self.recipe.train.weights
         if mode == "full":
-            apply_full_weights(model, _load(self.path / WEIGHTS))
+            apply_full_weights(model, load_run_tensors(self.path / WEIGHTS))
         elif mode == "lora":
-            tensors = _load(self.path / ADAPTER)
+            tensors = load_run_tensors(self.path / ADAPTER)
             lora = LoRA(gated, rank=self.recipe.train.lora_rank, alpha=self.recipe.train.lora_alpha)
             check_shapes({k: tuple(v.shape) for k, v in tensors.items()},
                          {k: tuple(v.shape) for k, v in lora.state().items()}, str(self.path / ADAPTER),
@@ -534,12 +534,12 @@ class Run:
 _NOT_YET = "the run has not reached its first checkpoint yet (resume it: ppn fit --resume --out RUN)"
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
+def load_run_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A trained-weights or adapter file of a run: readable, finite (one-line errors)."""
     return load_tensors(path, RUN_FIX, missing=_NOT_YET)
 
 
-def _check_adapter_header(path: Path, rank: int) -> None:
+def check_adapter_header(path: Path, rank: int) -> None:
     """``adapter.safetensors`` holds ``<module>.A`` [rank, in] / ``<module>.B`` [out, rank] pairs."""
     header = tensor_header(path, RUN_FIX, missing=_NOT_YET)
     modules: dict[str, set[str]] = {}

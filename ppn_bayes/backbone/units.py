@@ -159,18 +159,18 @@ class UnitInventory:
         return h // self.dims.kv_group
 
     # ----------------------------------------------------------------- costs
-    def _head_params(self) -> tuple[float, float]:
+    def head_params(self) -> tuple[float, float]:
         """(params of one query head's own q + o slices, K/V params of one KV head)."""
         d, hd = self.dims.hidden, self.dims.head_dim
         own = 2 * d * hd + (hd if self.dims.attn_bias else 0)
         kv = 2 * d * hd + (2 * hd if self.dims.attn_bias else 0)
         return float(own), float(kv)
 
-    def _channel_params(self) -> float:
+    def channel_params(self) -> float:
         d = self.dims.hidden
         return float(self.dims.mlp_matrices * d + (self.dims.mlp_matrices - 1 if self.dims.mlp_bias else 0))
 
-    def _layer_own_params(self) -> float:
+    def layer_own_params(self) -> float:
         d = self.dims.hidden
         return float(
             self.dims.layer_extra_params + (d if self.dims.o_bias else 0) + (d if self.dims.mlp_out_bias else 0)
@@ -186,13 +186,13 @@ class UnitInventory:
         are counted as one FLOP per parameter).
         """
         L, H, G = self.num_layers, self.num_heads, self.num_groups
-        own, kv = self._head_params()
+        own, kv = self.head_params()
         head_p = own + kv / self.dims.kv_group
-        chan_p = self._channel_params()
+        chan_p = self.channel_params()
         mult = 2.0 if currency == "flops" else 1.0
         heads = torch.full((L, H), head_p * mult, dtype=torch.float64)
         groups = (self.group_sizes().to(torch.float64) * chan_p * mult).expand(L, G).clone()
-        layers = torch.full((L,), self._layer_own_params(), dtype=torch.float64)  # norms/biases: 1 FLOP/param
+        layers = torch.full((L,), self.layer_own_params(), dtype=torch.float64)  # norms/biases: 1 FLOP/param
         if "heads" not in self.kinds:
             layers = layers + heads.sum(1)
             heads = torch.zeros_like(heads)
@@ -208,15 +208,15 @@ class UnitInventory:
     def kept_cost(self, keep: KeepSet, currency: Literal["params", "flops"] = "params") -> float:
         """Exact cost of a keep-set, charging each KV head once if any of its query heads is kept."""
         keep = self.complete(keep)
-        own, kv = self._head_params()
-        chan_p = self._channel_params()
+        own, kv = self.head_params()
+        chan_p = self.channel_params()
         mult = 2.0 if currency == "flops" else 1.0
         sizes = self.group_sizes()
         total = 0.0
         for l in keep.layers:
             heads = keep.heads_of(l)
             kv_heads = {self.kv_head_of(h) for h in heads}
-            total += self._layer_own_params()
+            total += self.layer_own_params()
             total += mult * (own * len(heads) + kv * len(kv_heads))
             total += mult * chan_p * float(sum(int(sizes[g]) for g in keep.groups_of(l)))
         return total

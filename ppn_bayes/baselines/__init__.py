@@ -163,9 +163,9 @@ class CostTracker:
     def __init__(self, inv: UnitInventory, currency: str = "params"):
         self.inv = inv
         mult = 2.0 if currency == "flops" else 1.0
-        own, kv = inv._head_params()
-        self.head_own, self.kv, self.chan = mult * own, mult * kv, mult * inv._channel_params()
-        self.layer_own = inv._layer_own_params()
+        own, kv = inv.head_params()
+        self.head_own, self.kv, self.chan = mult * own, mult * kv, mult * inv.channel_params()
+        self.layer_own = inv.layer_own_params()
         self.sizes = inv.group_sizes()
         L, H, G = inv.num_layers, inv.num_heads, inv.num_groups
         self.layers = set(range(L))
