@@ -295,3 +295,42 @@ def test_cli_refuses_unknown_methods_and_heal_losses_in_one_line(argv, needle, t
     code = main(["compare", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "o"), *argv])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------------------ the fair fight
+
+
+def _fair_fight():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fair_fight.py"
+    spec = importlib.util.spec_from_file_location("fair_fight", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fair_fight_stages_and_table_state_tokens_and_wall_time(tmp_path):
+    from pathlib import Path
+
+    ff = _fair_fight()
+    run = Path("runs/x")
+    assert ff.stage_args("healed-distill", run, 1000)[:8] == [
+        "--methods", "shortgpt,gisp,ppn-healed", "--run", "runs/x", "--heal-tokens", "1000", "--heal-loss", "distill"]
+    assert "data" in ff.stage_args("healed-data", run, 1000)
+    with pytest.raises(SystemExit, match="unknown stage"):
+        ff.stage_args("peers", run, 1)
+    dense = {"method": "dense", "size": 1.0, "perplexity": 50.0}
+    ppn = {"method": "ppn", "size": 0.5, "perplexity": 100.0, "sandwich": True, "distill_weight": 1.0,
+           "passes_per_step": 3, "healed_tokens": 0}
+    stages = {"ppn": {"dense": dense, "results": [ppn], "costs": {"ppn": 600.0}, "tokens": {"ppn": 10240}},
+              "healed-distill": {"dense": dense, "costs": {"shortgpt": 90.0}, "tokens": {"shortgpt": 3 * 10240},
+                                 "results": [{"method": "shortgpt", "size": 0.5, "perplexity": 120.0,
+                                              "healed_tokens": 10240, "heal_loss": "distill"}]}}
+    for name, data in stages.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    result = ff.merge(tmp_path)
+    md = ff.table(result)
+    assert "ppn, one run (sandwich, distill w=1, 3 passes/step) | 100.0 (2.00) | 10,240 | 600 |" in md
+    assert "shortgpt, healed per size (distill) | 120.0 (2.40) | 30,720 | 90 |" in md
