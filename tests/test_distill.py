@@ -338,3 +338,15 @@ def test_fair_fight_stages_and_table_state_tokens_and_wall_time(tmp_path):
     md = ff.table(result)
     assert "ppn, one run (sandwich, distill w=1, 3 passes/step) | 100.0 (2.00) | 10,240 | 600 |" in md
     assert "shortgpt, healed per size (distill) | 120.0 (2.40) | 30,720 | 90 |" in md
+
+
+def test_full_weights_base_teacher_is_a_frozen_copy_of_the_base(tiny_llama_dir, corpus, tmp_path):
+    s = build(tiny_recipe(tiny_llama_dir, corpus, weights="full", distill_weight=1.0, teacher="base"), tmp_path / "r")
+    ids = s.train_blocks[:2]
+    with torch.no_grad():
+        before = s.ppn.teacher_logits(ids)
+        for p in s.named_weights.values():
+            p.add_(0.05)  # training moves the decoder; the teacher must not move with it
+        after = s.ppn.teacher_logits(ids)
+        moved = s.gated(input_ids=ids).logits
+    assert torch.equal(before, after) and not torch.allclose(before, moved) and not after.requires_grad
