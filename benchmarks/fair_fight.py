@@ -37,7 +37,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from compare_smollm2 import COMMON, _finished, _ppn, _write_json  # noqa: E402  (same blocks, same helpers)
+# the same calibration/test blocks and helpers as the README comparison
+from compare_smollm2 import COMMON, _finished, _ppn, _write_json
 
 SIZES = "0.75,0.5,0.4"
 RECIPE = "inference/smollm2-distill.yaml"

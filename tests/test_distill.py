@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-import pyro
 import pytest
 import torch
 from pyro import poutine
@@ -54,9 +53,9 @@ def test_forward_kl_equals_the_reference_and_a_reversed_kl_would_fail():
 
 @pytest.fixture()
 def gated():
-    from ppn_bayes.backbone.gated import gate
-
     from tiny_models import tiny_model
+
+    from ppn_bayes.backbone.gated import gate
 
     return gate(tiny_model("llama"), group_size=16, kinds=("layers", "heads", "groups"))
 
@@ -237,11 +236,11 @@ def _kl_to(model, teacher, blocks):
 
 
 def test_heal_with_distillation_lowers_the_kl_to_the_dense_model_and_the_teacher_stays_put():
+    from tiny_models import VOCAB, tiny_model
+
     from ppn_bayes.backbone.materialize import materialize
     from ppn_bayes.baselines.shortgpt import shortgpt
     from ppn_bayes.compare import heal
-
-    from tiny_models import VOCAB, tiny_model
 
     dense = tiny_model("llama", intermediate_size=128)
     g = torch.Generator().manual_seed(0)
