@@ -2,7 +2,7 @@
 
     python benchmarks/fair_fight.py                      # run the missing stages, merge, print the table
     python benchmarks/fair_fight.py --refresh healed-distill   # re-run some stages
-    python benchmarks/fair_fight.py --merge-only         # only rebuild benchmarks/fair_fight.{json,md}
+    python benchmarks/fair_fight.py --merge-only         # only rebuild benchmarks/fair_fight_<tag>.{json,md}
     python benchmarks/fair_fight.py --recipe inference/smollm2-full.yaml --tag full   # another PPN run
 
 At 0.75 / 0.5 / 0.4 of decoder parameters on SmolLM2-135M, on the calibration and test blocks of
