@@ -40,10 +40,11 @@ from ppn_bayes.evaluate import perplexity
 from ppn_bayes.files import atomic_write_bytes, atomic_write_many
 
 PEERS = ("gisp", "shortgpt", "prunepath", "wanda", "sparsegpt", "random")
-PPN_METHODS = ("ppn", "ppn-paper")
+PPN_METHODS = ("ppn", "ppn-paper", "ppn-healed")  # ppn-healed: the ppn run's sub-networks, healed per size
 ANCHOR = ("anchor",)  # the data score anchor of ppn_bayes.anchor alone: no training (not a default peer)
 METHODS = PPN_METHODS + ANCHOR + PEERS
 GISP_OBJECTIVES = ("perplexity", "margin")
+HEAL_LOSSES = ("data", "distill")
 
 
 def gisp_label(objective: str) -> str:
@@ -70,13 +71,30 @@ def decode_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int, tria
     return min(time_generation(model, prompt, new_tokens)["decode_s"] for _ in range(trials))
 
 
-def heal(model: nn.Module, blocks: torch.Tensor, lr: float = 5e-5, batch_size: int = 4) -> nn.Module:
+def check_heal_loss(loss: str) -> str:
+    if loss not in HEAL_LOSSES:
+        raise ConfigError(f"unknown heal loss {loss!r}; choose from {','.join(HEAL_LOSSES)} (data: next-token NLL, "
+                          "distill: forward KL from the dense model)")
+    return loss
+
+
+def heal(model: nn.Module, blocks: torch.Tensor, lr: float = 5e-5, batch_size: int = 4, loss: str = "data",
+         teacher: nn.Module | None = None) -> nn.Module:
     """Fine-tune the decoder layers on ``blocks`` (one pass), keeping every zero weight zero.
 
     Zeros are the pruned weights of Wanda/SparseGPT; re-applying the mask after each step keeps
     the sparsity (structured models are already cut, so they have none to keep).
+
+    ``loss``: ``data`` (the mean next-token NLL) or ``distill`` (the mean per-token forward KL from
+    ``teacher``'s next-token distribution, the teacher under ``torch.no_grad``: what Minitron heals
+    with, and what PPN's in-place distillation trains its sub-networks with; see docs/method.md).
     """
     from ppn_bayes.backbone.families import family_for
+    from ppn_bayes.model import sequence_kl
+
+    check_heal_loss(loss)
+    if loss == "distill" and teacher is None:
+        raise ConfigError("heal(loss='distill') needs the dense model as teacher=")
 
     layers = family_for(model.config).layers(model)
     params = [p for p in layers.parameters() if p.dtype.is_floating_point]
@@ -92,9 +110,15 @@ def heal(model: nn.Module, blocks: torch.Tensor, lr: float = 5e-5, batch_size: i
     try:
         for s in range(0, blocks.shape[0], batch_size):
             batch = blocks[s:s + batch_size].to(device)
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            if loss == "data":
+                value = model(input_ids=batch, labels=batch, use_cache=False).loss
+            else:
+                with torch.no_grad():
+                    target = teacher(input_ids=batch, use_cache=False).logits
+                logits = model(input_ids=batch, use_cache=False).logits
+                value = sequence_kl(logits, target, None).sum() / (batch.shape[0] * (batch.shape[1] - 1))
             opt.zero_grad()
-            loss.backward()
+            value.backward()
             opt.step()
             with torch.no_grad():
                 for p, m in zip(params, masks):
@@ -111,8 +135,9 @@ class Bench:
     """Shared state of one comparison: data, the dense reference, decode timing."""
 
     def __init__(self, model: nn.Module, test: torch.Tensor, heal_blocks: torch.Tensor | None,
-                 decode_tokens: int, batch_size: int, trials: int = 5):
+                 decode_tokens: int, batch_size: int, trials: int = 5, heal_loss: str = "data"):
         self.model, self.test, self.heal_blocks = model, test, heal_blocks
+        self.heal_loss = check_heal_loss(heal_loss)
         self.decode_tokens, self.batch_size, self.trials = decode_tokens, batch_size, trials
         self.prompt = test[:1, : min(32, test.shape[1])]
         self.can_decode = self._decode(model) is not None
@@ -146,15 +171,21 @@ class Bench:
         r = perplexity(model, self.test, batch_size=self.batch_size)
         return {"perplexity": r["perplexity"], "nll": r["nll"]}
 
-    def maybe_heal(self, model: nn.Module) -> tuple[nn.Module, dict[str, float]]:
-        """Heal ``model`` when healing is on; ``(model, {"healed_tokens", "heal_seconds"})``.
+    @property
+    def healing(self) -> bool:
+        return self.heal_blocks is not None and self.heal_blocks.shape[0] > 0
 
-        Healing runs once per size, so its time is part of what producing that size costs."""
-        if self.heal_blocks is None or self.heal_blocks.shape[0] == 0:
+    def maybe_heal(self, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+        """Heal ``model`` when healing is on; ``(model, {"healed_tokens", "heal_seconds"[, "heal_loss"]})``.
+
+        Healing runs once per size, so its time is part of what producing that size costs. With
+        ``heal_loss="distill"`` the teacher is the dense model of this comparison."""
+        if not self.healing:
             return model, {"healed_tokens": 0, "heal_seconds": 0.0}
         with timed() as t:
-            model = heal(model, self.heal_blocks)
-        return model, {"healed_tokens": int(self.heal_blocks.numel()), "heal_seconds": t.seconds}
+            model = heal(model, self.heal_blocks, loss=self.heal_loss, teacher=self.model)
+        return model, {"healed_tokens": int(self.heal_blocks.numel()), "heal_seconds": t.seconds,
+                       "heal_loss": self.heal_loss}
 
 
 # ----------------------------------------------------------------------------- rows
@@ -228,6 +259,20 @@ def prunepath_rows(bench: Bench, calib: torch.Tensor, sizes: list[float], n_expe
     return rows
 
 
+def run_tokens(recipe: Any) -> int:
+    """Training-set tokens a run's optimizer steps read (joint and guide-only steps alike):
+    ``(steps + guide_steps) x batch_size x grad_accum x block_size``. With the sandwich rule each is
+    read by ``2 + sandwich_random`` passes (:func:`run_passes`): the same tokens, more compute."""
+    t = recipe.train
+    return (t.steps + t.guide_steps) * t.batch_size * t.grad_accum * recipe.data.block_size
+
+
+def run_passes(recipe: Any) -> int:
+    """Forward/backward passes per optimizer step: 1, or the sandwich's ``2 + sandwich_random``."""
+    t = recipe.train
+    return 2 + t.sandwich_random if getattr(t, "sandwich", False) else 1
+
+
 def ppn_rows(bench: Bench, method: str, run_dir: str | os.PathLike | None, sizes: list[float],
              model_path: str | os.PathLike | None = None, fit_dir: str | os.PathLike | None = None) -> list[dict]:
     """Rows of a finished PPN run: its nested keep-sets, evaluated on the run's *trained* network.
@@ -237,6 +282,11 @@ def ppn_rows(bench: Bench, method: str, run_dir: str | os.PathLike | None, sizes
     speed is that of the keep-set cut out of the weights. The run must have been trained on the
     compared base model (checked by hash when ``model_path`` is known). Without a run, and with
     ``fit_dir`` and ``model_path``, one is fitted first (:func:`fit_ppn_run`); its time is the cost.
+
+    ``ppn-healed``: the same sub-networks, each then healed per size with the comparison's healing
+    budget and loss (:meth:`Bench.maybe_heal`), as a user with one target size would: the decoder
+    (adapters merged) is fine-tuned under that size's fixed gates (masks times amplitudes), so the
+    pruned units stay out, and restored before the next size.
     """
     try:
         from ppn_bayes.run import load_run  # the Bayesian core's run directory API
@@ -245,9 +295,9 @@ def ppn_rows(bench: Bench, method: str, run_dir: str | os.PathLike | None, sizes
                           "drop ppn,ppn-paper from --methods") from None
     fit_seconds = 0.0
     if run_dir is None and fit_dir is not None and model_path is not None:
-        run_dir, fit_seconds = fit_ppn_run(method, model_path, fit_dir)
+        run_dir, fit_seconds = fit_ppn_run("ppn-paper" if method == "ppn-paper" else "ppn", model_path, fit_dir)
     if run_dir is None:
-        flag = "--run" if method == "ppn" else "--paper-run"
+        flag = "--paper-run" if method == "ppn-paper" else "--run"
         raise RunError(f"method {method} needs a finished run; pass {flag} RUN_DIR (make one with `ppn fit`)")
     run = load_run(run_dir)
     if model_path is not None:
@@ -258,18 +308,33 @@ def ppn_rows(bench: Bench, method: str, run_dir: str | os.PathLike | None, sizes
     inv, push = run.inventory, run.posterior.push
     trained = max((float(r.get("seconds", 0.0)) for r in run.metrics), default=0.0)  # cumulative train time
     seconds = (fit_seconds or trained) + t.seconds
+    healing = method == "ppn-healed"
+    if healing and not bench.healing:
+        raise ConfigError("method ppn-healed heals each size: pass --heal-tokens N (heal_blocks=) as for the peers")
+    saved = {k: v.detach().clone() for k, v in gated.model.state_dict().items()} if healing else None
+    t = run.recipe.train
+    extra = {"train_tokens": run_tokens(run.recipe), "passes_per_step": run_passes(run.recipe),
+             "distill_weight": t.distill_weight, "sandwich": t.sandwich}
     rows = []
     for size in sizes:
         keep, lam = solved[size]
         bench.keepsets.setdefault(method, {})[str(size)] = keep.to_dict()
-        with torch.no_grad(), gated.gates(**push.gates(inv.masks(keep), lam)):
-            ppl = bench.ppl(gated)
+        with torch.no_grad():
+            gates = {k: v.detach() for k, v in push.gates(inv.masks(keep), lam).items()}
+        healed = {"healed_tokens": 0}
+        with gated.gates(**gates):
+            if healing:
+                _, healed = bench.maybe_heal(gated.model)
+            with torch.no_grad():
+                ppl = bench.ppl(gated)
         small = materialize(gated.model, keep, inv)
         rows.append({"method": method, "size": size, **ppl, "lambda": lam,
                      "param_fraction": inv.size_of(keep, "params"), "flops_fraction": inv.size_of(keep, "flops"),
                      "decode_speedup": bench.speedup(small), "cost_seconds": seconds,
-                     "one_run_for_all_sizes": True, "healed_tokens": 0, "run": str(run_dir),
-                     "weights": run.recipe.train.weights})
+                     "one_run_for_all_sizes": True, **healed, "run": str(run_dir),
+                     "weights": t.weights, **extra})
+        if saved is not None:
+            gated.model.load_state_dict(saved)
     gated.remove_hooks()
     return rows
 
@@ -327,7 +392,7 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
             decode_tokens: int = 16, batch_size: int = 8, progress: bool = False,
             model_path: str | os.PathLike | None = None, fit_dir: str | os.PathLike | None = None,
             gisp_objective: str = "perplexity", gisp_choices: Sequence[Any] | None = None,
-            anchor_kinds: Sequence[str] = ("layers", "heads", "groups")) -> dict[str, Any]:
+            anchor_kinds: Sequence[str] = ("layers", "heads", "groups"), heal_loss: str = "data") -> dict[str, Any]:
     """Run ``methods`` at ``sizes`` on ``model``; ``{"dense", "results", "costs", "config"}``.
 
     ``model`` is never modified (peers work on copies or cut copies). ``heal_blocks``: train blocks
@@ -338,9 +403,17 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
     rows named ``gisp-margin``). Every GISP row records its ``objective``. ``anchor``: the data score
     anchor alone (:func:`ppn_bayes.anchor.anchor_pruning`, Block Influence for layers and Taylor
     importance for heads and channel groups of ``group_size``, on ``calib``) over ``anchor_kinds``.
+    ``heal_loss``: what healing minimizes, ``data`` (next-token NLL) or ``distill`` (forward KL from
+    ``model``'s logits); every healed row records it. ``ppn-healed``: the ``ppn`` run's sub-networks
+    healed per size like the peers (needs ``heal_blocks``). ``tokens`` in the result: the training
+    tokens each method spent for all sizes (a PPN run's once, plus healing per size; calibration,
+    the same for every peer, is not counted).
     """
     sizes = check_sizes(sizes)
     methods = check_methods(methods)
+    check_heal_loss(heal_loss)
+    if "ppn-healed" in methods and (heal_blocks is None or heal_blocks.shape[0] == 0):
+        raise ConfigError("method ppn-healed heals each size: pass --heal-tokens N (heal_blocks=) as for the peers")
     if gisp_objective not in GISP_OBJECTIVES:
         raise ConfigError(f"unknown GISP objective {gisp_objective!r}; choose from {','.join(GISP_OBJECTIVES)}")
     if gisp_objective == "margin" and "gisp" in methods and not gisp_choices:
@@ -350,7 +423,9 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
     from ppn_bayes.backbone.families import family_for
 
     family_for(model.config)  # an unsupported architecture fails here, before minutes of dense evaluation
-    bench = Bench(model, test, heal_blocks, decode_tokens, batch_size)
+    bench = Bench(model, test, heal_blocks, decode_tokens, batch_size, heal_loss=heal_loss)
+    if run_dir is None and fit_dir is not None and model_path is not None and {"ppn", "ppn-healed"} <= set(methods):
+        run_dir = str(fit_ppn_run("ppn", model_path, fit_dir)[0])  # one run for both: its rows healed and not
     dense = {"method": "dense", "size": 1.0, **bench.ppl(model), "param_fraction": 1.0, "flops_fraction": 1.0,
              "decode_speedup": 1.0 if bench.can_decode else None, "cost_seconds": 0.0}
     rows: list[dict] = []
@@ -371,20 +446,28 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
         else:
             costs[m] = costs.get(m, 0.0) + r["cost_seconds"]
         costs[m] += r.get("heal_seconds", 0.0)
+    tokens: dict[str, int] = {}
+    for r in rows:  # a PPN run's training tokens once, plus every size's healing tokens
+        if "skipped" in r:
+            continue
+        m = r["method"]
+        tokens.setdefault(m, int(r.get("train_tokens", 0)))
+        tokens[m] += int(r.get("healed_tokens", 0))
     config = {"sizes": sizes, "methods": methods, "calib_blocks": int(calib.shape[0]),
               "test_blocks": int(test.shape[0]), "block_size": int(test.shape[1]), "seeds": list(seeds),
               "group_size": group_size, "gisp_step": gisp_step, "gisp_objective": gisp_objective,
               "gisp_choices": len(gisp_choices) if gisp_objective == "margin" and gisp_choices else 0,
               "prunepath_experts": prunepath_experts, "anchor_kinds": list(anchor_kinds),
-              "heal_tokens": int(heal_blocks.numel()) if heal_blocks is not None else 0,
+              "heal_tokens": int(heal_blocks.numel()) if heal_blocks is not None else 0, "heal_loss": heal_loss,
               "decode_tokens": decode_tokens}
-    return {"dense": dense, "results": rows, "costs": costs, "config": config, "keepsets": bench.keepsets}
+    return {"dense": dense, "results": rows, "costs": costs, "tokens": tokens, "config": config,
+            "keepsets": bench.keepsets}
 
 
 def _method_rows(bench: Bench, method: str, calib: torch.Tensor, sizes: list[float], **kw: Any) -> list[dict]:
     model = bench.model
     if method in PPN_METHODS:
-        return ppn_rows(bench, method, kw["run_dir"] if method == "ppn" else kw["paper_run_dir"], sizes,
+        return ppn_rows(bench, method, kw["paper_run_dir"] if method == "ppn-paper" else kw["run_dir"], sizes,
                         kw.get("model_path"), kw.get("fit_dir"))
     if method == "gisp":
         from ppn_bayes.baselines.gisp import gisp
@@ -507,7 +590,7 @@ def check_out(out_dir: str | os.PathLike, inputs: list[tuple[str, Any]], fits: S
     for method in fits:
         earlier = Path(out_dir) / f"{method}-run"
         if os.path.lexists(earlier):
-            flag = "--run" if method == "ppn" else "--paper-run"
+            flag = "--paper-run" if method == "ppn-paper" else "--run"
             raise OutputError(f"--out {out_dir} already holds the {method} run an earlier comparison fitted "
                               f"({earlier}); pass {flag} {earlier} to reuse it, or choose another --out")
 

@@ -143,6 +143,18 @@ class TrainConfig:
     eval_lambdas: list[float] = field(default_factory=lambda: [0.25, 1.0])  # held-out loss at these prices too
     eval_batch_size: int = 8
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun (WORLD_SIZE > 1); fsdp shards the weights
+    # In-place distillation (docs/method.md, "Distillation"): on pruned steps each sequence's loss is
+    # w * KL(teacher || sub-network) + (1 - w) * NLL, summed over its predicted tokens; 0 = the data NLL
+    # alone (dense steps always train on the data). ``self``: the same weights with every gate on (no
+    # gradient); ``base``: the frozen base model (LoRA off; with weights: full, a frozen copy in memory).
+    distill_weight: float = 0.0
+    teacher: Literal["self", "base"] = "self"
+    # The sandwich rule (slimmable networks / US-Nets): every step trains the dense network, the price of
+    # ``sandwich_min_size`` (decoder-params fraction, solved from the current push) and
+    # ``sandwich_random`` prices ~ Exp(push.rate), gradients accumulated into one optimizer step.
+    sandwich: bool = False
+    sandwich_min_size: float = 0.4
+    sandwich_random: int = 2
 
 
 @dataclass
@@ -298,6 +310,11 @@ def validate(recipe: Recipe) -> Recipe:
     need(all(x > 0 for x in t.eval_lambdas), "train.eval_lambdas", f"prices must be > 0, got {short(t.eval_lambdas)}")
     need(t.guide_steps >= 0, "train.guide_steps", f"must be >= 0, got {t.guide_steps}")
     need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
+    need(0.0 <= t.distill_weight <= 1.0, "train.distill_weight",
+         f"must be in [0, 1] (0 = data loss only, 1 = distillation only), got {t.distill_weight}")
+    need(0.0 < t.sandwich_min_size < 1.0, "train.sandwich_min_size",
+         f"must be in (0, 1) (a fraction of decoder parameters, e.g. 0.4), got {t.sandwich_min_size}")
+    need(t.sandwich_random >= 0, "train.sandwich_random", f"must be >= 0, got {t.sandwich_random}")
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
          f"use auto, cpu, cuda or cuda:N, got {short(t.device)}")
     return recipe

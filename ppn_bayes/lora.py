@@ -16,6 +16,7 @@ untrained adapter changes nothing. ``scale = alpha / rank``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -103,6 +104,18 @@ class LoRA(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base model without its adapters for the duration (the ``teacher: base`` pass of
+        in-place distillation); the hooks are re-installed, in front again, on exit."""
+        attached = bool(self._handles)
+        self.detach()
+        try:
+            yield
+        finally:
+            if attached:
+                self.attach()
 
     # ------------------------------------------------------------ state
     def state(self) -> dict[str, torch.Tensor]:

@@ -28,10 +28,21 @@ Design choices (PYRO-NOTES.md, "Putting the push into a Pyro model"):
   and the factors stay float32 (see :mod:`ppn_bayes.device`).
 * Nothing in a step waits for the device: :class:`StepInfo` keeps 0-dim tensors, read (one sync)
   when the step's record is logged.
+* **In-place distillation** (``distill_weight`` w > 0; docs/method.md, "Distillation"). On a pruned
+  step (lambda > 0) the ``tokens`` factor is ``-beta * loss_seq`` with
+  ``loss_seq = w * KL(p_teacher || p_sub) + (1 - w) * NLL``, both summed over the sequence's predicted
+  tokens (pads excluded): the loss of a generalized (Gibbs) posterior of the gates. The forward KL is
+  the cross-entropy to the teacher's distribution minus its entropy, so ``-KL`` is the expected
+  log-likelihood of tokens drawn from the teacher up to a constant in the gates: per token it is on
+  the NLL's scale, and the plate scaling, ``beta`` and the compute factor's ``N`` keep their meaning.
+  The teacher's logits carry no gradient (computed under ``torch.no_grad`` or given detached); a
+  dense step trains on the data alone (its KL to a ``self`` teacher is 0 by definition), so with
+  w = 0 or on dense steps nothing differs from the plain model, bit for bit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyro
@@ -39,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule
 
-from ppn_bayes.backbone.gated import GatedLM
+from ppn_bayes.backbone.gated import GATE_NAMES, GatedLM
 from ppn_bayes.config import PriorConfig, PushConfig
 from ppn_bayes.device import autocast_context
 from ppn_bayes.prior import ScorePrior
@@ -55,10 +66,14 @@ class StepInfo:
     lam: float = 0.0
     sampled_size: float | torch.Tensor = 1.0
     expected_size: float | torch.Tensor = 1.0
+    distill_kl: float | torch.Tensor | None = None  # per-token KL to the teacher (distilled pruned steps)
 
     def values(self) -> dict[str, float]:
-        return {"token_loss": float(self.token_loss), "lam": float(self.lam),
-                "sampled_size": float(self.sampled_size), "expected_size": float(self.expected_size)}
+        out = {"token_loss": float(self.token_loss), "lam": float(self.lam),
+               "sampled_size": float(self.sampled_size), "expected_size": float(self.expected_size)}
+        if self.distill_kl is not None:
+            out["distill_kl"] = float(self.distill_kl)
+        return out
 
 
 def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
@@ -72,6 +87,21 @@ def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: 
     return (nll * keep).sum(-1), keep.sum(-1)
 
 
+def sequence_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: torch.Tensor | None
+                ) -> torch.Tensor:
+    """Forward KL ``sum_v p_T (log p_T - log p_S)`` of the next-token distributions, summed over each
+    sequence's predicted tokens ``[B]`` (the positions :func:`sequence_nll` counts; pads excluded).
+
+    Forward (teacher first): mode-covering, the student must put mass wherever the teacher does; it is
+    the cross-entropy to the teacher's soft labels minus the teacher's entropy (docs/method.md).
+    """
+    student = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)
+    kl = F.kl_div(student, teacher, reduction="none", log_target=True).sum(-1)
+    keep = torch.ones_like(kl) if attention_mask is None else attention_mask[:, 1:].to(kl.dtype)
+    return (kl * keep).sum(-1)
+
+
 class PPNModel(PyroModule):
     """Prior + push + likelihood around a :class:`GatedLM`.
 
@@ -82,11 +112,15 @@ class PPNModel(PyroModule):
         norms: unit weight norms (defaults to ``gated.unit_norms()``), the score anchors.
         tempering: likelihood tempering factor beta.
         autocast_dtype: the LM's forward pass under autocast in this dtype (CUDA only; ``None``: off).
+        distill_weight: w of the distilled loss on pruned steps (0: the data NLL alone).
+        teacher: a function ``(input_ids, attention_mask) -> logits`` giving the teacher's logits
+            (``None``: the gated network itself with every gate on, under ``torch.no_grad``).
     """
 
     def __init__(self, gated: GatedLM, prior: PriorConfig, push: PushConfig, num_sequences: int,
                  tokens_per_sequence: int, norms: dict[str, torch.Tensor] | None = None, tempering: float = 1.0,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, distill_weight: float = 0.0,
+                 teacher: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None):
         super().__init__()
         self.gated = gated
         self.inventory = gated.inventory
@@ -105,17 +139,34 @@ class PPNModel(PyroModule):
         self.autocast_dtype = autocast_dtype
         self.last = StepInfo()
         self._generator: torch.Generator | None = None
+        if not 0.0 <= float(distill_weight) <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
+        self.distill_weight = float(distill_weight)
+        self.teacher = teacher
+        self.keep_dense_logits = False  # the sandwich: keep a dense pass's logits (detached) as the teacher's
+        self.dense_logits: torch.Tensor | None = None
 
     def set_generator(self, generator: torch.Generator | None) -> None:
         """A dedicated RNG for lambda and mask draws (so resumed runs replay the same noise)."""
         self._generator = generator
 
+    @torch.no_grad()
+    def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's logits, without gradient: ``teacher`` if given, else the gated network dense."""
+        if self.teacher is not None:
+            return self.teacher(input_ids, attention_mask).detach()
+        with self.gated.gates(**dict.fromkeys(GATE_NAMES)), autocast_context(input_ids.device, self.autocast_dtype):
+            return self.gated(input_ids=input_ids, attention_mask=attention_mask).logits.detach()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                lam: float | None = None, subsample: torch.Tensor | None = None) -> torch.Tensor:
-        """Run one step of the generative story; returns the minibatch's summed token NLL.
+                lam: float | None = None, subsample: torch.Tensor | None = None,
+                teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step of the generative story; returns the minibatch's summed token loss.
 
         ``lam`` fixes the price (``None`` draws it as in training); ``subsample`` are the batch's
         indices into the training set (for the plate's scaling; defaults to ``arange(B)``).
+        ``teacher_logits``: the teacher's logits for this batch (detached), when the caller has them
+        already (the sandwich's dense pass); otherwise a distilled pruned step computes them.
         """
         scores = self.prior()
         if lam is None:
@@ -135,8 +186,18 @@ class PPNModel(PyroModule):
         idx = torch.arange(batch, device=input_ids.device) if subsample is None else subsample
         with self.gated.gates(**gates), autocast_context(input_ids.device, self.autocast_dtype):
             logits = self.gated(input_ids=input_ids, attention_mask=attention_mask).logits
+        if self.keep_dense_logits and lam == 0:
+            self.dense_logits = logits.detach()
         nll, count = sequence_nll(logits, input_ids, attention_mask)
+        loss, kl_tok = nll, None
+        if self.distill_weight > 0 and lam > 0:
+            if teacher_logits is None:
+                teacher_logits = self.teacher_logits(input_ids, attention_mask)
+            kl = sequence_kl(logits, teacher_logits.detach(), attention_mask)
+            w = self.distill_weight
+            loss = kl if w == 1.0 else w * kl + (1.0 - w) * nll
+            kl_tok = kl.detach().sum() / count.sum()
         with pyro.plate("seqs", size=self.num_sequences, subsample=idx):
-            pyro.factor("tokens", -self.tempering * nll)
-        self.last = StepInfo((nll.detach().sum() / count.sum()), float(lam), sampled, expected)
-        return nll.sum()
+            pyro.factor("tokens", -self.tempering * loss)
+        self.last = StepInfo((nll.detach().sum() / count.sum()), float(lam), sampled, expected, kl_tok)
+        return loss.sum()

@@ -90,7 +90,10 @@ MANIFEST_SCHEMA = Obj(
 _LOOSE = Num(finite=False)  # logged values; the loop stops before a NaN would be logged, and plots cope
 _TRAIN_RECORD = Obj(required={"step": Int(0)}, optional={
     **{k: _LOOSE for k in ("elbo", "token_loss", "kl", "compute", "lambda", "sampled_size", "expected_size",
-                           "grad_norm", "seconds", "khat")}, "lr": Map(_LOOSE), "grad_norms": Map(_LOOSE)})
+                           "grad_norm", "seconds", "khat", "distill_kl")}, "lr": Map(_LOOSE), "grad_norms": Map(_LOOSE),
+    "prices": List(_LOOSE),  # the sandwich's prices of the step (dense, smallest size, random)
+    "sandwich": List(Obj(optional={k: _LOOSE for k in ("lambda", "token_loss", "sampled_size", "expected_size",
+                                                       "distill_kl")}))})
 _EVAL_RECORD = Obj(required={"step": Int(0)}, optional={
     "dense": _LOOSE, "token_loss": _LOOSE, "seconds": _LOOSE, "khat": _LOOSE,
     "lambdas": List(Obj(optional={"lambda": _LOOSE, "loss": _LOOSE, "size": _LOOSE}))})

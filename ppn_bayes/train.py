@@ -174,11 +174,12 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.guide, self.lora = model, guide, lora
 
-    def forward(self, input_ids: torch.Tensor, subsample: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, subsample: torch.Tensor, **fixed: Any) -> dict[str, torch.Tensor]:
         # float32 throughout (guide samples and log densities, the push, the ELBO's sums); the model
-        # turns autocast on around the LM's forward pass alone (PPNModel.autocast_dtype)
+        # turns autocast on around the LM's forward pass alone (PPNModel.autocast_dtype). ``fixed``:
+        # the sandwich's ``lam`` and ``teacher_logits`` for this pass (PPNModel.forward).
         with full_precision():
-            terms = elbo_terms(self.model, self.guide, input_ids, subsample=subsample)
+            terms = elbo_terms(self.model, self.guide, input_ids, subsample=subsample, **fixed)
         loss = -terms["elbo"] / self.model.num_tokens
         if not loss.requires_grad:
             # A dense step with nothing to learn from it (the paper preset has no latents, and frozen
@@ -250,6 +251,46 @@ def _setup_weights(recipe: Recipe, gated, seed: int):
     return None, _decoder_weights(gated) if mode == "full" else {}
 
 
+def _teacher(recipe: Recipe, gated, lora, base_path: Path, device: torch.device, world: int) -> Callable | None:
+    """The distillation teacher's logits function for :class:`~ppn_bayes.model.PPNModel` (``None``:
+    the gated network itself with every gate on, which is ``teacher: self``).
+
+    ``teacher: base`` is the base model as loaded: with frozen weights that *is* the dense network
+    (``None``); with LoRA, the dense network with the adapters switched off for the teacher's pass
+    (no extra memory); with ``weights: full`` the trained decoder no longer holds the base, so a
+    second, frozen copy of the base model is loaded (one more copy of the weights in memory, no
+    gradients or optimizer state: about 1/4 of what full training already holds). Under FSDP that
+    copy would be whole on every rank: refused.
+    """
+    t = recipe.train
+    if t.distill_weight == 0 or t.teacher == "self" or t.weights == "frozen":
+        return None
+    from ppn_bayes.device import autocast_context
+
+    amp = torch.bfloat16 if t.bf16 else None
+    if t.weights == "lora":
+        def lora_off(input_ids, attention_mask=None):
+            with lora.disabled(), gated.gates(**dict.fromkeys(gated.current_gates())), \
+                    autocast_context(input_ids.device, amp):
+                return gated(input_ids=input_ids, attention_mask=attention_mask).logits
+
+        return lora_off
+    if world > 1 and t.distributed == "fsdp":
+        raise ConfigError("train.teacher=base with train.weights=full would hold a whole frozen copy of the base "
+                          "model on every FSDP rank; use train.teacher=self, or train.weights=lora")
+    from ppn_bayes.zoo import load_model
+
+    frozen, _ = load_model(base_path, dtype=getattr(torch, recipe.model.dtype), device=device,
+                           trust_remote_code=recipe.model.trust_remote_code)
+    frozen.eval().requires_grad_(False)
+
+    def base(input_ids, attention_mask=None):
+        with autocast_context(input_ids.device, amp):
+            return frozen(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    return base
+
+
 def _decoder_weights(gated) -> dict[str, nn.Parameter]:
     """``{export name: param}`` of every decoder-layer tensor (what ``weights: full`` trains)."""
     return {gated.family.layer_prefix(i) + name: p
@@ -306,9 +347,10 @@ def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: 
     torch.manual_seed(t.seed)  # the guide's init_to_median draws from the prior
     ppn = PPNModel(gated, recipe.prior, recipe.push, num_sequences=train_blocks.shape[0],
                    tokens_per_sequence=d.block_size, norms=anchors, tempering=t.tempering,
-                   autocast_dtype=torch.bfloat16 if t.bf16 else None).to(device)
+                   autocast_dtype=torch.bfloat16 if t.bf16 else None, distill_weight=t.distill_weight).to(device)
     guide = make_guide(ppn.prior, recipe.guide).to(device)
     lora, named = _setup_weights(recipe, gated, t.seed)
+    ppn.teacher = _teacher(recipe, gated, lora, base_path, device, world)
     gated.model.train()  # activation checkpointing in transformers only runs in train mode
     if t.grad_checkpointing:
         gated.model.activation_checkpointing_enable(
@@ -367,32 +409,87 @@ def _grad_norms(s: Session, step: int) -> dict[str, float]:
     return norms
 
 
+def sandwich_prices(s: Session, step: int) -> list[float]:
+    """The sandwich's prices for optimizer step ``step``: ``[0, lambda_min, r_1 .. r_N]``.
+
+    ``0`` is the dense network; ``lambda_min`` the price at which the *current* push keeps
+    ``train.sandwich_min_size`` of the decoder's parameters in expectation at the guide's median scores
+    (the keep-set step's bisection, :func:`ppn_bayes.keepsets.solve_lambda`, reused); ``r_i ~ Exp(rate)``
+    from a generator seeded by ``(seed, step)`` alone (stream 2), so a resumed run draws the same prices.
+    """
+    from types import SimpleNamespace
+
+    from ppn_bayes.heldout import median_scores
+    from ppn_bayes.keepsets import parse_target, solve_lambda
+
+    t, ppn = s.recipe.train, s.ppn
+    with torch.no_grad():
+        scores = {k: v.detach().unsqueeze(0) for k, v in median_scores(ppn, s.guide).items()}
+        view = SimpleNamespace(inventory=ppn.inventory,
+                               inclusion=lambda sc, lam: {k: v.cpu() for k, v in ppn.push.inclusion(sc, lam).items()})
+        lam_min, _, _ = solve_lambda(view, None, scores, parse_target(ppn.inventory, size=t.sandwich_min_size))
+    g = torch.Generator().manual_seed(step_seed(t.seed, step, stream=2))
+    rand = [float(torch.empty((), dtype=torch.float64).exponential_(1.0, generator=g)) / ppn.push.config.rate
+            for _ in range(t.sandwich_random)]
+    return [0.0, float(lam_min), *rand]
+
+
 def train_step(s: Session, step: int) -> dict[str, Any]:
-    """One optimizer step (``grad_accum`` micro-batches sharing one draw of the noise); returns its record."""
+    """One optimizer step (``grad_accum`` micro-batches sharing one draw of the noise); returns its record.
+
+    With ``train.sandwich`` every micro-batch runs one pass per price of :func:`sandwich_prices` (dense
+    first), each with its own noise seeded by ``(seed, step, pass)``, the losses averaged into the one
+    optimizer step; with distillation from the dense network, the dense pass's logits (detached) are
+    the teacher's for the pruned passes (no extra forward pass)."""
     t = s.recipe.train
     seed = step_seed(t.seed, step)
     per_rank = t.batch_size // s.world
     sums = {"tokens": 0.0, "compute": 0.0, "kl": 0.0, "loss": 0.0, "token_loss": 0.0}
+    prices = sandwich_prices(s, step) if t.sandwich else [None]
+    n = len(prices)
+    passes: list[dict[str, float]] = [{} for _ in prices]
+    kl_tok: list[float] = []
+    reuse_dense = t.teacher == "self" or t.weights == "frozen"  # the dense pass is the teacher
     tic = time.perf_counter()
     for micro in range(t.grad_accum):
         idx = batch_indices(t.seed, step, micro, t.grad_accum, t.batch_size, s.train_blocks.shape[0])
         mine = idx[s.rank * per_rank:(s.rank + 1) * per_rank]
         ids = s.train_blocks[mine].to(s.device, non_blocking=True)
-        sync = (micro == t.grad_accum - 1) or s.world == 1 or not hasattr(s.wrapped, "no_sync")
-        with _fork_rng(s.device), (contextlib.nullcontext() if sync else s.wrapped.no_sync()):
-            torch.manual_seed(seed)
-            s.generator.manual_seed(seed ^ 0x5DEECE66D)
-            # Distribution argument checks are off in the loop: a NaN must reach the per-term check below
-            # (which names the term and the step), not stop as a ValueError deep inside a distribution.
-            with pyro.validation_enabled(False):  # bf16 autocast: PPNModel turns it on around the LM alone
-                terms = s.wrapped(ids, mine.to(s.device))
-            # the step's one host sync: the terms are checked before backward, so a NaN names its term
-            values = reduce_mean(s, {k: float(terms[k].detach()) for k in ("tokens", "compute", "kl", "loss")}
-                                  | {"token_loss": float(s.ppn.last.token_loss)})
-            _check_terms(s, values, step + 1)
-            (terms["loss"] / t.grad_accum).backward()
-        for k in sums:
-            sums[k] += values[k] / t.grad_accum
+        teacher = None
+        if t.sandwich and t.distill_weight > 0 and not reuse_dense:
+            teacher = s.ppn.teacher_logits(ids)  # once per micro-batch, shared by its pruned passes
+        s.ppn.keep_dense_logits = t.sandwich and t.distill_weight > 0 and reuse_dense
+        for k, lam in enumerate(prices):
+            pass_seed = seed if k == 0 else step_seed(t.seed, step, stream=2 + k)
+            last = micro == t.grad_accum - 1 and k == n - 1
+            sync = last or s.world == 1 or not hasattr(s.wrapped, "no_sync")
+            fixed: dict[str, Any] = {} if lam is None else {"lam": lam}
+            if lam is not None and lam > 0 and t.distill_weight > 0:
+                fixed["teacher_logits"] = teacher if teacher is not None else s.ppn.dense_logits
+            with _fork_rng(s.device), (contextlib.nullcontext() if sync else s.wrapped.no_sync()):
+                torch.manual_seed(pass_seed)
+                s.generator.manual_seed(pass_seed ^ 0x5DEECE66D)
+                # Distribution argument checks are off in the loop: a NaN must reach the per-term check below
+                # (which names the term and the step), not stop as a ValueError deep inside a distribution.
+                with pyro.validation_enabled(False):  # bf16 autocast: PPNModel turns it on around the LM alone
+                    terms = s.wrapped(ids, mine.to(s.device), **fixed)
+                # the step's one host sync: the terms are checked before backward, so a NaN names its term
+                values = reduce_mean(s, {k2: float(terms[k2].detach()) for k2 in ("tokens", "compute", "kl", "loss")}
+                                      | {"token_loss": float(s.ppn.last.token_loss)})
+                _check_terms(s, values, step + 1)
+                (terms["loss"] / (t.grad_accum * n)).backward()
+            for k2 in sums:
+                sums[k2] += values[k2] / (t.grad_accum * n)
+            info = s.ppn.last.values()
+            if "distill_kl" in info:
+                kl_tok.append(info["distill_kl"])
+            if t.sandwich:
+                p = passes[k]
+                p["token_loss"] = p.get("token_loss", 0.0) + values["token_loss"] / t.grad_accum
+                p.update(lam=info["lam"], sampled_size=info["sampled_size"], expected_size=info["expected_size"])
+                if "distill_kl" in info:
+                    p["distill_kl"] = p.get("distill_kl", 0.0) + info["distill_kl"] / t.grad_accum
+        s.ppn.keep_dense_logits, s.ppn.dense_logits = False, None
     if is_sharded(s):  # FSDP reduced the shards' gradients; the replicated parameters' are averaged here
         average_replicated_grads(s)
     norms = _grad_norms(s, step + 1)
@@ -410,12 +507,20 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
     s.optimizer.zero_grad(set_to_none=True)
     synchronize(s.device)  # the step's kernels have run: its seconds are its own (the next step would wait anyway)
     s.seconds += time.perf_counter() - tic
-    info = s.ppn.last.values()
-    return {"type": "train", "step": step + 1, "elbo": -sums["loss"], "token_loss": sums["token_loss"],
-            "kl": sums["kl"] / s.ppn.num_tokens, "compute": sums["compute"] / s.ppn.num_tokens,
-            "lambda": info["lam"], "sampled_size": info["sampled_size"], "expected_size": info["expected_size"],
-            "lr": {g["name"]: g["lr"] for g in s.optimizer.param_groups}, "grad_norm": total_norm,
-            "grad_norms": norms, "seconds": s.seconds}
+    info = s.ppn.last.values() if not t.sandwich else {**passes[1], "lam": passes[1]["lam"]}
+    record = {"type": "train", "step": step + 1, "elbo": -sums["loss"], "token_loss": sums["token_loss"],
+              "kl": sums["kl"] / s.ppn.num_tokens, "compute": sums["compute"] / s.ppn.num_tokens,
+              "lambda": info["lam"], "sampled_size": info["sampled_size"], "expected_size": info["expected_size"],
+              "lr": {g["name"]: g["lr"] for g in s.optimizer.param_groups}, "grad_norm": total_norm,
+              "grad_norms": norms, "seconds": s.seconds}
+    if kl_tok:  # distilled pruned passes: their mean per-token KL to the teacher
+        record["distill_kl"] = sum(kl_tok) / len(kl_tok)
+    if t.sandwich:  # lambda/sizes above are the smallest size's pass; every pass's here
+        record["prices"] = [p["lam"] for p in passes]
+        record["sandwich"] = [{"lambda": p["lam"], "token_loss": p["token_loss"], "sampled_size": p["sampled_size"],
+                               "expected_size": p["expected_size"],
+                               **({"distill_kl": p["distill_kl"]} if "distill_kl" in p else {})} for p in passes]
+    return record
 
 
 # -------------------------------------------------------------------------------------- the run

@@ -95,4 +95,4 @@ def test_shipped_recipes_load(path):
 def test_the_expected_recipes_ship():
     names = {p.name for p in INFERENCE.glob("*.yaml")}
     assert {"smollm2-demo.yaml", "smollm2-full.yaml", "smollm2-paper.yaml", "llama-3.2-1b-gpu.yaml",
-            "qwen2.5-1.5b-gpu.yaml"} <= names
+            "qwen2.5-1.5b-gpu.yaml", "smollm2-distill.yaml"} <= names

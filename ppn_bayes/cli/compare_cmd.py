@@ -22,8 +22,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--sizes", default="0.9,0.75,0.6,0.5,0.4",
                    help="fractions of decoder parameters to keep (default: 0.9,0.75,0.6,0.5,0.4)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated, from ppn,ppn-paper,anchor,gisp,shortgpt,prunepath,wanda,sparsegpt,random "
-                        "(default: the six peers, plus ppn when --run and ppn-paper when --paper-run is given)")
+                   help="comma-separated, from ppn,ppn-paper,ppn-healed,anchor,gisp,shortgpt,prunepath,wanda,sparsegpt,"
+                        "random (default: the six peers, plus ppn when --run and ppn-paper when --paper-run is given; "
+                        "ppn-healed: the --run's sub-networks healed per size, needs --heal-tokens)")
     p.add_argument("--run", default=None,
                    help="finished PPN run for the ppn rows (without it, ppn fits inference/smollm2-demo.yaml)")
     p.add_argument("--paper-run", default=None,
@@ -34,6 +35,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
     p.add_argument("--heal-tokens", type=int, default=0,
                    help="fine-tune every peer on this many train tokens, disjoint from calibration (default 0)")
+    p.add_argument("--heal-loss", default="data", metavar="{data,distill}",
+                   help="what healing minimizes: data (next-token NLL) or distill (forward KL from the dense "
+                        "model's logits, teacher without gradient); rows record it (default: data)")
     p.add_argument("--seeds", type=int, default=3, help="random keep-sets: number of seeds averaged (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     p.add_argument("--group-size", type=int, default=1, help="MLP channels per unit for gisp/random (default 1)")
@@ -74,7 +78,14 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError("--gisp-choices and --gisp-choices-file apply to the margin objective; "
                           "add --gisp-objective margin")
     from ppn_bayes.baselines.gisp import check_step
+    from ppn_bayes.compare import check_heal_loss
     from ppn_bayes.config import check_seed
+
+    check_heal_loss(args.heal_loss)
+    if args.heal_loss != "data" and args.heal_tokens == 0:
+        raise ConfigError(f"--heal-loss {args.heal_loss} applies to healing; add --heal-tokens N")
+    if args.methods and "ppn-healed" in args.methods.split(",") and args.heal_tokens == 0:
+        raise ConfigError("method ppn-healed heals each size; add --heal-tokens N (e.g. the run's training tokens)")
 
     check_step(args.gisp_step)  # before the model loads
     check_seed(args.seed)
@@ -136,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
     methods = _methods(args)
     items, choice_info = _choice_items(args, methods)
     device = resolve_device(args.device)
-    fits = [m for m, given in (("ppn", args.run), ("ppn-paper", args.paper_run)) if m in methods and given is None]
+    wants = {"ppn": {"ppn", "ppn-healed"}, "ppn-paper": {"ppn-paper"}}  # ppn-healed heals the ppn run's sizes
+    fits = [m for m, given in (("ppn", args.run), ("ppn-paper", args.paper_run))
+            if wants[m] & set(methods) and given is None]
     check_out(args.out, _inputs(args), fits)
     with writer_lock(args.out, "ppn compare"):
         check_out(args.out, _inputs(args), fits)  # again, now that no other writer can change it
@@ -165,13 +178,14 @@ def _run(args: argparse.Namespace, sizes: list[float], methods: list[str], items
                      paper_run_dir=args.paper_run, seeds=tuple(range(args.seeds)), group_size=args.group_size,
                      gisp_step=args.gisp_step, prunepath_experts=args.experts, decode_tokens=args.decode_tokens,
                      batch_size=args.batch_size, progress=not args.json,
-                     model_path=resolve_model(args.model) if {"ppn", "ppn-paper"} & set(methods) else None,
+                     model_path=resolve_model(args.model) if {"ppn", "ppn-paper", "ppn-healed"} & set(methods) else None,
                      fit_dir=args.out, gisp_objective=args.gisp_objective, gisp_choices=gisp_choices,
-                     anchor_kinds=tuple(k for k in args.anchor_kinds.split(",") if k))
+                     anchor_kinds=tuple(k for k in args.anchor_kinds.split(",") if k), heal_loss=args.heal_loss)
     result["config"].update(model=args.model, data=args.data, seed=args.seed, device=str(device), **choice_info)
     paths = write_outputs(result, args.out)
     if args.json:
         print(json.dumps({"results": result["results"], "dense": result["dense"], "costs": result["costs"],
+                          "tokens": result["tokens"],
                           "config": result["config"], "files": paths}, sort_keys=True))
     else:
         print(markdown_table(result), end="")

@@ -140,7 +140,7 @@ def test_alias_bomb_in_an_override(tiny_llama_dir, text_corpus, inputs, work, ca
 def test_long_override_key_is_cut(tiny_llama_dir, text_corpus, inputs, work, capsys):
     msg = fit_fails(capsys, inputs, recipe_text(tiny_llama_dir, text_corpus), "unknown key train.xxx",
                     extra=("--set", "train." + "x" * 100_000 + "=1"))
-    assert len(msg) < 400
+    assert len(msg) < 600  # the key cut to 40 characters; the rest is train's valid-keys list (~45 keys)
 
 
 def test_safe_yaml_counts_shared_nodes_once_per_use():
