@@ -20,6 +20,11 @@ healed row *per size*. Stages (each one ``ppn compare`` call, its JSON under
                      no comparison is won by the loss alone.
 * ``sparsegpt``      unstructured SparseGPT (no training): the reference of the issue's goal 4.
 
+Every stage also measures its rows on a **transfer domain** that neither calibration, training nor
+healing saw: the King James Bible's test split (*Mark*, bundled as ``kjv``, public domain; prose of
+another century, register and vocabulary than Austen's novels), the same 16 x 128 tokens for every
+row, read as a ratio to dense on those blocks (``ppn compare --transfer-data kjv``).
+
 Every row states the tokens and the wall time its method spent for *all* sizes (a PPN run once plus
 any healing per size; a peer's healing per size); the table lists perplexity and the ratio to dense.
 Wall times depend on the load of the machine: run it on quiet cores and say so.
@@ -41,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from compare_smollm2 import COMMON, _finished, _ppn, _write_json
 
 SIZES = "0.75,0.5,0.4"
+TRANSFER = "kjv"  # the transfer domain (module docstring)
 RECIPE = "inference/smollm2-distill.yaml"
 STAGES = ("ppn", "healed-data", "healed-distill", "sparsegpt")
 
@@ -72,7 +78,7 @@ def stage_args(stage: str, run: Path, tokens: int) -> list[str]:
 
 
 def run_stage(stage: str, run: Path, tokens: int, stage_dir: Path, runs: Path) -> None:
-    args = ["--sizes", SIZES, *stage_args(stage, run, tokens)]
+    args = ["--sizes", SIZES, "--transfer-data", TRANSFER, *stage_args(stage, run, tokens)]
     out = runs / f"{stage}-out"
     _ppn("compare", *COMMON, *args, "--out", str(out))
     data = json.loads((out / "compare.json").read_text())
@@ -117,12 +123,14 @@ def merge(stage_dir: Path) -> dict:
     return {"dense": dense, "results": rows, "costs": costs, "tokens": tokens, "config": {"commands": commands}}
 
 
-def table(result: dict) -> str:
+def table(result: dict, key: str = "perplexity") -> str:
+    """The fight's table; ``key="transfer_perplexity"`` for the transfer domain's."""
     sizes = sorted({r["size"] for r in result["results"]}, reverse=True)
-    dense = result["dense"]["perplexity"]
+    dense = result["dense"][key]
+    where = "bundled test split (Persuasion)" if key == "perplexity" else f"transfer domain ({TRANSFER} test split, Mark)"
     head = ("| method | " + " | ".join(f"ppl @ {s:g} (x dense)" for s in sizes)
             + " | tokens, all sizes | wall s, all sizes |\n| --- |" + " ---: |" * (len(sizes) + 2))
-    lines = [f"Dense perplexity {dense:.2f}; params kept = fraction of decoder parameters.", "", head]
+    lines = [f"{where}: dense perplexity {dense:.2f}; sizes = fractions of decoder parameters.", "", head]
     by: dict[str, dict[float, dict]] = {}
     for r in result["results"]:
         by.setdefault(r["method"], {})[r["size"]] = r
@@ -130,8 +138,7 @@ def table(result: dict) -> str:
         cells = []
         for s in sizes:
             r = rs.get(s)
-            cells.append("-" if r is None or "perplexity" not in r else
-                         f"{r['perplexity']:.1f} ({r['perplexity'] / dense:.2f})")
+            cells.append("-" if r is None or key not in r else f"{r[key]:.1f} ({r[key] / dense:.2f})")
         cost = result["costs"].get(name)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['tokens'].get(name, 0):,} | "
                      + (f"{cost:.0f}" if cost is not None else "-") + " |")
@@ -163,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     result = merge(stage_dir)
     _write_json(HERE / f"fair_fight_{args.tag}.json", result)
     md = table(result)
+    if "transfer_perplexity" in result["dense"]:
+        md += "\n" + table(result, "transfer_perplexity")
     from ppn_bayes.files import atomic_write_bytes
 
     atomic_write_bytes(HERE / f"fair_fight_{args.tag}.md", md.encode())

@@ -135,8 +135,9 @@ class Bench:
     """Shared state of one comparison: data, the dense reference, decode timing."""
 
     def __init__(self, model: nn.Module, test: torch.Tensor, heal_blocks: torch.Tensor | None,
-                 decode_tokens: int, batch_size: int, trials: int = 5, heal_loss: str = "data"):
-        self.model, self.test, self.heal_blocks = model, test, heal_blocks
+                 decode_tokens: int, batch_size: int, trials: int = 5, heal_loss: str = "data",
+                 transfer: torch.Tensor | None = None):
+        self.model, self.test, self.heal_blocks, self.transfer = model, test, heal_blocks, transfer
         self.heal_loss = check_heal_loss(heal_loss)
         self.decode_tokens, self.batch_size, self.trials = decode_tokens, batch_size, trials
         self.prompt = test[:1, : min(32, test.shape[1])]
@@ -168,8 +169,13 @@ class Bench:
         return dense / mine
 
     def ppl(self, model: nn.Module) -> dict[str, float]:
+        """Perplexity on the test blocks, and on the transfer blocks (another domain) when given."""
         r = perplexity(model, self.test, batch_size=self.batch_size)
-        return {"perplexity": r["perplexity"], "nll": r["nll"]}
+        out = {"perplexity": r["perplexity"], "nll": r["nll"]}
+        if self.transfer is not None:
+            t = perplexity(model, self.transfer, batch_size=self.batch_size)
+            out.update(transfer_perplexity=t["perplexity"], transfer_nll=t["nll"])
+        return out
 
     @property
     def healing(self) -> bool:
@@ -392,7 +398,8 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
             decode_tokens: int = 16, batch_size: int = 8, progress: bool = False,
             model_path: str | os.PathLike | None = None, fit_dir: str | os.PathLike | None = None,
             gisp_objective: str = "perplexity", gisp_choices: Sequence[Any] | None = None,
-            anchor_kinds: Sequence[str] = ("layers", "heads", "groups"), heal_loss: str = "data") -> dict[str, Any]:
+            anchor_kinds: Sequence[str] = ("layers", "heads", "groups"), heal_loss: str = "data",
+            transfer: torch.Tensor | None = None) -> dict[str, Any]:
     """Run ``methods`` at ``sizes`` on ``model``; ``{"dense", "results", "costs", "config"}``.
 
     ``model`` is never modified (peers work on copies or cut copies). ``heal_blocks``: train blocks
@@ -407,7 +414,9 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
     ``model``'s logits); every healed row records it. ``ppn-healed``: the ``ppn`` run's sub-networks
     healed per size like the peers (needs ``heal_blocks``). ``tokens`` in the result: the training
     tokens each method spent for all sizes (a PPN run's once, plus healing per size; calibration,
-    the same for every peer, is not counted).
+    the same for every peer, is not counted). ``transfer``: test blocks of another domain, which
+    neither calibration nor training saw; every row then also has ``transfer_perplexity`` (and
+    ``transfer_nll``), read as a ratio to the dense row's on the same blocks.
     """
     sizes = check_sizes(sizes)
     methods = check_methods(methods)
@@ -420,10 +429,11 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
         raise ConfigError("GISP's margin objective needs choice examples: pass gisp_choices=[ChoiceExample, ...] "
                           "(ppn compare builds them from the bundled train novels)")
     calib, test = check_blocks(calib), check_blocks(test, "test")
+    transfer = None if transfer is None else check_blocks(transfer, "transfer")
     from ppn_bayes.backbone.families import family_for
 
     family_for(model.config)  # an unsupported architecture fails here, before minutes of dense evaluation
-    bench = Bench(model, test, heal_blocks, decode_tokens, batch_size, heal_loss=heal_loss)
+    bench = Bench(model, test, heal_blocks, decode_tokens, batch_size, heal_loss=heal_loss, transfer=transfer)
     if run_dir is None and fit_dir is not None and model_path is not None and {"ppn", "ppn-healed"} <= set(methods):
         run_dir = str(fit_ppn_run("ppn", model_path, fit_dir)[0])  # one run for both: its rows healed and not
     dense = {"method": "dense", "size": 1.0, **bench.ppl(model), "param_fraction": 1.0, "flops_fraction": 1.0,
@@ -504,8 +514,10 @@ def _method_rows(bench: Bench, method: str, calib: torch.Tensor, sizes: list[flo
 
 def markdown_table(result: dict[str, Any]) -> str:
     """A Markdown table: one row per method and size, the dense model first."""
-    head = ("| method | size | params kept | FLOPs kept | perplexity | decode speedup | cost s (all sizes) |\n"
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    transfer = "transfer_perplexity" in result["dense"]
+    head = ("| method | size | params kept | FLOPs kept | perplexity |" + (" transfer ppl (x dense) |" if transfer else "")
+            + " decode speedup | cost s (all sizes) |\n| --- | ---: | ---: | ---: | ---: |"
+            + (" ---: |" if transfer else "") + " ---: | ---: |")
     lines = [head]
     costs = result.get("costs", {})
     for r in [result["dense"], *result["results"]]:
@@ -517,8 +529,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         speed = f"{sp:.2f}x" if isinstance(sp, (int, float)) else "-"
         name = r["method"] + (f" (tau={r['tau']:.3f})" if "tau" in r else "")
         cost = costs.get(r["method"], r.get("cost_seconds", 0.0))
-        lines.append(f"| {name} | {r['size']:.2f} | {r['param_fraction']:.3f} | {r['flops_fraction']:.3f} | {ppl} "
-                     f"| {speed} | {cost:.1f} |")
+        moved = ""
+        if transfer:
+            moved = (f" {r['transfer_perplexity']:.2f} (x{r['transfer_perplexity'] / result['dense']['transfer_perplexity']:.2f}) |"
+                     if "transfer_perplexity" in r else " - |")
+        lines.append(f"| {name} | {r['size']:.2f} | {r['param_fraction']:.3f} | {r['flops_fraction']:.3f} | {ppl} |"
+                     f"{moved} {speed} | {cost:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -149,11 +149,36 @@ def test_cli_json(tiny_llama_dir, tmp_path, capsys):
     (["--sizes", "1.5"], "out of range"),
     (["--methods", "gisp,nope"], "unknown method"),
     (["--calib-blocks", "0"], "--calib-blocks"),
+    (["--transfer-data", "bundled"], "another domain"),
+    (["--transfer-data", "/nonexistent/corpus.txt"], "corpus.txt"),
 ])
 def test_cli_errors_are_one_line(argv, needle, tiny_llama_dir, tmp_path, capsys):
     code = main(["compare", "--model", str(tiny_llama_dir), "--out", str(tmp_path), *argv])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1
+
+
+def test_transfer_blocks_are_measured_for_every_row(tiny_llama_dir, tmp_path, capsys):
+    """``--transfer-data kjv``: every row is also measured on the other domain's test blocks, and the
+    value is the perplexity of that row's model there (the dense row recomputed independently)."""
+    from ppn_bayes.data import token_blocks
+    from ppn_bayes.evaluate import perplexity
+    from ppn_bayes.zoo import load_model
+
+    code = main(["compare", "--model", str(tiny_llama_dir), "--sizes", "0.7", "--methods", "shortgpt",
+                 "--calib-blocks", "2", "--test-blocks", "2", "--block-size", "16", "--decode-tokens", "0",
+                 "--transfer-data", "kjv", "--out", str(tmp_path / "o"), "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["transfer_data"] == "kjv"
+    assert all("transfer_perplexity" in r for r in [out["dense"], *out["results"]])
+    model, tok = load_model(str(tiny_llama_dir))
+    kjv = token_blocks(tok, "test", 16, "kjv", max_blocks=2)
+    assert out["dense"]["transfer_perplexity"] == pytest.approx(perplexity(model, kjv)["perplexity"], rel=1e-5)
+    # another domain really: the Austen test blocks give another number
+    assert out["dense"]["transfer_perplexity"] != pytest.approx(out["dense"]["perplexity"], rel=1e-3)
+    table = (tmp_path / "o" / "compare.md").read_text()
+    assert "transfer ppl (x dense)" in table and "(x1.00)" in table
 
 
 # ----------------------------------------------------------------------------- GISP's margin objective

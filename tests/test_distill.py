@@ -337,6 +337,13 @@ def test_fair_fight_stages_and_table_state_tokens_and_wall_time(tmp_path):
     md = ff.table(result)
     assert "ppn, one run (sandwich, distill w=1, 3 passes/step) | 100.0 (2.00) | 10,240 | 600 |" in md
     assert "shortgpt, healed per size (distill) | 120.0 (2.40) | 30,720 | 90 |" in md
+    # the transfer domain's table reads the transfer perplexities, against dense's on the same blocks
+    for data, value in ((stages["ppn"], 300.0), (stages["healed-distill"], 150.0)):
+        data["dense"] = {**dense, "transfer_perplexity": 75.0}
+        data["results"][0]["transfer_perplexity"] = value
+        (tmp_path / f"{'ppn' if data is stages['ppn'] else 'healed-distill'}.json").write_text(json.dumps(data))
+    moved = ff.table(ff.merge(tmp_path), "transfer_perplexity")
+    assert "dense perplexity 75.00" in moved and "| 300.0 (4.00) |" in moved and "| 150.0 (2.00) |" in moved
 
 
 def test_full_weights_base_teacher_is_a_frozen_copy_of_the_base(tiny_llama_dir, corpus, tmp_path):

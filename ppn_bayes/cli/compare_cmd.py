@@ -32,6 +32,9 @@ def register(subparsers: Any) -> None:
                         "recipe's data and budget with the paper preset)")
     p.add_argument("--calib-blocks", type=int, default=16, help="calibration blocks from the train split (default 16)")
     p.add_argument("--test-blocks", type=int, default=16, help="held-out test blocks (default 16)")
+    p.add_argument("--transfer-data", default=None, metavar="CORPUS",
+                   help="also measure every row on the test split of another corpus (e.g. kjv), which neither "
+                        "calibration nor training saw: a transfer column, as a ratio to dense on the same blocks")
     p.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
     p.add_argument("--heal-tokens", type=int, default=0,
                    help="fine-tune every peer on this many train tokens, disjoint from calibration (default 0)")
@@ -89,6 +92,13 @@ def _validate(args: argparse.Namespace) -> None:
 
     check_step(args.gisp_step)  # before the model loads
     check_seed(args.seed)
+    if args.transfer_data is not None:
+        from ppn_bayes.data import check_corpus
+
+        if args.transfer_data == args.data:
+            raise ConfigError(f"--transfer-data {args.transfer_data} is the --data corpus itself; name another "
+                              "domain, e.g. --transfer-data kjv")
+        check_corpus(args.transfer_data, "test")
     if args.gisp_choices is not None and args.gisp_choices < 1:
         raise ConfigError(f"--gisp-choices {args.gisp_choices} must be at least 1")
 
@@ -174,14 +184,18 @@ def _run(args: argparse.Namespace, sizes: list[float], methods: list[str], items
                                max_context=ctx)
     calib, heal_blocks = drawn[:args.calib_blocks], (drawn[args.calib_blocks:] if heal_n else None)
     test = token_blocks(tok, "test", args.block_size, args.data, max_blocks=args.test_blocks, max_context=ctx)
+    transfer = None if args.transfer_data is None else token_blocks(
+        tok, "test", args.block_size, args.transfer_data, max_blocks=args.test_blocks, max_context=ctx)
     result = compare(model, calib, test, sizes, methods, heal_blocks=heal_blocks, run_dir=args.run,
                      paper_run_dir=args.paper_run, seeds=tuple(range(args.seeds)), group_size=args.group_size,
                      gisp_step=args.gisp_step, prunepath_experts=args.experts, decode_tokens=args.decode_tokens,
                      batch_size=args.batch_size, progress=not args.json,
                      model_path=resolve_model(args.model) if {"ppn", "ppn-paper", "ppn-healed"} & set(methods) else None,
                      fit_dir=args.out, gisp_objective=args.gisp_objective, gisp_choices=gisp_choices,
-                     anchor_kinds=tuple(k for k in args.anchor_kinds.split(",") if k), heal_loss=args.heal_loss)
-    result["config"].update(model=args.model, data=args.data, seed=args.seed, device=str(device), **choice_info)
+                     anchor_kinds=tuple(k for k in args.anchor_kinds.split(",") if k), heal_loss=args.heal_loss,
+                     transfer=transfer)
+    result["config"].update(model=args.model, data=args.data, transfer_data=args.transfer_data, seed=args.seed,
+                            device=str(device), **choice_info)
     paths = write_outputs(result, args.out)
     if args.json:
         print(json.dumps({"results": result["results"], "dense": result["dense"], "costs": result["costs"],
