@@ -201,3 +201,24 @@ def test_ppn_calibrate_refuses_bad_input_in_one_line(chapter_run, tmp_path, caps
         from ppn_bayes.run import load_run
 
         load_run(bad)
+
+
+@pytest.mark.parametrize(("calibration", "needle"), [
+    ({"unit": "tokens"}, "calibration.unit: expected one of 'chapters', 'documents'"),
+    ({"units": 2}, "calibration.units: must be >= 3"),
+    ({"blocks_per_unit": 1}, "calibration.blocks_per_unit: must be >= 2"),
+    ({"draws": 0}, "calibration.draws: must be >= 1"),
+    ({"steps": -1}, "calibration.steps: must be >= 0"),
+    ({"lr": 0}, "calibration.lr: must be > 0 or null"),
+    ({"max_dims": 0}, "calibration.max_dims: must be >= 1 or null"),
+    ({"seed": -1}, "calibration.seed"),
+    ({"stepz": 3}, "unknown key calibration.stepz"),
+])
+def test_calibration_keys_are_validated(calibration, needle):
+    from ppn_bayes.config import recipe_from_dict
+    from ppn_bayes.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict({"calibration": calibration})
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert recipe_from_dict({}).calibration.unit == "chapters"  # a recipe without the section: defaults
