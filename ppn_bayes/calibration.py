@@ -66,8 +66,10 @@ probabilities (``rho''``), and the compute factor's curvature (deterministic in 
 neither ``I`` nor which units are independent, only the posterior's centre and, slightly, its width).
 
 **Few units, many scores.** ``J^-1`` is estimated from ``n_J = S B R`` Monte-Carlo Fisher terms;
-``beta`` is computed in the ``k = min(d, max_dims, n_J // 4)`` directions of largest curvature (the
-top eigenvectors of ``J``, the directions the data inform most) and multiplied by
+``beta`` is computed in the ``k`` directions of largest curvature (the top eigenvectors of ``J``, the
+directions the data inform most): as many as hold :data:`CURVATURE_SHARE` of ``tr(J)``, at most
+``n_J // 4`` and ``max_dims``. (A unit solidly kept or dropped at every drawn price has no gradient
+at all; whitening by its near-zero curvature would weigh noise like a decision.) It is multiplied by
 ``n_J / (n_J - k - 1)``, which undoes the inverse-Wishart inflation of ``tr(J^-1 ...)``. The traces of
 the within and between parts are clamped at 0 (a covariance cannot be negative). ``beta_lhw`` is
 computed in at most ``(S - 1) // 3`` directions with both parts projected onto the positive
@@ -80,7 +82,8 @@ phase (Pyro's ``Trace_ELBO``; weights, push and prior levels frozen, as ``train.
 starting from the fitted guide: no retraining of the network. The original posterior files are kept
 in ``RUN/posterior.uncalibrated/`` (every later ``ppn calibrate`` starts from them), the re-derived
 ones replace the run's (``posterior.json`` then says ``tempering: beta``) so every later command reads
-the calibrated posterior, and the run's ``manifest.json`` records how (``calibration``).
+the calibrated posterior, the gradients behind beta go to ``RUN/calibration.safetensors`` (for
+re-analysis), and the run's ``manifest.json`` records how (``calibration``).
 """
 
 from __future__ import annotations
@@ -104,7 +107,12 @@ from ppn_bayes.model import PPNModel, sequence_nll
 from ppn_bayes.posterior import FILES as POSTERIOR_FILES
 from ppn_bayes.posterior import Posterior, save_posterior
 
-METHOD = "information matching (Lyddon-Holmes-Walker 2019), Gauss-Newton curvature"
+METHOD = "information matching, k / tr(J^-1 I) over chapters, Gauss-Newton curvature"
+#: beta is computed in the leading curvature directions that hold this share of tr(J): the rest are
+#: directions the data hardly inform (units solidly kept or dropped at every drawn price, whose score
+#: moves no gate), where J^-1 would weigh pure noise as much as the directions that decide the keep-set.
+CURVATURE_SHARE = 0.95
+GRADIENTS = "calibration.safetensors"
 BACKUP = "posterior.uncalibrated"
 
 
@@ -152,7 +160,9 @@ def _beta_once(g: torch.Tensor, f: torch.Tensor, n_blocks: int, sum_sq: float, w
     lam, vec = torch.linalg.eigh(0.5 * (J + J.T))
     lam, vec = lam.flip(0), vec.flip(1)
     n_j = S * B * R  # Monte-Carlo Fisher terms behind J
-    k = min(d, max(1, n_j // 4), max_dims or d)
+    share = lam.clamp_min(0).cumsum(0) / lam.clamp_min(0).sum().clamp_min(1e-300)
+    k_share = int((share < CURVATURE_SHARE).sum()) + 1  # directions holding CURVATURE_SHARE of tr(J)
+    k = min(d, max(1, n_j // 4), k_share, max_dims or d)
     lam_k = lam[:k].clamp_min(1e-30)
     white = vec[:, :k] / lam_k.sqrt()  # J-whitened coordinates of the k directions of largest curvature
     Mw, Ww, Nw = (white.T @ X @ white for X in (M, W, noise))
@@ -238,13 +248,14 @@ def price_draws(rate: float, draws: int, seed: int) -> list[tuple[float, int]]:
 
 
 def block_gradients(ppn: PPNModel, scores: dict[str, torch.Tensor], blocks: torch.Tensor,
-                    draws: list[tuple[float, int]], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    draws: list[tuple[float, int]], seed: int = 0, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block gradients of the summed token NLL with respect to the unit scores, at ``scores``.
 
     ``blocks [S, B, T]``; returns ``(grads, fisher)`` of shape ``[S, B, R, d]`` (``d`` all scores of the
     gated kinds, flattened in inventory order): with the true next tokens, and with next tokens
     sampled from the network itself (the Monte-Carlo Fisher, see the module docstring). Every block
-    sees the same ``draws`` (price, mask seed): common random numbers.
+    sees the same ``draws`` (price, mask seed): common random numbers. ``bar``: a progress bar to
+    advance by one per block and draw.
     """
     kinds = list(ppn.inventory.kinds)
     S, B = blocks.shape[:2]
@@ -272,6 +283,8 @@ def block_gradients(ppn: PPNModel, scores: dict[str, torch.Tensor], blocks: torc
                 g2 = torch.autograd.grad(nll_hat, params, allow_unused=True)
                 grads[s, b, r] = _flat(g1, params)
                 fisher[s, b, r] = _flat(g2, params)
+                if bar is not None:
+                    bar.update(1)
     return grads, fisher
 
 
@@ -301,7 +314,7 @@ def sample_unit_blocks(unit_of: torch.Tensor, units: int, per_unit: int, seed: i
 
 
 def rederive_guide(model, guide, batch_fn, steps: int, lr: float, beta: float, scale: float = 1.0,
-                   seed: int = 0) -> list[float]:
+                   seed: int = 0, bar=None) -> list[float]:
     """Refit ``guide`` to ``model`` at tempering ``beta`` by ``steps`` of guide-only SVI (Adam, cosine
     decay from ``lr``); everything in ``model`` stays as it is. ``batch_fn(step) -> (args, kwargs)`` gives
     the model's arguments; the loss is ``-ELBO / scale``. The model reads ``model.tempering``; it is set
@@ -330,6 +343,8 @@ def rederive_guide(model, guide, batch_fn, steps: int, lr: float, beta: float, s
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if bar is not None:
+            bar.update(1)
     return losses
 
 
@@ -415,8 +430,15 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
         post.guide.to(device)
         scores = post.median_scores()
         draws = price_draws(post.push.config.rate, c.draws, c.seed)
+        bar = _bar(progress, rows.numel() * len(draws), "ppn calibrate: gradients", "block")
         grads, fisher = block_gradients(ppn, {k: v.to(device) for k, v in scores.items()}, blocks[rows], draws,
-                                        seed=c.seed)
+                                        seed=c.seed, bar=bar)
+        if bar is not None:
+            bar.close()
+        from ppn_bayes.files import atomic_save_tensors
+
+        atomic_save_tensors({"grads": grads, "fisher": fisher, "unit_sizes": sizes, "blocks": rows},
+                            run_dir / GRADIENTS)  # for re-analysis: information_match(grads, fisher, unit_sizes)
         est = information_match(grads, fisher, sizes.tolist(), p_dense=post.push.config.p_dense,
                                 max_dims=c.max_dims, bootstrap=c.bootstrap, seed=c.seed)
         grad_seconds = time.perf_counter() - tic
@@ -440,8 +462,11 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
                 idx = torch.randint(0, num_sequences, (B,), generator=torch.Generator().manual_seed(c.seed * 100_003 + step))
                 return (train_blocks[idx],), {"subsample": idx.to(device)}
 
+            bar = _bar(progress, c.steps, f"ppn calibrate: guide at beta {beta:.3g}", "step")
             losses = rederive_guide(ppn, post.guide, batch_fn, c.steps, c.lr or t.lr_guide, beta,
-                                    scale=ppn.num_tokens, seed=c.seed)
+                                    scale=ppn.num_tokens, seed=c.seed, bar=bar)
+            if bar is not None:
+                bar.close()
             backup = _backup(run_dir)
             save_posterior(run_dir, post.prior, post.push, post.guide, post.prior.config, post.push.config,
                            _guide_cfg(source), tempering=beta)
@@ -454,6 +479,14 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
                   "trained_with_beta": trained_with, "posterior": status, "details": details}
         rundir.update_manifest(run_dir, calibration=record)
         return record
+
+
+def _bar(enabled: bool, total: int, desc: str, unit: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
 
 def _guide_sds(guide) -> torch.Tensor:

@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     keys = {"unit": args.unit, "units": args.units, "blocks_per_unit": args.blocks_per_unit, "draws": args.draws,
             "steps": 0 if args.no_rederive else args.steps, "seed": args.seed}
-    record = calibrate_run(args.run, {k: v for k, v in keys.items() if v is not None}, device=args.device)
+    record = calibrate_run(args.run, {k: v for k, v in keys.items() if v is not None}, device=args.device,
+                           progress=not args.json)
     if args.json:
         print(json.dumps(record))
         return 0
