@@ -28,7 +28,8 @@ need: ``tr(J^-1 I)`` is *linear* in ``I``, so an unbiased ``I`` gives a nearly u
 two estimated covariances, often indefinite). On the synthetic model of tests/test_calibration.py
 (true beta 0.2, 6 directions, 20 seeds each) the trace form averaged 0.193-0.204 with 30-60 units of
 4-6 blocks (0.237 with 40 units of 2 blocks: hence ``blocks_per_unit: 4``), the inverse form
-0.075-0.19.
+0.075-0.19 (measured before the draw-noise correction was dropped; the test's own figures are in its
+docstring).
 
 **I from blocks grouped by unit.** Training blocks are packed across chapter boundaries; each is
 assigned to the chapter of its middle token (:func:`ppn_bayes.data.block_units`). A unit's gradient
@@ -37,20 +38,22 @@ effects decomposition separates the spread of blocks within a unit (``W``, ``S (
 freedom) from the spread of the units' mean gradients (``M``, ``S - 1`` df)::
 
     Sigma_between = M - W / B          (covariance of two blocks of the same unit)
-    Sigma_within  = W - noise          (noise: the Monte-Carlo part, below)
+    Sigma_within  = W
     I = N Sigma_within + (sum_c m_c^2) Sigma_between      (N blocks; unit c has m_c of them)
 
 so a chapter of ``m_c`` blocks counts ``m_c`` times the within-part but ``m_c^2`` times the common
 part. With ``Sigma_between = 0`` the blocks are independent and ``beta -> tr(J)/tr(Sigma_within)``.
 
-**lambda and the masks integrated out with common random numbers.** Every block is evaluated at the
-same ``R`` draws: prices at the stratified quantiles ``(r + 1/2) / R`` of ``Exp(rate)``, mask uniforms
-from the same seeds. Dense draws (``lambda = 0``, probability ``p_dense``) carry no gradient to the
-scores, so they enter only as the factor ``1 - p_dense``. The per-draw mean over blocks is removed
-(common to all units, it moves no covariance); what is left of the draw-to-draw spread of a block,
-divided by ``R``, is the ``noise`` that would otherwise inflate ``Sigma_within``. It cancels from
-``M - W / B`` exactly. With few draws this calibrates the loss averaged over those draws, a proxy for
-the full integral.
+**lambda and the masks: common random numbers.** Every block is evaluated at the same ``R`` draws:
+prices at the stratified quantiles ``(r + 1/2) / R`` of ``Exp(rate)``, mask uniforms from the same
+seeds, so every block sees the same ``R`` sub-networks. Dense draws (``lambda = 0``, probability
+``p_dense``) carry no gradient to the scores and enter only as the factor ``1 - p_dense``. What is
+calibrated is therefore the loss averaged over those ``R`` common draws, a deterministic proxy for the
+full integral over ``lambda`` and the masks (more draws, a closer proxy). Its per-draw mean over
+blocks is removed (common to every unit, it moves no covariance). The draws' spread within a block is
+*not* subtracted as Monte-Carlo noise: with stratified prices it is mostly the difference between
+sub-networks at different prices, a real part of the proxy's gradient (subtracting it, as one would
+for independent draws, left the within-chapter part negative on the demo).
 
 **J through straight-through masks: a Gauss-Newton form.** The masks are hard 0/1 in the forward
 pass; autograd's second derivative through the straight-through estimator is meaningless and finite
@@ -151,11 +154,6 @@ def _beta_once(g: torch.Tensor, f: torch.Tensor, n_blocks: int, sum_sq: float, w
         W = ((gb - gs[:, None]).reshape(-1, d).T @ (gb - gs[:, None]).reshape(-1, d)) / (S * (B - 1))
     else:  # one block per unit: units are single blocks (sum_sq == n_blocks), nothing to separate
         W = torch.zeros(d, d, dtype=g.dtype)
-    if R >= 2:
-        r = dev - dev.mean(2, keepdim=True)
-        noise = w * w * torch.einsum("sbri,sbrj->ij", r, r) / (S * B * (R - 1)) / R
-    else:
-        noise = torch.zeros(d, d, dtype=g.dtype)
     J = w * torch.einsum("sbri,sbrj->ij", f, f) / (S * B * R)  # GGN per block (Monte-Carlo Fisher)
     lam, vec = torch.linalg.eigh(0.5 * (J + J.T))
     lam, vec = lam.flip(0), vec.flip(1)
@@ -165,13 +163,13 @@ def _beta_once(g: torch.Tensor, f: torch.Tensor, n_blocks: int, sum_sq: float, w
     k = min(d, max(1, n_j // 4), k_share, max_dims or d)
     lam_k = lam[:k].clamp_min(1e-30)
     white = vec[:, :k] / lam_k.sqrt()  # J-whitened coordinates of the k directions of largest curvature
-    Mw, Ww, Nw = (white.T @ X @ white for X in (M, W, noise))
+    Mw, Ww = (white.T @ X @ white for X in (M, W))
     if B >= 2:
-        between, within = Mw - Ww / B, Ww - Nw
+        between, within = Mw - Ww / B, Ww
         nu = _satterthwaite([(sum_sq * float(torch.trace(Mw)), S - 1),
                              ((n_blocks - sum_sq / B) * float(torch.trace(Ww)), S * (B - 1))])
     else:  # units of one block: no common part
-        between, within = torch.zeros_like(Mw), Mw - Nw
+        between, within = torch.zeros_like(Mw), Mw
         nu = float(S - 1)
     # Both parts are covariances: their traces are clamped at 0 (the between part's estimate, a
     # difference, can come out negative when the units hardly differ).
