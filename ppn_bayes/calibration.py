@@ -105,7 +105,7 @@ import torch
 import torch.nn.functional as F
 
 from ppn_bayes.data import block_units
-from ppn_bayes.errors import DataError, RunError
+from ppn_bayes.errors import ConfigError, DataError, RunError
 from ppn_bayes.model import PPNModel, sequence_nll
 from ppn_bayes.posterior import FILES as POSTERIOR_FILES
 from ppn_bayes.posterior import Posterior, save_posterior
@@ -116,6 +116,7 @@ METHOD = "information matching, k / tr(J^-1 I) over chapters, Gauss-Newton curva
 #: moves no gate), where J^-1 would weigh pure noise as much as the directions that decide the keep-set.
 CURVATURE_SHARE = 0.95
 GRADIENTS = "calibration.safetensors"
+GIVEN = "given (--beta), not estimated"
 BACKUP = "posterior.uncalibrated"
 
 
@@ -375,10 +376,14 @@ def _backup(run_dir: Path) -> Path:
 
 
 def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None = None, device: str = "cpu",
-                  progress: bool = False) -> dict[str, Any]:
+                  progress: bool = False, beta: float | None = None) -> dict[str, Any]:
     """Estimate ``beta`` for a finished run, re-derive its posterior at it (``calibration.steps > 0``) and
     record ``calibration`` in its manifest; returns that record. ``overrides``: ``calibration.*`` keys
-    (the run's recipe gives the rest). Always starts from the posterior the run was trained with."""
+    (the run's recipe gives the rest). ``beta``: use this value instead of estimating one (method
+    :data:`GIVEN`; e.g. the trained beta again, to see what the extra guide steps alone do). Always
+    starts from the posterior the run was trained with."""
+    if beta is not None and not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ConfigError(f"--beta must be a finite number > 0, got {beta}")
     from ppn_bayes import run as rundir
     from ppn_bayes.config import recipe_from_dict
     from ppn_bayes.files import writer_lock
@@ -417,7 +422,7 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
                            f"{blocks.shape[0]}; calibrate with the corpus and tokenizer it was trained on")
         unit_of = torch.unique(unit_of, return_inverse=True)[1]  # units that have training blocks, 0..n-1
         sizes = torch.bincount(unit_of)
-        rows = sample_unit_blocks(unit_of, c.units, c.blocks_per_unit, c.seed)
+        rows = sample_unit_blocks(unit_of, c.units, c.blocks_per_unit, c.seed) if beta is None else None
         gated = run.load_model(device=device)
         gated.model.requires_grad_(False)
         norms = {k: getattr(post.prior, f"z_{k}").exp() for k in post.inventory.kinds}
@@ -426,29 +431,13 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
         ppn.prior, ppn.push = post.prior, post.push  # the run's fitted push and prior levels
         ppn.to(device)
         post.guide.to(device)
-        scores = post.median_scores()
-        draws = price_draws(post.push.config.rate, c.draws, c.seed)
-        bar = _bar(progress, rows.numel() * len(draws), "ppn calibrate: gradients", "block")
-        grads, fisher = block_gradients(ppn, {k: v.to(device) for k, v in scores.items()}, blocks[rows], draws,
-                                        seed=c.seed, bar=bar)
-        if bar is not None:
-            bar.close()
-        from ppn_bayes.files import atomic_save_tensors
-
-        atomic_save_tensors({"grads": grads, "fisher": fisher, "unit_sizes": sizes, "blocks": rows},
-                            run_dir / GRADIENTS)  # for re-analysis: information_match(grads, fisher, unit_sizes)
-        est = information_match(grads, fisher, sizes.tolist(), p_dense=post.push.config.p_dense,
-                                max_dims=c.max_dims, bootstrap=c.bootstrap, seed=c.seed)
-        grad_seconds = time.perf_counter() - tic
-        beta = float(est["beta"])
-        if not math.isfinite(beta) or beta <= 0:
-            raise RunError(f"the calibration of {run_dir} gave beta = {beta}; sample more units "
-                           "(calibration.units) or draws (calibration.draws)")
-        details = {k: est[k] for k in ("se", "interval_90", "beta_lhw", "dims", "dims_total", "df",
-                                        "curvature_captured", "between_share", "sampled_units", "blocks_per_unit",
-                                        "draws", "n_blocks", "mean_unit_blocks", "bootstrap")}
-        details.update({"seed": c.seed, "gradient_seconds": round(grad_seconds, 1), "device": device,
-                        "score_sd_before": _score_sds(post)})
+        if beta is None:
+            method, details = METHOD, _estimate(run_dir, ppn, post, blocks, rows, sizes, c, device, progress)
+            beta = details.pop("beta")
+        else:
+            method, details = GIVEN, {"seed": c.seed, "device": device}
+        details["seconds"] = round(time.perf_counter() - tic, 1)
+        details["score_sd_before"] = _score_sds(post)
         status = "not rederived"
         if c.steps > 0:
             tic = time.perf_counter()
@@ -473,10 +462,38 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
                             round(time.perf_counter() - tic, 1), "loss_first": losses[0], "loss_last": losses[-1],
                             "guide_scale_ratio": float((_guide_sds(post.guide) / sd_before).log().mean().exp()),
                             "score_sd_after": _score_sds(post), "original": str(backup.relative_to(run_dir))})
-        record = {"method": METHOD, "beta": beta, "unit": c.unit, "n_units": int(sizes.numel()),
+        record = {"method": method, "beta": beta, "unit": c.unit, "n_units": int(sizes.numel()),
                   "trained_with_beta": trained_with, "posterior": status, "details": details}
         rundir.update_manifest(run_dir, calibration=record)
         return record
+
+
+def _estimate(run_dir: Path, ppn: PPNModel, post: Posterior, blocks: torch.Tensor, rows: torch.Tensor,
+              sizes: torch.Tensor, c, device: str, progress: bool) -> dict[str, Any]:
+    """The gradient pass and :func:`information_match`: ``beta`` and the manifest's ``details``."""
+    from ppn_bayes.files import atomic_save_tensors
+
+    tic = time.perf_counter()
+    scores = post.median_scores()
+    draws = price_draws(post.push.config.rate, c.draws, c.seed)
+    bar = _bar(progress, rows.numel() * len(draws), "ppn calibrate: gradients", "block")
+    grads, fisher = block_gradients(ppn, {k: v.to(device) for k, v in scores.items()}, blocks[rows], draws,
+                                    seed=c.seed, bar=bar)
+    if bar is not None:
+        bar.close()
+    atomic_save_tensors({"grads": grads, "fisher": fisher, "unit_sizes": sizes, "blocks": rows},
+                        run_dir / GRADIENTS)  # for re-analysis: information_match(grads, fisher, unit_sizes)
+    est = information_match(grads, fisher, sizes.tolist(), p_dense=post.push.config.p_dense,
+                            max_dims=c.max_dims, bootstrap=c.bootstrap, seed=c.seed)
+    beta = float(est["beta"])
+    if not math.isfinite(beta) or beta <= 0:
+        raise RunError(f"the calibration of {run_dir} gave beta = {beta}; sample more units "
+                       "(calibration.units) or draws (calibration.draws)")
+    details = {k: est[k] for k in ("beta", "se", "interval_90", "beta_lhw", "dims", "dims_total", "df",
+                                   "curvature_captured", "between_share", "sampled_units", "blocks_per_unit",
+                                   "draws", "n_blocks", "mean_unit_blocks", "bootstrap")}
+    details.update({"seed": c.seed, "gradient_seconds": round(time.perf_counter() - tic, 1), "device": device})
+    return details
 
 
 def _bar(enabled: bool, total: int, desc: str, unit: str):

@@ -226,3 +226,17 @@ def test_calibration_keys_are_validated(calibration, needle):
         recipe_from_dict({"calibration": calibration})
     assert needle in str(err.value) and "\n" not in str(err.value)
     assert recipe_from_dict({}).calibration.unit == "chapters"  # a recipe without the section: defaults
+
+
+def test_ppn_calibrate_with_a_given_beta(chapter_run, tmp_path, capsys):
+    """``--beta`` skips the estimate (no gradient pass) and records where the value came from."""
+    from ppn_bayes.calibration import GIVEN
+
+    run = tmp_path / "run"
+    shutil.copytree(chapter_run, run)
+    assert main(["calibrate", str(run), "--beta", "0.25", "--steps", "3", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["method"] == GIVEN and record["beta"] == 0.25 and record["posterior"] == "rederived"
+    assert not (run / "calibration.safetensors").exists()
+    assert main(["calibrate", str(run), "--beta", "-1"]) == 2
+    assert "--beta must be a finite number > 0" in capsys.readouterr().err

@@ -21,6 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--draws", type=int, help="common (lambda, mask) draws per block (calibration.draws, 2)")
     p.add_argument("--steps", type=int, help="guide-only SVI steps at the new beta (calibration.steps, 60)")
     p.add_argument("--no-rederive", action="store_true", help="record beta only; keep the posterior as it is")
+    p.add_argument("--beta", type=float, help="use this beta instead of estimating one (e.g. the trained 1.0, "
+                   "to see what the extra guide-only steps alone change)")
     p.add_argument("--seed", type=int, help="calibration.seed (default 0)")
     p.add_argument("--device", default="cpu", help="device (default cpu)")
     p.add_argument("--json", action="store_true", help="print the manifest record as JSON")
@@ -33,15 +35,18 @@ def run(args: argparse.Namespace) -> int:
     keys = {"unit": args.unit, "units": args.units, "blocks_per_unit": args.blocks_per_unit, "draws": args.draws,
             "steps": 0 if args.no_rederive else args.steps, "seed": args.seed}
     record = calibrate_run(args.run, {k: v for k, v in keys.items() if v is not None}, device=args.device,
-                           progress=not args.json)
+                           progress=not args.json, beta=args.beta)
     if args.json:
         print(json.dumps(record))
         return 0
     d = record["details"]
-    print(f"beta = {record['beta']:.4g} (se {d['se']:.2g}, 90% {_interval(d)}) by {record['method']}")
-    print(f"  {record['unit']}: {d['sampled_units']} of {record['n_units']} sampled, {d['blocks_per_unit']} blocks "
-          f"each, {d['draws']} draws; {d['dims']} of {d['dims_total']} score directions "
-          f"({d['curvature_captured']:.0%} of the curvature); between-unit share of I {d['between_share']:.0%}")
+    if "se" in d:
+        print(f"beta = {record['beta']:.4g} (se {d['se']:.2g}, 90% {_interval(d)}) by {record['method']}")
+        print(f"  {record['unit']}: {d['sampled_units']} of {record['n_units']} sampled, {d['blocks_per_unit']} "
+              f"blocks each, {d['draws']} draws; {d['dims']} of {d['dims_total']} score directions "
+              f"({d['curvature_captured']:.0%} of the curvature); between-unit share of I {d['between_share']:.0%}")
+    else:
+        print(f"beta = {record['beta']:.4g}, {record['method']}")
     print(f"  trained with beta = {record['trained_with_beta']:g}; posterior {record['posterior']}"
           + (f" ({d['steps']} guide-only steps; guide sds x{d['guide_scale_ratio']:.2f})" if "steps" in d else ""))
     for kind, before in d["score_sd_before"].items():
