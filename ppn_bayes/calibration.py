@@ -78,7 +78,7 @@ the within and between parts are clamped at 0 (a covariance cannot be negative).
 computed in at most ``(S - 1) // 3`` directions with both parts projected onto the positive
 semi-definite cone and its inverse corrected by ``(nu - k - 1) / nu`` (``nu``: Satterthwaite's degrees
 of freedom of ``I``). The standard error comes from a bootstrap over the sampled units (on the
-synthetic check it overstates the spread over seeds by ~25 %: conservative).
+synthetic check it overstates the spread over seeds by 10-25 %: conservative).
 
 **Re-deriving the posterior.** At the calibrated ``beta`` the guide is refitted by a guide-only SVI
 phase (Pyro's ``Trace_ELBO``; weights, push and prior levels frozen, as ``train.guide_steps`` does),
