@@ -1,9 +1,9 @@
 """Typed recipes: the YAML files that ``ppn fit`` takes, validated into dataclasses.
 
-A recipe has four sections (``model``, ``units``, ``prior``, ``push``, ``guide``, ``data``, ``train``);
-every key has a type and a default. Unknown keys, wrong types and out-of-range values are errors that
-name the key (``train.lr_guide: expected a number, got 'fast'``), never a traceback. YAML is read with
-the safe loader only.
+A recipe has eight sections (``model``, ``units``, ``prior``, ``push``, ``guide``, ``data``, ``train``,
+``calibration``); every key has a type and a default. Unknown keys, wrong types and out-of-range
+values are errors that name the key (``train.lr_guide: expected a number, got 'fast'``), never a
+traceback. YAML is read with the safe loader only.
 
 The ``preset`` key chooses defaults: ``ours`` (the Bayesian PPN) or ``paper`` (the published method:
 norm scores without latent offsets, neurons and heads gated, lambda ~ Exp(0.3) with 1/3 dense steps,
@@ -158,6 +158,22 @@ class TrainConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """``ppn calibrate``: the learning rate beta of the Gibbs posterior by information matching over
+    independent units of text (docs/method.md, "Calibrating beta"; ppn_bayes/calibration.py)."""
+
+    unit: Literal["chapters", "documents"] = "chapters"  # what counts as one independent observation
+    units: int = 16  # units sampled (chapters/documents with >= blocks_per_unit training blocks)
+    blocks_per_unit: int = 4  # blocks drawn from each sampled unit (>= 2: within- vs between-unit spread)
+    draws: int = 2  # common (lambda, mask) draws per block, lambda at stratified Exp(rate) quantiles
+    max_dims: int | None = None  # score directions kept (top curvature); None = min(#scores, (units - 1) // 3)
+    steps: int = 60  # guide-only SVI steps that re-derive the posterior at the calibrated beta (0: record only)
+    lr: float | None = None  # their learning rate; None = train.lr_guide
+    bootstrap: int = 200  # unit-bootstrap replicates for beta's standard error
+    seed: int = 0
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     preset: Literal["ours", "paper"] = "ours"
@@ -168,6 +184,7 @@ class Recipe:
     guide: GuideConfig = field(default_factory=GuideConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -315,6 +332,16 @@ def validate(recipe: Recipe) -> Recipe:
     need(0.0 < t.sandwich_min_size < 1.0, "train.sandwich_min_size",
          f"must be in (0, 1) (a fraction of decoder parameters, e.g. 0.4), got {t.sandwich_min_size}")
     need(t.sandwich_random >= 0, "train.sandwich_random", f"must be >= 0, got {t.sandwich_random}")
+    c = recipe.calibration
+    check_seed(c.seed, "calibration.seed")
+    need(c.units >= 3, "calibration.units", f"must be >= 3 units to estimate their spread, got {c.units}")
+    need(c.blocks_per_unit >= 2, "calibration.blocks_per_unit",
+         f"must be >= 2 (within- and between-unit spread), got {c.blocks_per_unit}")
+    need(c.draws >= 1, "calibration.draws", f"must be >= 1, got {c.draws}")
+    need(c.max_dims is None or c.max_dims >= 1, "calibration.max_dims", f"must be >= 1 or null, got {c.max_dims}")
+    need(c.steps >= 0, "calibration.steps", f"must be >= 0 (0 records beta only), got {c.steps}")
+    need(c.lr is None or c.lr > 0, "calibration.lr", f"must be > 0 or null (train.lr_guide), got {c.lr}")
+    need(c.bootstrap >= 0, "calibration.bootstrap", f"must be >= 0, got {c.bootstrap}")
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
          f"use auto, cpu, cuda or cuda:N, got {short(t.device)}")
     return recipe

@@ -49,9 +49,12 @@ BUNDLED_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED = {"bundled": "austen", "austen": "austen", "kjv": "kjv"}
 SPLITS = ("train", "validation", "test")
 _EXTS = (".jsonl.gz", ".jsonl", ".json.gz", ".json", ".txt.gz", ".txt")
-BOOTSTRAP_UNITS = ("chapters", "documents")
-#: A chapter heading paragraph: "CHAPTER 1", "Chapter I", "CHAPTER XLII." (the Austen novels' spellings).
-CHAPTER_HEADING = re.compile(r"^chapter\s+(?:\d+|[ivxlc]+)\.?$", re.IGNORECASE)
+#: The independent units of text a corpus is cut into (bootstrap resampling, ``ppn calibrate``).
+UNITS = ("chapters", "documents")
+#: A chapter heading on a line (or paragraph) of its own: ``CHAPTER 1``, ``Chapter XII``, ``CHAPTER IV.``
+#: (the bundled Austen novels use all three). Text before a document's first heading joins its first
+#: chapter; a document without headings is one chapter.
+CHAPTER_HEADING = re.compile(r"^[ \t]*chapter[ \t]+(?:[0-9]+|[ivxlcdm]+)\.?[ \t]*$", re.IGNORECASE | re.MULTILINE)
 _FORMAT = 1  # bump when the packing rule changes, to invalidate old cache entries
 
 
@@ -196,8 +199,8 @@ def chapters(text: str) -> list[str]:
 def bootstrap_units(docs: list[str], seed: int, unit: str = "chapters") -> list[str]:
     """A bootstrap resample of ``docs``' units (chapters or documents): as many as there are, drawn
     with replacement from ``seed``, in the drawn order (module docstring)."""
-    if unit not in BOOTSTRAP_UNITS:
-        raise DataError(f"unknown bootstrap unit {short(unit)}; choose one of {', '.join(BOOTSTRAP_UNITS)}")
+    if unit not in UNITS:
+        raise DataError(f"unknown bootstrap unit {short(unit)}; choose one of {', '.join(UNITS)}")
     units = [c for d in docs for c in (chapters(d) if unit == "chapters" else [d])]
     idx = torch.randint(len(units), (len(units),), generator=torch.Generator().manual_seed(int(seed)))
     return [units[i] for i in idx.tolist()]
@@ -338,8 +341,8 @@ def token_blocks(
         if split != "train":
             raise DataError(f"a bootstrap resample is drawn of the train split only, not {split!r}; "
                             "held-out splits stay as they are")
-        if bootstrap_unit not in BOOTSTRAP_UNITS:
-            raise DataError(f"unknown bootstrap unit {short(bootstrap_unit)}; choose one of {', '.join(BOOTSTRAP_UNITS)}")
+        if bootstrap_unit not in UNITS:
+            raise DataError(f"unknown bootstrap unit {short(bootstrap_unit)}; choose one of {', '.join(UNITS)}")
     corpus_id = _corpus_fingerprint(data, split)
     key = {"format": _FORMAT, "tokenizer": tokenizer_fingerprint(tokenizer), "corpus": corpus_id,
            "split": split, "block_size": block_size, "stride": stride or block_size}
@@ -383,3 +386,50 @@ def calibration_blocks(
                         f"{blocks.shape[0]} blocks of {block_size}; use between 1 and {blocks.shape[0]}")
     order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))
     return blocks[order[:n]]
+
+
+# ------------------------------------------------------------------------------------ independent units
+
+
+
+def block_units(tokenizer: Any, split: str = "train", block_size: int = 256, data: str = "bundled",
+                unit: str = "chapters", max_blocks: int | None = None, *, max_context: int | None = None,
+                cache_dir: str | os.PathLike[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The blocks of :func:`token_blocks` and, for each, the independent unit of text it belongs to.
+
+    Returns ``(blocks [N, block_size], unit_of_block [N], unit_names)``. Units are ``documents`` or
+    ``chapters`` (:data:`CHAPTER_HEADING`; a document without headings is one chapter). A block that
+    straddles a boundary belongs to the unit of its middle token. The tokens are those of
+    :func:`token_blocks` exactly (the same packing of the same ids; checked), so a unit id indexes the
+    training blocks a run saw. Needs a fast tokenizer (its offset mapping places the headings).
+    """
+    if unit not in UNITS:
+        raise DataError(f"unknown unit {short(unit)}; choose one of {', '.join(UNITS)}")
+    blocks = token_blocks(tokenizer, split, block_size, data, max_blocks=max_blocks, max_context=max_context,
+                          cache_dir=cache_dir)
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("grouping blocks by chapter needs a fast tokenizer (offset mapping); "
+                        "use the model's tokenizer.json, or unit: documents with a fast tokenizer")
+    docs = load_corpus(data, split)
+    starts: list[int] = []  # flat token position where each unit starts
+    names: list[str] = []
+    flat_ids: list[int] = []
+    for d, text in enumerate(docs):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        if d:
+            flat_ids.append(tokenizer.eos_token_id)
+        base = len(flat_ids)
+        flat_ids.extend(enc["input_ids"])
+        heads = [m.start() for m in CHAPTER_HEADING.finditer(text)] if unit == "chapters" else []
+        char_starts = torch.tensor([s for s, _ in enc["offset_mapping"]] or [0])
+        cuts = [0] + [int(torch.searchsorted(char_starts, c)) for c in heads[1:]]
+        for k, cut in enumerate(cuts):
+            starts.append(base + cut)
+            names.append(f"doc {d}" + (f" chapter {k + 1}" if unit == "chapters" else ""))
+    packed = pack_blocks([flat_ids], tokenizer.eos_token_id, block_size)[: blocks.shape[0]]
+    if packed.shape != blocks.shape or not torch.equal(packed, blocks):
+        raise DataError(f"the blocks of corpus {data!r} changed between packing and grouping them by {unit}; "
+                        "clear the block cache ($PPN_HOME/cache/blocks) and retry")
+    middle = torch.arange(blocks.shape[0]) * block_size + block_size // 2
+    unit_of = torch.searchsorted(torch.tensor(starts), middle, right=True) - 1
+    return blocks, unit_of.clamp_min(0), names

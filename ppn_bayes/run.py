@@ -84,7 +84,12 @@ MANIFEST_SCHEMA = Obj(
               "num_sequences": Int(1), "num_tokens": Num(0, open_lo=True), "block_size": Int(2),
               "inventory": Map(), "world_size": Int(1), "device": Str(), "steps_total": Int(1),
               "error": Opt(Str()), "final_eval": Bool(), "steps_done": Int(0), "checkpoint_step": Int(0),
-              "psis": Opt(Obj(optional={"khat": Opt(Num(finite=False))}))})
+              "psis": Opt(Obj(optional={"khat": Opt(Num(finite=False))})),
+              # `ppn calibrate` (ppn_bayes.calibration): how beta was obtained; runs without it are uncalibrated
+              "calibration": Obj(required={
+                  "method": Str(), "beta": Num(0, open_lo=True), "unit": Str(("chapters", "documents")),
+                  "n_units": Int(1), "trained_with_beta": Num(0, open_lo=True),
+                  "posterior": Str(("rederived", "not rederived")), "details": Map()})})
 
 
 _LOOSE = Num(finite=False)  # logged values; the loop stops before a NaN would be logged, and plots cope

@@ -35,6 +35,7 @@ COMMANDS = [
     "resize",
     "report",
     "uncertainty",
+    "calibrate",
 ]
 
 
