@@ -141,16 +141,21 @@ class Bench:
         self.heal_loss = check_heal_loss(heal_loss)
         self.decode_tokens, self.batch_size, self.trials = decode_tokens, batch_size, trials
         self.prompt = test[:1, : min(32, test.shape[1])]
-        self.can_decode = self._decode(model) is not None
+        # Whether the dense model decodes with a KV cache at all: an architecture whose cache this
+        # transformers cannot drive still gets perplexities, and ``decode_error`` says why it has no
+        # speedups. Only the dense model's failure is tolerated: a pruned model that fails where its
+        # dense model decodes is a bug, and raises.
+        self.decode_error: str | None = None
+        if decode_tokens > 0:
+            try:
+                self._decode(model)
+            except (TypeError, ValueError, AttributeError, NotImplementedError) as err:
+                self.decode_error = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        self.can_decode = decode_tokens > 0 and self.decode_error is None
         self.keepsets: dict[str, dict[str, dict]] = {}  # method -> size -> KeepSet JSON (first seed)
 
-    def _decode(self, model: nn.Module) -> float | None:
-        if self.decode_tokens <= 0:
-            return None
-        try:
-            return decode_seconds(model, self.prompt.to(next(model.parameters()).device), self.decode_tokens, 1)
-        except Exception:  # noqa: BLE001 - a model whose cache cannot decode still gets a perplexity
-            return None
+    def _decode(self, model: nn.Module) -> float:
+        return decode_seconds(model, self.prompt.to(next(model.parameters()).device), self.decode_tokens, 1)
 
     def speedup(self, model: nn.Module) -> float | None:
         """Dense decode time / ``model``'s, each the best of ``trials`` runs taken *alternately*.
@@ -162,10 +167,7 @@ class Bench:
             return None
         dense = mine = float("inf")
         for _ in range(self.trials):
-            d, m = self._decode(self.model), self._decode(model)
-            if d is None or m is None:
-                return None
-            dense, mine = min(dense, d), min(mine, m)
+            dense, mine = min(dense, self._decode(self.model)), min(mine, self._decode(model))
         return dense / mine
 
     def ppl(self, model: nn.Module) -> dict[str, float]:
@@ -469,7 +471,7 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
               "gisp_choices": len(gisp_choices) if gisp_objective == "margin" and gisp_choices else 0,
               "prunepath_experts": prunepath_experts, "anchor_kinds": list(anchor_kinds),
               "heal_tokens": int(heal_blocks.numel()) if heal_blocks is not None else 0, "heal_loss": heal_loss,
-              "decode_tokens": decode_tokens}
+              "decode_tokens": decode_tokens, "decode_error": bench.decode_error}
     return {"dense": dense, "results": rows, "costs": costs, "tokens": tokens, "config": config,
             "keepsets": bench.keepsets}
 

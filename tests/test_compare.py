@@ -290,3 +290,29 @@ def test_cli_choices_file_is_used(tiny_llama_dir, tmp_path, capsys):
     cfg = json.loads(captured.out)["config"]
     assert cfg["gisp_choices"] == 4 and cfg["gisp_choices_source"] == str(path)
     assert cfg["gisp_choices_in_eval_task"] == 1 and "warning: 1 of" in captured.err
+
+
+def test_a_dense_model_that_cannot_decode_says_why_and_a_pruned_one_raises():
+    """The speedup column is blank only when the dense model itself cannot decode, with the reason in
+    the config; a pruned model failing where the dense one decodes is a bug and is not swallowed."""
+    from ppn_bayes.compare import Bench
+
+    class NoCache(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, use_cache=False, **kw):
+            if use_cache:
+                raise NotImplementedError("this architecture has no KV cache")
+            return self.inner(input_ids=input_ids, use_cache=False)
+
+    model = tiny_model("llama")
+    test = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    bench = Bench(NoCache(model), test, None, decode_tokens=2, batch_size=2)
+    assert not bench.can_decode and bench.speedup(model) is None
+    assert bench.decode_error == "NotImplementedError: this architecture has no KV cache"
+    ok = Bench(model, test, None, decode_tokens=2, batch_size=2)
+    assert ok.can_decode and ok.decode_error is None
+    with pytest.raises(NotImplementedError):
+        ok.speedup(NoCache(model))
