@@ -100,3 +100,21 @@ def test_fit_logs_guide_records_and_the_guide_only_phase_freezes_weights_and_pus
         assert torch.equal(a6[k], a3[k]), k
     w = fit_warning(tmp_path / "run")
     assert w is None or ("\n" not in w and w.startswith("warning:"))
+
+
+def test_guide_phase_has_its_own_lr_and_schedule():
+    """train.guide_lr / train.guide_schedule set the guide's rate in the guide-only phase only: the joint
+    phase keeps lr_guide on the recipe's schedule, the phase runs at guide_lr (constant: every step),
+    the other groups stay at 0, and lr_sum counts what was spent. Defaults reproduce the old phase."""
+    import dataclasses
+
+    from ppn_bayes.config import TrainConfig
+
+    base = TrainConfig(steps=10, guide_steps=10, lr_guide=0.05, schedule="cosine", warmup_steps=2)
+    t = dataclasses.replace(base, guide_lr=0.2, guide_schedule="constant")
+    for i in range(10):
+        assert group_multiplier(t, i, "guide") == group_multiplier(base, i, "guide")
+    assert [group_multiplier(t, i, "guide") for i in range(10, 20)] == [4.0] * 10
+    assert group_multiplier(t, 15, "push") == 0.0
+    assert guide_lr_spent(t, 20) == pytest.approx(guide_lr_spent(base, 10) + 10 * 0.2)
+    assert group_multiplier(base, 10, "guide") == pytest.approx(1.0) and group_multiplier(base, 19, "guide") < 0.05
