@@ -119,6 +119,10 @@ class TrainConfig:
     # A guide-only phase after ``steps``: this many further steps (on further blocks) that train the
     # score posterior alone, weights and push frozen (lr 0), the guide's lr on its own schedule.
     guide_steps: int = 0
+    # The guide's learning rate and schedule in that phase (null: lr_guide and schedule). The phase
+    # has no push to settle, so a constant, larger rate reaches q's optimum in fewer steps.
+    guide_lr: float | None = None
+    guide_schedule: Literal["cosine", "constant"] | None = None
     batch_size: int = 4
     grad_accum: int = 1
     weights: Literal["frozen", "lora", "full"] = "frozen"
@@ -326,6 +330,7 @@ def validate(recipe: Recipe) -> Recipe:
          "train", "weight_decay, clip_grad, warmup_steps and eval_every must be >= 0")
     need(all(x > 0 for x in t.eval_lambdas), "train.eval_lambdas", f"prices must be > 0, got {short(t.eval_lambdas)}")
     need(t.guide_steps >= 0, "train.guide_steps", f"must be >= 0, got {t.guide_steps}")
+    need(t.guide_lr is None or t.guide_lr > 0, "train.guide_lr", f"must be > 0 or null, got {t.guide_lr}")
     need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
     need(0.0 <= t.distill_weight <= 1.0, "train.distill_weight",
          f"must be in [0, 1] (0 = data loss only, 1 = distillation only), got {t.distill_weight}")

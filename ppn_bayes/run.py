@@ -106,7 +106,7 @@ _EVAL_RECORD = Obj(required={"step": Int(0)}, optional={
 
 _GUIDE_RECORD = Obj(required={"step": Int(0), "lr_sum": _LOOSE}, optional={
     "phase": Str(("joint", "guide")),
-    **{k: _LOOSE for k in ("scale_min", "scale_mean", "scale_max", "log_scale_mean", "scale_ratio", "loc_move",
+    **{k: _LOOSE for k in ("scale_min", "scale_mean", "scale_max", "log_scale_mean", "scale_ratio", "scale_move", "loc_move",
                            "kl")}})
 _RECORDS = {"train": _TRAIN_RECORD, "eval": _EVAL_RECORD, "guide": _GUIDE_RECORD}
 

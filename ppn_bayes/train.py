@@ -106,13 +106,15 @@ def total_steps(t) -> int:
 def group_multiplier(t, step: int, group: str) -> float:
     """Learning-rate multiplier of parameter group ``group`` at optimizer step ``step``: the recipe's
     schedule over ``steps`` for every group; in the guide-only phase (``step >= steps``) the guide's
-    own schedule over ``guide_steps`` (no warmup) and 0 for every other group (frozen exactly: AdamW's
-    update and its decay are both proportional to lr)."""
+    own schedule over ``guide_steps`` (no warmup; ``guide_schedule``, default ``schedule``) at
+    ``guide_lr / lr_guide`` (default 1) and 0 for every other group (frozen exactly: AdamW's update
+    and its decay are both proportional to lr)."""
     if step < t.steps:
         return lr_multiplier(step, t.steps, t.warmup_steps, t.schedule)
     if group != "guide":
         return 0.0
-    return lr_multiplier(step - t.steps, t.guide_steps, 0, t.schedule)
+    scale = 1.0 if t.guide_lr is None else t.guide_lr / t.lr_guide
+    return scale * lr_multiplier(step - t.steps, t.guide_steps, 0, t.guide_schedule or t.schedule)
 
 
 def guide_lr_spent(t, steps: int) -> float:

@@ -18,7 +18,7 @@ from tests.test_train import tiny_recipe
 def _records(values, lr=0.1):
     """Guide records at steps 0, 10, ... with ``lr`` per step and the three tracked quantities = values."""
     return [{"type": "guide", "step": 10 * i, "lr_sum": 10 * i * lr, "kl": v, "log_scale_mean": -3.0, "loc_move": 0.0,
-             "scale_ratio": 1.0} for i, v in enumerate(values)]
+             "scale_move": 0.0, "scale_ratio": 1.0} for i, v in enumerate(values)]
 
 
 def test_convergence_reads_a_travelling_fit_as_not_flattened():
@@ -100,3 +100,41 @@ def test_fit_logs_guide_records_and_the_guide_only_phase_freezes_weights_and_pus
         assert torch.equal(a6[k], a3[k]), k
     w = fit_warning(tmp_path / "run")
     assert w is None or ("\n" not in w and w.startswith("warning:"))
+
+
+def test_guide_phase_has_its_own_lr_and_schedule():
+    """train.guide_lr / train.guide_schedule set the guide's rate in the guide-only phase only: the joint
+    phase keeps lr_guide on the recipe's schedule, the phase runs at guide_lr (constant: every step),
+    the other groups stay at 0, and lr_sum counts what was spent. Defaults reproduce the old phase."""
+    import dataclasses
+
+    from ppn_bayes.config import TrainConfig
+
+    base = TrainConfig(steps=10, guide_steps=10, lr_guide=0.05, schedule="cosine", warmup_steps=2)
+    t = dataclasses.replace(base, guide_lr=0.2, guide_schedule="constant")
+    for i in range(10):
+        assert group_multiplier(t, i, "guide") == group_multiplier(base, i, "guide")
+    assert [group_multiplier(t, i, "guide") for i in range(10, 20)] == [4.0] * 10
+    assert group_multiplier(t, 15, "push") == 0.0
+    assert guide_lr_spent(t, 20) == pytest.approx(guide_lr_spent(base, 10) + 10 * 0.2)
+    assert group_multiplier(base, 10, "guide") == pytest.approx(1.0) and group_multiplier(base, 19, "guide") < 0.05
+
+
+def test_scales_are_judged_by_their_rms_log_move_not_their_mean():
+    """Half the sds shrinking while the other half grow leaves the mean log-sd almost still, so its
+    net change is ~0 and any jitter read as a large share of it; scale_move (rms of the log ratios)
+    sees the move. Here the sds travel out and stop (scale_move 0, 1, 1.5, 1.75, 1.76: flattened) while
+    the mean log-sd jitters by 1e-3 around -3 (which would read 100 % and more). Power: the same
+    scale_move still travelling (0, 1, 2, 3, 4) is not flattened. Runs that predate scale_move are
+    judged on log_scale_mean as before."""
+    recs = _records([0, 0, 0, 0, 0])
+    for r, move, jitter in zip(recs, [0, 1, 1.5, 1.75, 1.76], [0, 1e-3, 2e-3, 1e-3, 3e-3]):
+        r["scale_move"], r["log_scale_mean"] = move, -3.0 + jitter
+    conv = guide_convergence(recs)
+    assert conv["flattened"] and set(conv["relative_rate"]) == {"kl", "scale_move", "loc_move"}
+    for r, move in zip(recs, [0, 1, 2, 3, 4]):
+        r["scale_move"] = move
+    assert not guide_convergence(recs)["flattened"] and guide_convergence(recs)["worst"] == "scale_move"
+    old = [{k: v for k, v in r.items() if k != "scale_move"} for r in recs]
+    assert set(guide_convergence(old)["relative_rate"]) == {"kl", "log_scale_mean", "loc_move"}
+    assert not guide_convergence(old)["flattened"]  # the jittering mean log-sd, read as before
