@@ -2,8 +2,9 @@
 
     python benchmarks/readme_results.py
 
-Reads ``benchmarks/demo_smollm2.json`` (``benchmarks/demo.py``) and ``benchmarks/compare_smollm2.json``
-(``benchmarks/compare_smollm2.py``: every method on the same calibration and test blocks), and rewrites
+Reads ``benchmarks/demo_smollm2.json`` (``benchmarks/demo.py``), ``benchmarks/compare_smollm2.json``
+(``benchmarks/compare_smollm2.py``: every method on the same calibration and test blocks) and, when
+present, ``benchmarks/fair_fight_distill.md`` (``benchmarks/fair_fight.py``), and rewrites
 the text between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md. Missing inputs
 are skipped with a note, never invented.
 """
@@ -32,13 +33,27 @@ def demo_section(demo: dict) -> list[str]:
     for r in demo["rows"]:
         lines.append(f"| {r['model']} | {r['size_params']:.3f} | {r['perplexity']:.2f} | {r['decode_tok_s']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x |")
-    lines += ["", "| requested size | params kept | FLOPs kept | lambda* | layers kept | P(draw = keep-set) |",
-              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    per_size = all("perplexity" in k for k in demo["keepsets"])
+    lines += ["", "| requested size | params kept | FLOPs kept | lambda* | layers kept | P(draw = keep-set) |"
+              + (" test perplexity (x dense) |" if per_size else ""),
+              "| ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if per_size else "")]
     for k in demo["keepsets"]:
         lam = "saturated" if k.get("lambda_saturated") else f"{k['lambda']:.3g}"
+        ppl = f" {k['perplexity']:.2f} ({k['ppl_ratio']:.2f}) |" if per_size else ""
         lines.append(f"| {k['requested']:.2f} | {k['achieved_params']:.3f} | {k['achieved_flops']:.3f} | "
-                     f"{lam} | {k['layers']} | {k['p_equal']:.2f} |")
+                     f"{lam} | {k['layers']} | {k['p_equal']:.2f} |{ppl}")
+    if "usable_sizes" in demo:
+        usable = ", ".join(f"{u:g}" for u in demo["usable_sizes"]) or "none of these sizes"
+        lines += ["", f"Usable (test perplexity within {demo['usable_ratio']:.2f}x dense): {usable}."]
     return lines
+
+
+def fair_fight_section(fight_md: str | None) -> list[str]:
+    """The fair fight's tables (``benchmarks/fair_fight.py``), as that script wrote them."""
+    if not fight_md:
+        return []
+    return ["**The fair fight** (`python benchmarks/fair_fight.py`: one distilled PPN run against peers healed "
+            "*per size* on the same token budget; details in `benchmarks/RESULTS.md`):", "", *fight_md.rstrip().split("\n")]
 
 
 def compare_section(merged: dict | None) -> list[str]:
@@ -73,6 +88,10 @@ def build() -> str:
              "and calls it).", ""]
     lines += demo_section(demo) if demo else ["(no `benchmarks/demo.py` result recorded yet)"]
     lines += [""] + compare_section(merged)
+    fight = HERE / "fair_fight_distill.md"
+    section = fair_fight_section(fight.read_text() if fight.is_file() else None)
+    if section:
+        lines += [""] + section
     return "\n".join(lines)
 
 
