@@ -22,10 +22,13 @@ Fairness, by construction:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -393,68 +396,104 @@ def _ppn_keepsets(run: Any, sizes: list[float], method: str) -> dict[float, tupl
 # ----------------------------------------------------------------------------- the comparison
 
 
-def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Sequence[float],
-            methods: Sequence[str] = PEERS, *, heal_blocks: torch.Tensor | None = None,
-            run_dir: str | None = None, paper_run_dir: str | None = None, seeds: Sequence[int] = (0, 1, 2),
-            group_size: int = 1, gisp_step: float = 0.1, prunepath_experts: int = 16,
-            decode_tokens: int = 16, batch_size: int = 8, progress: bool = False,
-            model_path: str | os.PathLike | None = None, fit_dir: str | os.PathLike | None = None,
-            gisp_objective: str = "perplexity", gisp_choices: Sequence[Any] | None = None,
-            anchor_kinds: Sequence[str] = ("layers", "heads", "groups"), heal_loss: str = "data",
-            transfer: torch.Tensor | None = None) -> dict[str, Any]:
-    """Run ``methods`` at ``sizes`` on ``model``; ``{"dense", "results", "costs", "config"}``.
+@dataclass(frozen=True)
+class CompareOptions:
+    """How :func:`compare` runs, beyond the model, the data, the sizes and the methods.
 
-    ``model`` is never modified (peers work on copies or cut copies). ``heal_blocks``: train blocks
-    for optional healing (see module docstring). ``gisp_objective``: ``"perplexity"`` (next-token NLL
-    of ``calib``; rows named ``gisp``) or ``"margin"`` (the margin loss on ``gisp_choices``, a list of
-    :class:`~ppn_bayes.baselines.gisp.ChoiceExample`, e.g. from
-    :func:`ppn_bayes.tasks.choices.calibration_items` and :func:`~ppn_bayes.tasks.choices.to_examples`;
-    rows named ``gisp-margin``). Every GISP row records its ``objective``. ``anchor``: the data score
-    anchor alone (:func:`ppn_bayes.anchor.anchor_pruning`, Block Influence for layers and Taylor
-    importance for heads and channel groups of ``group_size``, on ``calib``) over ``anchor_kinds``.
-    ``heal_loss``: what healing minimizes, ``data`` (next-token NLL) or ``distill`` (forward KL from
-    ``model``'s logits); every healed row records it. ``ppn-healed``: the ``ppn`` run's sub-networks
-    healed per size like the peers (needs ``heal_blocks``). ``tokens`` in the result: the training
-    tokens each method spent for all sizes (a PPN run's once, plus healing per size; calibration,
-    the same for every peer, is not counted). ``transfer``: test blocks of another domain, which
-    neither calibration nor training saw; every row then also has ``transfer_perplexity`` (and
-    ``transfer_nll``), read as a ratio to the dense row's on the same blocks.
+    ``heal_blocks``: train blocks for optional healing (module docstring); ``heal_loss``: what healing
+    minimizes, ``data`` (next-token NLL) or ``distill`` (forward KL from the dense model's logits).
+    ``run_dir``/``paper_run_dir``: the finished runs of the ``ppn``/``ppn-healed`` and ``ppn-paper``
+    rows; without them, and with ``fit_dir`` and ``model_path``, they are fitted (:func:`fit_ppn_run`).
+    ``seeds``: random keep-sets averaged; ``group_size``: MLP channels per unit for the structured peers;
+    ``gisp_step``, ``gisp_objective`` (``perplexity`` or ``margin``) and ``gisp_choices``
+    (:class:`~ppn_bayes.baselines.gisp.ChoiceExample` items for the margin objective);
+    ``prunepath_experts``; ``anchor_kinds`` (the ``anchor`` rows). ``decode_tokens`` (0: no decode
+    timing), ``batch_size`` (evaluation), ``progress`` (a line per method on stderr). ``transfer``:
+    test blocks of another domain (a ``transfer_perplexity`` per row).
+    """
+
+    heal_blocks: torch.Tensor | None = None
+    heal_loss: str = "data"
+    run_dir: str | os.PathLike | None = None
+    paper_run_dir: str | os.PathLike | None = None
+    model_path: str | os.PathLike | None = None
+    fit_dir: str | os.PathLike | None = None
+    seeds: Sequence[int] = (0, 1, 2)
+    group_size: int = 1
+    gisp_step: float = 0.1
+    gisp_objective: str = "perplexity"
+    gisp_choices: Sequence[Any] | None = None
+    prunepath_experts: int = 16
+    anchor_kinds: Sequence[str] = ("layers", "heads", "groups")
+    decode_tokens: int = 16
+    batch_size: int = 8
+    progress: bool = False
+    transfer: torch.Tensor | None = None
+
+    def check(self, methods: Sequence[str]) -> CompareOptions:
+        """Eager checks (one-line errors) of what ``methods`` need from these options."""
+        check_heal_loss(self.heal_loss)
+        if "ppn-healed" in methods and (self.heal_blocks is None or self.heal_blocks.shape[0] == 0):
+            raise ConfigError("method ppn-healed heals each size: pass --heal-tokens N (heal_blocks=) as for the peers")
+        if self.gisp_objective not in GISP_OBJECTIVES:
+            raise ConfigError(f"unknown GISP objective {self.gisp_objective!r}; choose from {','.join(GISP_OBJECTIVES)}")
+        if self.gisp_objective == "margin" and "gisp" in methods and not self.gisp_choices:
+            raise ConfigError("GISP's margin objective needs choice examples: pass gisp_choices=[ChoiceExample, ...] "
+                              "(ppn compare builds them from the bundled train novels)")
+        return self
+
+
+def compare_options(options: CompareOptions | None = None, **overrides: Any) -> CompareOptions:
+    """``options`` (default :class:`CompareOptions`) with ``overrides``; an unknown name is a one-line error."""
+    names = {f.name for f in dataclasses.fields(CompareOptions)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown compare option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return dataclasses.replace(options or CompareOptions(), **overrides)
+
+
+def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Sequence[float],
+            methods: Sequence[str] = PEERS, options: CompareOptions | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run ``methods`` at ``sizes`` on ``model``; ``{"dense", "results", "costs", "tokens", "config"}``.
+
+    How it runs is a :class:`CompareOptions` (``options``), or its fields given as keywords
+    (``compare(..., heal_blocks=b, decode_tokens=0)``), which replace those of ``options``.
+    ``model`` is never modified (peers work on copies or cut copies). Every GISP row records its
+    ``objective``: ``perplexity`` (next-token NLL of ``calib``; rows named ``gisp``) or ``margin`` (rows
+    ``gisp-margin``). ``anchor``: the data score anchor alone (:func:`ppn_bayes.anchor.anchor_pruning`,
+    Block Influence for layers and Taylor importance for heads and channel groups, on ``calib``).
+    ``ppn-healed``: the ``ppn`` run's sub-networks healed per size like the peers (needs
+    ``heal_blocks``); every healed row records its ``heal_loss``. ``tokens`` in the result: the training
+    tokens each method spent for all sizes (a PPN run's once, plus healing per size; calibration, the
+    same for every peer, is not counted). With ``transfer`` every row also has ``transfer_perplexity``
+    (and ``transfer_nll``), read as a ratio to the dense row's on the same blocks.
     """
     sizes = check_sizes(sizes)
     methods = check_methods(methods)
-    check_heal_loss(heal_loss)
-    if "ppn-healed" in methods and (heal_blocks is None or heal_blocks.shape[0] == 0):
-        raise ConfigError("method ppn-healed heals each size: pass --heal-tokens N (heal_blocks=) as for the peers")
-    if gisp_objective not in GISP_OBJECTIVES:
-        raise ConfigError(f"unknown GISP objective {gisp_objective!r}; choose from {','.join(GISP_OBJECTIVES)}")
-    if gisp_objective == "margin" and "gisp" in methods and not gisp_choices:
-        raise ConfigError("GISP's margin objective needs choice examples: pass gisp_choices=[ChoiceExample, ...] "
-                          "(ppn compare builds them from the bundled train novels)")
+    o = compare_options(options, **overrides).check(methods)
     calib, test = check_blocks(calib), check_blocks(test, "test")
-    transfer = None if transfer is None else check_blocks(transfer, "transfer")
+    transfer = None if o.transfer is None else check_blocks(o.transfer, "transfer")
     from ppn_bayes.backbone.families import family_for
 
     family_for(model.config)  # an unsupported architecture fails here, before minutes of dense evaluation
-    bench = Bench(model, test, heal_blocks, decode_tokens, batch_size, heal_loss=heal_loss, transfer=transfer)
-    if run_dir is None and fit_dir is not None and model_path is not None and {"ppn", "ppn-healed"} <= set(methods):
-        run_dir = str(fit_ppn_run("ppn", model_path, fit_dir)[0])  # one run for both: its rows healed and not
+    bench = Bench(model, test, o.heal_blocks, o.decode_tokens, o.batch_size, heal_loss=o.heal_loss, transfer=transfer)
+    if (o.run_dir is None and o.fit_dir is not None and o.model_path is not None
+            and {"ppn", "ppn-healed"} <= set(methods)):  # one run for both: its rows healed and not
+        o = dataclasses.replace(o, run_dir=str(fit_ppn_run("ppn", o.model_path, o.fit_dir)[0]))
     dense = {"method": "dense", "size": 1.0, **bench.ppl(model), "param_fraction": 1.0, "flops_fraction": 1.0,
              "decode_speedup": 1.0 if bench.can_decode else None, "cost_seconds": 0.0}
     rows: list[dict] = []
     for method in methods:
-        if progress:
-            print(f"ppn compare: {method}", flush=True, file=__import__("sys").stderr)
-        rows += _method_rows(bench, method, calib, sizes, seeds=seeds, group_size=group_size, gisp_step=gisp_step,
-                             prunepath_experts=prunepath_experts, run_dir=run_dir, paper_run_dir=paper_run_dir,
-                             model_path=model_path, fit_dir=fit_dir, gisp_objective=gisp_objective,
-                             gisp_choices=gisp_choices, anchor_kinds=tuple(anchor_kinds))
+        if o.progress:
+            print(f"ppn compare: {method}", flush=True, file=sys.stderr)
+        rows += _method_rows(bench, method, calib, sizes, o)
     costs: dict[str, float] = {}
     for r in rows:  # a one-run method's run once (per seed for random); per-size runs and heals summed
         if "cost_seconds" not in r:
             continue
         m = r["method"]
         if r.get("one_run_for_all_sizes"):
-            costs.setdefault(m, r["cost_seconds"] * (len(seeds) if m == "random" else 1))
+            costs.setdefault(m, r["cost_seconds"] * (len(o.seeds) if m == "random" else 1))
         else:
             costs[m] = costs.get(m, 0.0) + r["cost_seconds"]
         costs[m] += r.get("heal_seconds", 0.0)
@@ -466,42 +505,45 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
         tokens.setdefault(m, int(r.get("train_tokens", 0)))
         tokens[m] += int(r.get("healed_tokens", 0))
     config = {"sizes": sizes, "methods": methods, "calib_blocks": int(calib.shape[0]),
-              "test_blocks": int(test.shape[0]), "block_size": int(test.shape[1]), "seeds": list(seeds),
-              "group_size": group_size, "gisp_step": gisp_step, "gisp_objective": gisp_objective,
-              "gisp_choices": len(gisp_choices) if gisp_objective == "margin" and gisp_choices else 0,
-              "prunepath_experts": prunepath_experts, "anchor_kinds": list(anchor_kinds),
-              "heal_tokens": int(heal_blocks.numel()) if heal_blocks is not None else 0, "heal_loss": heal_loss,
-              "decode_tokens": decode_tokens, "decode_error": bench.decode_error}
+              "test_blocks": int(test.shape[0]), "block_size": int(test.shape[1]), "seeds": list(o.seeds),
+              "group_size": o.group_size, "gisp_step": o.gisp_step, "gisp_objective": o.gisp_objective,
+              "gisp_choices": len(o.gisp_choices) if o.gisp_objective == "margin" and o.gisp_choices else 0,
+              "prunepath_experts": o.prunepath_experts, "anchor_kinds": list(o.anchor_kinds),
+              "heal_tokens": int(o.heal_blocks.numel()) if o.heal_blocks is not None else 0, "heal_loss": o.heal_loss,
+              "decode_tokens": o.decode_tokens, "decode_error": bench.decode_error}
     return {"dense": dense, "results": rows, "costs": costs, "tokens": tokens, "config": config,
             "keepsets": bench.keepsets}
 
 
-def _method_rows(bench: Bench, method: str, calib: torch.Tensor, sizes: list[float], **kw: Any) -> list[dict]:
+def _method_rows(bench: Bench, method: str, calib: torch.Tensor, sizes: list[float], o: CompareOptions
+                 ) -> list[dict]:
     model = bench.model
     if method in PPN_METHODS:
-        return ppn_rows(bench, method, kw["paper_run_dir"] if method == "ppn-paper" else kw["run_dir"], sizes,
-                        kw.get("model_path"), kw.get("fit_dir"))
+        return ppn_rows(bench, method, o.paper_run_dir if method == "ppn-paper" else o.run_dir, sizes,
+                        o.model_path, o.fit_dir)
     if method == "gisp":
         from ppn_bayes.baselines.gisp import gisp
 
-        objective = kw.get("gisp_objective", "perplexity")
-        res = gisp(model, calib, sizes, objective=objective, choices=kw.get("gisp_choices"),
-                   step=kw["gisp_step"], group_size=kw["group_size"])
+        objective = o.gisp_objective
+        res = gisp(model, calib, sizes, objective=objective, choices=o.gisp_choices,
+                   step=o.gisp_step, group_size=o.group_size)
         res.method = gisp_label(objective)
         return structured_rows(bench, res, {"objective": objective})
     if method == "anchor":
         from ppn_bayes.anchor import anchor_pruning
 
-        res = anchor_pruning(model, calib, sizes, kinds=kw["anchor_kinds"], group_size=kw["group_size"])
-        return structured_rows(bench, res, {"kinds": list(kw["anchor_kinds"])})
+        res = anchor_pruning(model, calib, sizes, kinds=o.anchor_kinds, group_size=o.group_size)
+        return structured_rows(bench, res, {"kinds": list(o.anchor_kinds)})
     if method == "shortgpt":
         from ppn_bayes.baselines.shortgpt import shortgpt
 
-        return structured_rows(bench, shortgpt(model, calib, sizes, group_size=kw["group_size"]))
+        return structured_rows(bench, shortgpt(model, calib, sizes, group_size=o.group_size))
     if method == "random":
-        return random_rows(bench, sizes, kw["seeds"], kw["group_size"])
+        return random_rows(bench, sizes, o.seeds, o.group_size)
     if method == "prunepath":
-        return prunepath_rows(bench, calib, sizes, kw["prunepath_experts"])
+        return prunepath_rows(bench, calib, sizes, o.prunepath_experts)
+    if method not in ("wanda", "sparsegpt"):  # check_methods refuses these first; never a silent fallback
+        raise ConfigError(f"unknown method {method!r}; choose from {','.join(METHODS)}")
     from ppn_bayes.baselines.sparsegpt import sparsegpt
     from ppn_bayes.baselines.wanda import wanda
 

@@ -316,3 +316,19 @@ def test_a_dense_model_that_cannot_decode_says_why_and_a_pruned_one_raises():
     assert ok.can_decode and ok.decode_error is None
     with pytest.raises(NotImplementedError):
         ok.speedup(NoCache(model))
+
+
+def test_compare_takes_a_typed_options_object_and_refuses_unknown_options():
+    """``compare(..., options)`` and the same fields as keywords are one thing; a misspelt option is a
+    one-line error naming the known ones, not a silently ignored keyword."""
+    from ppn_bayes.compare import CompareOptions
+
+    model = tiny_model("llama")
+    b = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    by_object = compare(model, b, b, [0.5], ["shortgpt"], CompareOptions(decode_tokens=0, group_size=4))
+    by_keywords = compare(model, b, b, [0.5], ["shortgpt"], decode_tokens=0, group_size=4)
+    assert [r["perplexity"] for r in by_object["results"]] == [r["perplexity"] for r in by_keywords["results"]]
+    assert by_object["config"]["group_size"] == 4
+    with pytest.raises(ConfigError, match="unknown compare option.*decode_token\\b.*known: anchor_kinds") as err:
+        compare(model, b, b, [0.5], ["shortgpt"], decode_token=0)
+    assert "\n" not in str(err.value)

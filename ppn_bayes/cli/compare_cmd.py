@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, sizes: list[float], methods: list[str], items: list[dict] | None,
          choice_info: dict[str, Any], device: Any) -> int:
-    from ppn_bayes.compare import compare, markdown_table, write_outputs
+    from ppn_bayes.compare import CompareOptions, compare, markdown_table, write_outputs
     from ppn_bayes.data import calibration_blocks, token_blocks
     from ppn_bayes.zoo import load_model, resolve_model
 
@@ -186,14 +186,14 @@ def _run(args: argparse.Namespace, sizes: list[float], methods: list[str], items
     test = token_blocks(tok, "test", args.block_size, args.data, max_blocks=args.test_blocks, max_context=ctx)
     transfer = None if args.transfer_data is None else token_blocks(
         tok, "test", args.block_size, args.transfer_data, max_blocks=args.test_blocks, max_context=ctx)
-    result = compare(model, calib, test, sizes, methods, heal_blocks=heal_blocks, run_dir=args.run,
-                     paper_run_dir=args.paper_run, seeds=tuple(range(args.seeds)), group_size=args.group_size,
-                     gisp_step=args.gisp_step, prunepath_experts=args.experts, decode_tokens=args.decode_tokens,
-                     batch_size=args.batch_size, progress=not args.json,
-                     model_path=resolve_model(args.model) if {"ppn", "ppn-paper", "ppn-healed"} & set(methods) else None,
-                     fit_dir=args.out, gisp_objective=args.gisp_objective, gisp_choices=gisp_choices,
-                     anchor_kinds=tuple(k for k in args.anchor_kinds.split(",") if k), heal_loss=args.heal_loss,
-                     transfer=transfer)
+    options = CompareOptions(
+        heal_blocks=heal_blocks, heal_loss=args.heal_loss, run_dir=args.run, paper_run_dir=args.paper_run,
+        model_path=resolve_model(args.model) if {"ppn", "ppn-paper", "ppn-healed"} & set(methods) else None,
+        fit_dir=args.out, seeds=tuple(range(args.seeds)), group_size=args.group_size, gisp_step=args.gisp_step,
+        gisp_objective=args.gisp_objective, gisp_choices=gisp_choices, prunepath_experts=args.experts,
+        anchor_kinds=tuple(comma_list(args.anchor_kinds, str, "--anchor-kinds", "layers,heads,groups")),
+        decode_tokens=args.decode_tokens, batch_size=args.batch_size, progress=not args.json, transfer=transfer)
+    result = compare(model, calib, test, sizes, methods, options)
     result["config"].update(model=args.model, data=args.data, transfer_data=args.transfer_data, seed=args.seed,
                             device=str(device), **choice_info)
     paths = write_outputs(result, args.out)
