@@ -195,9 +195,10 @@ class Objective(nn.Module):
 # ------------------------------------------------------------------------------------------ setup
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Session:
-    """The live objects of one training process."""
+    """The live objects of one training process, built by :func:`build` from named parts (keywords only:
+    seventeen positional fields would be a transposition waiting to happen)."""
 
     recipe: Recipe
     run_dir: Path
@@ -369,8 +370,10 @@ def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: 
     init = guide_marginals(guide)
     optimizer = torch.optim.AdamW([{"params": ps, "name": n, **_group_hparams(recipe, n)} for n, ps in groups.items()],
                                   lr=t.lr_guide, betas=tuple(t.betas), eps=1e-8)
-    return Session(recipe, Path(run_dir), device, rank, world, base_path, gated, ppn, guide, lora, objective,
-                   wrapped, train_blocks, val_blocks, groups, named, optimizer, generator, guide_init=init)
+    return Session(recipe=recipe, run_dir=Path(run_dir), device=device, rank=rank, world=world, base_path=base_path,
+                   gated=gated, ppn=ppn, guide=guide, lora=lora, objective=objective, wrapped=wrapped,
+                   train_blocks=train_blocks, val_blocks=val_blocks, groups=groups, named_weights=named,
+                   optimizer=optimizer, generator=generator, guide_init=init)
 
 
 # ------------------------------------------------------------------------------------- one step
