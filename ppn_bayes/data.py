@@ -35,14 +35,13 @@ import itertools
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ppn_bayes.errors import DataError
-from ppn_bayes.files import sha256_file
+from ppn_bayes.files import atomic_write_with, sha256_file
 from ppn_bayes.schema import short
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "data"
@@ -296,16 +295,9 @@ def _read_cache(path: Path, block_size: int) -> torch.Tensor | None:
 def _write_cache(path: Path, blocks: torch.Tensor, key: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".blocks-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"blocks": blocks}, tmp, metadata={"key": json.dumps(key, sort_keys=True)})
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is shared like the model cache
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # shared like the model cache: atomic_write_with gives it the umask's mode, not mkstemp's 0600
+    atomic_write_with(path, lambda tmp: save_file({"blocks": blocks}, tmp,
+                                                  metadata={"key": json.dumps(key, sort_keys=True)}), suffix=".tmp")
 
 
 def token_blocks(

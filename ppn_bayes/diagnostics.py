@@ -31,8 +31,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +64,7 @@ from ppn_bayes.backbone.gated import GatedLM
 from ppn_bayes.backbone.units import UnitInventory
 from ppn_bayes.config import GuideConfig, PriorConfig, PushConfig
 from ppn_bayes.errors import ConfigError
+from ppn_bayes.files import atomic_write_with
 from ppn_bayes.guides import make_guide
 from ppn_bayes.model import PPNModel
 
@@ -126,17 +125,7 @@ def to_inference_data(posterior, num_draws: int = 1000, seed: int = 0, chains: i
 
 def save_netcdf(idata: az.InferenceData, path: str | Path) -> Path:
     """Write ``idata`` to NetCDF (h5netcdf engine) through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nc", dir=path.parent)
-    os.close(fd)
-    try:
-        idata.to_netcdf(tmp, engine="h5netcdf")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_with(Path(path), lambda tmp: idata.to_netcdf(tmp, engine="h5netcdf"), suffix=".nc")
 
 
 def load_netcdf(path: str | Path) -> az.InferenceData:

@@ -38,7 +38,7 @@ import fnmatch
 import hashlib
 import os
 import tempfile
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -90,18 +90,31 @@ def atomic_write_many(files: dict[Path, bytes]) -> None:
         raise
 
 
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """``safetensors.torch.save_file`` through a temporary file and an atomic rename."""
+def atomic_write_with(path: Path, write: Callable[[str], None], suffix: str = "") -> Path:
+    """A file that a library writes by name (safetensors, NetCDF): ``write(tmp)`` fills a temporary file
+    next to ``path``, which is then fsynced, given the mode ``open()`` would give a new file
+    (``mkstemp`` makes 0600; outputs and caches are meant to be shared) and renamed into place. On any
+    failure the temporary file is removed and ``path`` is as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fchmod(fh.fileno(), _file_mode())
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` through :func:`atomic_write_with`."""
+    host = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_with(path, lambda tmp: save_file(host, tmp, metadata=metadata))
 
 
 def sha256_file(path: Path) -> str:

@@ -335,3 +335,22 @@ def test_a_closed_pipe_ends_quietly(on, own_run, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdout", _Stdout(BrokenPipeError(errno.EPIPE, "Broken pipe"), on))
     assert main(["keepset", str(own_run), "--size", "0.5", "--draws", "8", "--json"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_library_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    """Run files written by safetensors or arviz through files.atomic_write_with are shared like any
+    file ``open()`` creates (mkstemp alone makes 0600: other users of a shared run could not read it)."""
+    import os
+    import stat
+
+    import torch
+
+    from ppn_bayes.files import atomic_save_tensors
+
+    old = os.umask(0o022)
+    try:
+        atomic_save_tensors({"x": torch.zeros(2)}, tmp_path / "t.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "t.safetensors").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]  # no temporary file left
