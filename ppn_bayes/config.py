@@ -172,7 +172,7 @@ class CalibrationConfig:
     draws: int = 2  # common (lambda, mask) draws per block, lambda at stratified Exp(rate) quantiles
     max_dims: int | None = None  # score directions kept (top curvature); None = min(#scores, (units - 1) // 3)
     steps: int = 60  # guide-only SVI steps that re-derive the posterior at the calibrated beta (0: record only)
-    lr: float | None = None  # their learning rate; None = train.lr_guide
+    lr: float | None = None  # their learning rate; None = the guide-only phase's (train.guide_lr, else train.lr_guide)
     bootstrap: int = 200  # unit-bootstrap replicates for beta's standard error
     seed: int = 0
 
@@ -345,7 +345,7 @@ def validate(recipe: Recipe) -> Recipe:
     need(c.draws >= 1, "calibration.draws", f"must be >= 1, got {c.draws}")
     need(c.max_dims is None or c.max_dims >= 1, "calibration.max_dims", f"must be >= 1 or null, got {c.max_dims}")
     need(c.steps >= 0, "calibration.steps", f"must be >= 0 (0 records beta only), got {c.steps}")
-    need(c.lr is None or c.lr > 0, "calibration.lr", f"must be > 0 or null (train.lr_guide), got {c.lr}")
+    need(c.lr is None or c.lr > 0, "calibration.lr", f"must be > 0 or null (train.guide_lr or train.lr_guide), got {c.lr}")
     need(c.bootstrap >= 0, "calibration.bootstrap", f"must be >= 0, got {c.bootstrap}")
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
          f"use auto, cpu, cuda or cuda:N, got {short(t.device)}")
