@@ -128,7 +128,7 @@ def _diagnostics(posterior, num_draws: int, seed: int, out: Path, manifest: dict
     psis = manifest.get("psis") or next((m for m in reversed(metrics) if "khat" in m), None)
     if psis and psis.get("khat") is not None:
         k = float(psis["khat"])
-        reading = diag.khat_reading(k) if hasattr(diag, "khat_reading") else ""
+        reading = diag.khat_reading(k)
         lines.append(f"PSIS k-hat of the variational approximation: **{k:.3f}** ({reading}; k < 0.5 good, "
                      "0.5-0.7 questionable, > 0.7 bad).")
     else:
