@@ -52,8 +52,9 @@ def fair_fight_section(fight_md: str | None) -> list[str]:
     """The fair fight's tables (``benchmarks/fair_fight.py``), as that script wrote them."""
     if not fight_md:
         return []
-    return ["**The fair fight** (`python benchmarks/fair_fight.py`: one distilled PPN run against peers healed "
-            "*per size* on the same token budget; details in `benchmarks/RESULTS.md`):", "", *fight_md.rstrip().split("\n")]
+    title = ("**The fair fight** (`python benchmarks/fair_fight.py`: one distilled PPN run against peers healed "
+             "*per size* on the same token budget; details in `benchmarks/RESULTS.md`):")
+    return [title, "", *fight_md.rstrip().split("\n")]
 
 
 def compare_section(merged: dict | None) -> list[str]:
