@@ -20,9 +20,10 @@ SHARED = {
     "--draws": (shared.DRAWS, shared.DRAWS_HELP),
     "--device": (shared.DEVICE, shared.DEVICE_HELP),
 }
-# ``ppn compare --seed`` seeds the peers' calibration draw, not the posterior's: another meaning,
-# another help; everywhere else --seed is the posterior draws' seed.
-OTHER_MEANING = {("compare", "--seed")}
+# ``ppn compare --seed`` seeds the peers' calibration draw and ``ppn calibrate --seed`` the chapters and
+# price draws it samples (overriding the recipe's calibration.seed), not the posterior draws: another
+# meaning, another help; everywhere else --seed is the posterior draws' seed.
+OTHER_MEANING = {("compare", "--seed"), ("calibrate", "--seed")}
 
 
 def commands(parser: argparse.ArgumentParser, prefix: str = ""):
@@ -77,3 +78,13 @@ def test_quantile_means_the_same_everywhere(command):
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     (quantile,) = [a for a in sub.choices[command]._actions if "--quantile" in a.option_strings]
     assert quantile.help == shared.QUANTILE_HELP
+
+
+def test_calibrate_units_are_the_data_units():
+    """``ppn calibrate --unit`` spells the units out (the parser must not import torch); they are data's."""
+    from ppn_bayes.data import UNITS
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    (unit,) = [a for a in sub.choices["calibrate"]._actions if "--unit" in a.option_strings]
+    assert tuple(unit.choices) == UNITS

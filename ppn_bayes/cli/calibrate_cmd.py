@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from ppn_bayes.cli.options import add_device, add_json
+from ppn_bayes.config import CalibrationConfig
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("calibrate", help="calibrate beta (information matching over chapters), re-derive "
@@ -14,27 +17,32 @@ def register(subparsers) -> None:
                               "(weights frozen) and record both in the run's manifest.json. The original "
                               "posterior stays in RUN/posterior.uncalibrated/.")
     p.add_argument("run", help="run directory written by `ppn fit`")
-    p.add_argument("--unit", choices=("chapters", "documents"), help="independent unit (default: the recipe's "
-                   "calibration.unit, chapters)")
-    p.add_argument("--units", type=int, help="units to sample (calibration.units, default 24)")
-    p.add_argument("--blocks-per-unit", type=int, help="blocks per sampled unit (calibration.blocks_per_unit, 2)")
-    p.add_argument("--draws", type=int, help="common (lambda, mask) draws per block (calibration.draws, 2)")
-    p.add_argument("--steps", type=int, help="guide-only SVI steps at the new beta (calibration.steps, 60)")
+    c = CalibrationConfig()  # the defaults a recipe without a calibration section gets
+    # the choices are ppn_bayes.data.UNITS, spelt out so that building the parser does not import torch (tested)
+    p.add_argument("--unit", choices=("chapters", "documents"),
+                   help=f"independent unit (default: the recipe's calibration.unit, {c.unit})")
+    p.add_argument("--units", type=int, help=f"units to sample (calibration.units, default {c.units})")
+    p.add_argument("--blocks-per-unit", type=int,
+                   help=f"blocks per sampled unit (calibration.blocks_per_unit, default {c.blocks_per_unit})")
+    p.add_argument("--price-draws", type=int,
+                   help=f"common (lambda, mask) draws per block (calibration.draws, default {c.draws})")
+    p.add_argument("--steps", type=int, help=f"guide-only SVI steps at the new beta (calibration.steps, default {c.steps})")
     p.add_argument("--no-rederive", action="store_true", help="record beta only; keep the posterior as it is")
     p.add_argument("--beta", type=float, help="use this beta instead of estimating one (e.g. the trained 1.0, "
                    "to see what the extra guide-only steps alone change)")
-    p.add_argument("--seed", type=int, help="calibration.seed (default 0)")
-    p.add_argument("--device", default="cpu", help="device (default cpu)")
-    p.add_argument("--json", action="store_true", help="print the manifest record as JSON")
+    p.add_argument("--seed", type=int, help=f"seed of the chapters and draws sampled (calibration.seed, default {c.seed})")
+    add_device(p)
+    add_json(p, "the manifest record")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ppn_bayes.calibration import calibrate_run
+    from ppn_bayes.device import resolve_device
 
-    keys = {"unit": args.unit, "units": args.units, "blocks_per_unit": args.blocks_per_unit, "draws": args.draws,
+    keys = {"unit": args.unit, "units": args.units, "blocks_per_unit": args.blocks_per_unit, "draws": args.price_draws,
             "steps": 0 if args.no_rederive else args.steps, "seed": args.seed}
-    record = calibrate_run(args.run, {k: v for k, v in keys.items() if v is not None}, device=args.device,
+    record = calibrate_run(args.run, {k: v for k, v in keys.items() if v is not None}, device=str(resolve_device(args.device)),
                            progress=not args.json, beta=args.beta)
     if args.json:
         print(json.dumps(record))
