@@ -123,11 +123,12 @@ def label(stage: str, row: dict) -> str:
     return row["method"]
 
 
-def merge() -> dict:
-    """All stages' rows, relabelled, with one dense row (every stage evaluates the same test blocks)."""
-    rows, costs, dense, commands = [], {}, None, {}
-    for stage in STAGES:
-        path = STAGE_DIR / f"{stage}.json"
+def read_stages(stage_dir: Path, stages) -> tuple[dict | None, dict[str, str], list[tuple[str, dict]]]:
+    """``(dense, commands, [(stage, data), ...])`` of the stage JSONs present under ``stage_dir``; every
+    stage must have evaluated the same test blocks (one dense row), else the merge stops."""
+    dense, commands, found = None, {}, []
+    for stage in stages:
+        path = stage_dir / f"{stage}.json"
         if not path.is_file():
             continue
         data = json.loads(path.read_text())
@@ -136,6 +137,15 @@ def merge() -> dict:
             raise SystemExit(f"{path}: dense perplexity {data['dense']['perplexity']:.3f} differs from "
                              f"{dense['perplexity']:.3f}: the stages did not use the same test blocks")
         commands[stage] = data.get("command", "")
+        found.append((stage, data))
+    return dense, commands, found
+
+
+def merge() -> dict:
+    """All stages' rows, relabelled, with one dense row (every stage evaluates the same test blocks)."""
+    rows, costs = [], {}
+    dense, commands, stages = read_stages(STAGE_DIR, STAGES)
+    for stage, data in stages:
         for r in data["results"]:
             name = label(stage, r)
             rows.append({**r, "method": name, "stage": stage})

@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 # the same calibration/test blocks and helpers as the README comparison
-from compare_smollm2 import COMMON, _finished, _ppn, _write_json
+from compare_smollm2 import COMMON, _finished, _ppn, _write_json, read_stages
 
 SIZES = "0.75,0.5,0.4"
 TRANSFER = "kjv"  # the transfer domain (module docstring)
@@ -99,17 +99,9 @@ def label(stage: str, row: dict) -> str:
 
 
 def merge(stage_dir: Path) -> dict:
-    rows, dense, commands, costs, tokens = [], None, {}, {}, {}
-    for stage in STAGES:
-        path = stage_dir / f"{stage}.json"
-        if not path.is_file():
-            continue
-        data = json.loads(path.read_text())
-        dense = dense or data["dense"]
-        if abs(data["dense"]["perplexity"] - dense["perplexity"]) > 1e-3 * dense["perplexity"]:
-            raise SystemExit(f"{path}: dense perplexity {data['dense']['perplexity']:.3f} differs from "
-                             f"{dense['perplexity']:.3f}: the stages did not use the same test blocks")
-        commands[stage] = data.get("command", "")
+    rows, costs, tokens = [], {}, {}
+    dense, commands, stages = read_stages(stage_dir, STAGES)
+    for stage, data in stages:
         for r in data["results"]:
             if "2:4" in r["method"]:
                 continue  # the fight is at 0.75/0.5/0.4; SparseGPT's 2:4 row is a fixed 0.5 pattern
