@@ -12,15 +12,15 @@
 **Refits.** Refit ``r`` (``r = 0 .. R-1``) is the recipe with ``train.seed = seed + r`` and
 ``data.bootstrap_seed = seed + r``: its train split is a bootstrap resample of the chapters (or
 documents, ``--set data.bootstrap_unit=documents``), drawn with replacement before blocks are packed
-(``ppn_bayes/data.py``), so the refits differ as the data and the optimizer could have. Each is an
+(``ppn_bayes/data/corpus.py``), so the refits differ as the data and the optimizer could have. Each is an
 ordinary run directory ``OUT/runs/refit-r``.
 
 **The check**, at every size (default 0.25, 0.5, 0.75) and for every gated unit ``u``: run ``r``
 reports an inclusion probability ``pi_r(u)`` (the share of its posterior draws whose own keep-set,
-same rule and budget, keeps ``u``: :class:`ppn_bayes.keepsets.KeepsetSolver`) and a keep-set ``K_r``.
+same rule and budget, keeps ``u``: :class:`ppn_bayes.bayes.keepsets.KeepsetSolver`) and a keep-set ``K_r``.
 ``pi_r(u)`` is read as a forecast of whether *another* refit keeps ``u``: every ordered pair
 ``r != r'`` gives the forecast ``pi_r(u)`` and the outcome ``1[u in K_r']``. Scored
-(:mod:`ppn_bayes.calibration_checks`):
+(:mod:`ppn_bayes.analysis.calibration_checks`):
 
 * ``mean_abs_gap``: mean over ``r, u`` of ``|pi_r(u) - f_-r(u)|``, ``f_-r`` the keep frequency over
   the other refits (leave-one-out, so a run does not forecast itself);
@@ -49,10 +49,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ppn_bayes import calibration_checks as cc
+from ppn_bayes.analysis import calibration_checks as cc
+from ppn_bayes.bayes.keepsets import KIND_ORDER, KeepsetSolver, UnitTable
+from ppn_bayes.bayes.posterior import Posterior
 from ppn_bayes.files import atomic_write_bytes
-from ppn_bayes.keepsets import KIND_ORDER, KeepsetSolver, UnitTable
-from ppn_bayes.posterior import Posterior
 
 DEMO = ROOT / "inference" / "smollm2-demo.yaml"
 SIZES = (0.25, 0.5, 0.75)
@@ -65,7 +65,7 @@ def tiny_setup(root: Path) -> dict[str, Any]:
     """A tiny random 4-layer Llama (GQA 4/2 heads) and a tiny chaptered corpus under ``root``, and a
     recipe mapping that fits it in seconds (layers, heads and channel groups of 16 gated). Shared with
     ``calibration_swaps.py`` and ``quantile_hedge.py``; built once per ``root``."""
-    from ppn_bayes.data import chapters, load_corpus, train_bpe_tokenizer
+    from ppn_bayes.data.corpus import chapters, load_corpus, train_bpe_tokenizer
 
     root = Path(root)
     base, corpus = root / "tiny-base", root / "tiny-corpus"
@@ -112,7 +112,7 @@ def refit(out: Path, r: int, recipe: str | Path | None, overrides: list[str], se
     unfinished one resumed."""
     from ppn_bayes.config import apply_overrides, load_recipe, recipe_from_dict
     from ppn_bayes.run import MANIFEST, read_json
-    from ppn_bayes.train import fit
+    from ppn_bayes.training.loop import fit
 
     run_dir = out / "runs" / f"refit-{r}"
     if (run_dir / MANIFEST).is_file() and read_json(run_dir / MANIFEST).get("status") == "finished":
@@ -240,7 +240,7 @@ def table_text(res: dict[str, Any]) -> str:
 
 
 def write(res: dict[str, Any], out: Path, name: str = "calibration_refits") -> tuple[Path, Path]:
-    from ppn_bayes.plots import plot_reliability
+    from ppn_bayes.analysis.plots import plot_reliability
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"

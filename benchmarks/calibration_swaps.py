@@ -6,7 +6,7 @@
     # smoke test: fits one tiny random Llama run into OUT/runs/refit-0, then the check (seconds)
     python benchmarks/calibration_swaps.py --tiny --out /tmp/swaps
 
-**Swaps.** At each size, the reported keep-set ``K`` (median rule, :class:`ppn_bayes.keepsets.KeepsetSolver`).
+**Swaps.** At each size, the reported keep-set ``K`` (median rule, :class:`ppn_bayes.bayes.keepsets.KeepsetSolver`).
 Its boundary: of every gated kind, the ``--per-side`` kept units with the lowest priority (the last
 in) and the same number of dropped units with the highest priority (the first out). A swap
 ``u -> v`` replaces kept ``u`` by dropped ``v`` of the same kind: ``K' = K - {u} + {v}``. It must be
@@ -31,10 +31,10 @@ the same for both and cancels); with per-layer curves it compares the margins
 ``a - tau_l(lambda)`` at every price at once, which is what the exit price encodes.
 
 **The outcome**: ``1[NLL(K') < NLL(K)]``, the mean next-token NLL of both keep-sets (hard masks with
-the push's amplitude corrections at lambda*, :func:`ppn_bayes.uncertainty.keepset_nll`) on the
+the push's amplitude corrections at lambda*, :func:`ppn_bayes.analysis.uncertainty.keepset_nll`) on the
 run's first ``--blocks`` validation blocks (default: the recipe's ``data.val_blocks``).
 
-Scored with :mod:`ppn_bayes.calibration_checks`: Brier score against the uninformed forecast 1/2,
+Scored with :mod:`ppn_bayes.analysis.calibration_checks`: Brier score against the uninformed forecast 1/2,
 ECE and the reliability curve (10 bins); issue 12's goal is the curve within 0.1 of the diagonal in
 every bin with at least 10 swaps (``max_gap_10``). Written to ``OUT/calibration_swaps.json`` (every
 swap with its forecast, NLLs and outcome) and ``OUT/calibration_swaps.png`` (+ ``.svg``).
@@ -55,9 +55,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.calibration_refits import keep_row, parse_sizes, refit, tiny_setup
-from ppn_bayes import calibration_checks as cc
+from ppn_bayes.analysis import calibration_checks as cc
+from ppn_bayes.bayes.keepsets import KIND_ORDER, KeepsetSolver, exit_coordinates
 from ppn_bayes.files import atomic_write_bytes
-from ppn_bayes.keepsets import KIND_ORDER, KeepsetSolver, exit_coordinates
 
 SIZES = (0.3, 0.4, 0.5, 0.6, 0.7)
 COST_TOL = 0.01  # of one unit's cost: GQA KV shares and a narrower last channel group break a match
@@ -112,8 +112,8 @@ def candidate_swaps(solver: KeepsetSolver, res, per_side: int) -> tuple[list[dic
 def check_run(run_dir: Path, sizes=SIZES, per_side: int = 4, blocks: int | None = None, split: str = "validation",
               draws: int = 256, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Every swap at every size of one run, its forecast and its observed held-out change; the scores."""
+    from ppn_bayes.analysis.uncertainty import keepset_nll, run_test_blocks
     from ppn_bayes.run import load_run
-    from ppn_bayes.uncertainty import keepset_nll, run_test_blocks
 
     run = load_run(run_dir)
     solver = KeepsetSolver(run.posterior, draws, seed)
@@ -158,7 +158,7 @@ def table_text(res: dict[str, Any]) -> str:
 
 
 def write(res: dict[str, Any], out: Path, name: str = "calibration_swaps") -> tuple[Path, Path | None]:
-    from ppn_bayes.plots import plot_reliability
+    from ppn_bayes.analysis.plots import plot_reliability
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"

@@ -29,13 +29,13 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ppn_bayes.keepsets import KeepsetSolver
-from ppn_bayes.posterior import Posterior
+from ppn_bayes.bayes.keepsets import KeepsetSolver
+from ppn_bayes.bayes.posterior import Posterior
 
 
 def _guide_scales(post: Posterior, site: str = "e_layers") -> list[float] | None:
     """The guide's sds of one site (mean-field), or of every latent (low-rank)."""
-    from ppn_bayes.guides import guide_marginals
+    from ppn_bayes.bayes.guides import guide_marginals
 
     auto = getattr(post.guide, "auto", None)
     if auto is None:

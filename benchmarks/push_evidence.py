@@ -9,12 +9,12 @@ Steps (all seeded, CPU, one thread is enough):
    BPE trained on the bundled Austen validation text, as ``tests/conftest.py::tiny_tokenizer``) is
    pretrained with plain next-token loss on the bundled corpus' train split (blocks of 64 tokens),
    AdamW, cosine schedule, and saved as a local checkpoint directory. Pruning it costs something.
-2. **Joint run.** ``ppn_bayes.train.fit`` on that checkpoint, weights ``full``, heads + MLP channel
+2. **Joint run.** ``ppn_bayes.training.loop.fit`` on that checkpoint, weights ``full``, heads + MLP channel
    groups of 32 gated (:data:`RUN`, choices explained there), same corpus.
 3. **Held-out loss** (NLL per token, the first :data:`EVAL_BLOCKS` blocks of the *test* split,
    *Persuasion*, unseen by both) at sizes 1.0, 0.75, 0.5 (fractions of decoder parameters):
 
-   * (a) the run's network at that size: :func:`ppn_bayes.evaluate.load_run_target` (the posterior
+   * (a) the run's network at that size: :func:`ppn_bayes.evaluation.targets.load_run_target` (the posterior
      keep-set, masks times amplitude corrections at lambda*);
    * (b) the base model before the run, pruned by weight norm (:func:`norm_keepsets`): the same unit
      kinds (heads and channel groups), each unit's Frobenius norm centred per kind on the log scale
@@ -73,14 +73,14 @@ RUN = {
 
 def make_tokenizer():
     """The 320-token byte-level BPE of ``tests/conftest.py::tiny_tokenizer`` (same recipe, same text)."""
-    from ppn_bayes.data import load_corpus, train_bpe_tokenizer
+    from ppn_bayes.data.corpus import load_corpus, train_bpe_tokenizer
 
     return train_bpe_tokenizer(load_corpus("bundled", "validation")[0][:60_000], vocab_size=320)
 
 
 def eval_blocks(tokenizer) -> torch.Tensor:
     """The fixed held-out blocks: the first EVAL_BLOCKS blocks of the test split (Persuasion)."""
-    from ppn_bayes.data import token_blocks
+    from ppn_bayes.data.corpus import token_blocks
 
     return token_blocks(tokenizer, "test", BLOCK, "bundled", max_blocks=EVAL_BLOCKS)
 
@@ -90,7 +90,7 @@ def _train_dense(model, blocks: torch.Tensor, steps: int, lr: float, seed: int, 
     """Plain next-token training (AdamW, cosine after linear warmup, clip 1.0); returns the last batch loss."""
     import torch.nn.functional as F
 
-    from ppn_bayes.train import lr_multiplier
+    from ppn_bayes.training.loop import lr_multiplier
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
@@ -114,7 +114,7 @@ def pretrain_base(path: Path, tokenizer, steps: int = 400, lr: float = 3e-3, see
     """Pretrain the base Llama with plain next-token loss on the train split; save it to ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ppn_bayes.data import token_blocks
+    from ppn_bayes.data.corpus import token_blocks
 
     blocks = token_blocks(tokenizer, "train", BLOCK, "bundled")
     torch.manual_seed(seed)
@@ -130,8 +130,8 @@ def pretrain_base(path: Path, tokenizer, steps: int = 400, lr: float = 3e-3, see
 
 def continue_dense(base_dir: Path, path: Path, tokenizer, steps: int = 300, lr: float = 1e-3, seed: int = 1) -> Path:
     """Control: the base trained densely for as many more steps as the joint run, same LR and batch."""
-    from ppn_bayes.data import token_blocks
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.data.corpus import token_blocks
+    from ppn_bayes.hub.zoo import load_model
 
     model, _ = load_model(base_dir, dtype=torch.float32, device="cpu")
     _train_dense(model, token_blocks(tokenizer, "train", BLOCK, "bundled"), steps, lr, seed, warmup=10)
@@ -161,7 +161,7 @@ def norm_keepsets(model, sizes=SIZES, kinds=("heads", "groups"), group_size: int
     Returns ``({size: KeepSet}, inventory)``.
     """
     from ppn_bayes.baselines import full_inventory, gated_view, keepsets_from_order
-    from ppn_bayes.prior import centred_log_norms
+    from ppn_bayes.bayes.prior import centred_log_norms
 
     with gated_view(model, group_size, kinds=tuple(kinds)) as g:
         z = centred_log_norms(g.unit_norms())
@@ -184,8 +184,8 @@ def norm_keepsets(model, sizes=SIZES, kinds=("heads", "groups"), group_size: int
 def norm_losses(base_dir: Path, blocks: torch.Tensor, sizes=SIZES, group_size: int = 32) -> dict[float, dict]:
     """Held-out NLL of the base model pruned by weight norm at each size."""
     from ppn_bayes.backbone.gated import gate
-    from ppn_bayes.evaluate import perplexity
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.evaluation.targets import perplexity
+    from ppn_bayes.hub.zoo import load_model
 
     model, _ = load_model(base_dir, dtype=torch.float32, device="cpu")
     keeps, inv = norm_keepsets(model, sizes, group_size=group_size)
@@ -200,7 +200,7 @@ def norm_losses(base_dir: Path, blocks: torch.Tensor, sizes=SIZES, group_size: i
 
 def run_losses(run, blocks: torch.Tensor, sizes=SIZES) -> dict:
     """Held-out NLL of the run's network at each size (``load_run_target``) and dense (lambda = 0)."""
-    from ppn_bayes.evaluate import load_run_target, perplexity
+    from ppn_bayes.evaluation.targets import load_run_target, perplexity
 
     out: dict = {"dense": perplexity(load_run_target(run, dense=True).model, blocks, batch_size=16)["nll"]}
     for s in sizes:
@@ -211,8 +211,8 @@ def run_losses(run, blocks: torch.Tensor, sizes=SIZES) -> dict:
 
 
 def base_loss(base_dir: Path, blocks: torch.Tensor) -> float:
-    from ppn_bayes.evaluate import perplexity
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.evaluation.targets import perplexity
+    from ppn_bayes.hub.zoo import load_model
 
     model, _ = load_model(base_dir, dtype=torch.float32, device="cpu")
     return perplexity(model, blocks, batch_size=16)["nll"]
@@ -220,7 +220,7 @@ def base_loss(base_dir: Path, blocks: torch.Tensor) -> float:
 
 def evidence(work: Path, tokenizer, pretrain_steps: int = 400, run_steps: int = 300) -> dict:
     """The whole comparison; returns the figures (losses in nats per token)."""
-    from ppn_bayes.train import fit
+    from ppn_bayes.training.loop import fit
 
     base_dir = work / "base"
     if not (base_dir / "config.json").is_file():
@@ -250,7 +250,7 @@ def price_sweep(run, blocks: torch.Tensor, lambdas=(0.25, 0.5, 1.0, 2.0, 4.0),
     median scores is > 1/2, nested, amplitude corrections at ``x``: what the training loop evaluates)
     for ``x`` in ``grid``; size is the kept fraction of decoder FLOPs (the push's currency).
     """
-    from ppn_bayes.evaluate import perplexity
+    from ppn_bayes.evaluation.targets import perplexity
 
     post = run.posterior
     push, inv = post.push, run.inventory
@@ -292,8 +292,8 @@ def elbo_scaling(run) -> dict:
 
 def investigate(work: Path, tokenizer, run_steps: int = 300, frozen: bool = True) -> dict:
     """Sweeps for three training distributions of lambda on the same base (weights frozen, as in the demo)."""
-    import ppn_bayes.model as model_mod
-    from ppn_bayes.train import fit
+    import ppn_bayes.bayes.model as model_mod
+    from ppn_bayes.training.loop import fit
 
     base_dir = work / "base"
     if not (base_dir / "config.json").is_file():
@@ -320,8 +320,8 @@ def threshold_shift_check(run_dir: str, lam: float = 1.0, k: int = 12, shifts=(-
     """At a trained run's state and price ``lam``: E[NLL] of the *sampled* masks (the training objective's
     likelihood term) when every threshold is shifted by ``delta``, with common random numbers, next to
     the straight-through estimate of its slope at ``delta = 0`` (4 train blocks, ``k`` mask draws)."""
-    from ppn_bayes.data import token_blocks
-    from ppn_bayes.model import sequence_nll
+    from ppn_bayes.bayes.model import sequence_nll
+    from ppn_bayes.data.corpus import token_blocks
     from ppn_bayes.run import load_run
 
     run = load_run(run_dir)

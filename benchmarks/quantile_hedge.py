@@ -8,8 +8,8 @@
     python benchmarks/quantile_hedge.py --tiny --out /tmp/hedge
 
 Per run, size and quantile ``q``: the keep-set ``K_q`` (units ranked by the ``q``-quantile of their exit
-price, :class:`ppn_bayes.keepsets.KeepsetSolver`) and its held-out NLL (hard masks with amplitude
-corrections at lambda*, :func:`ppn_bayes.uncertainty.keepset_nll`, on the run's first ``--blocks``
+price, :class:`ppn_bayes.bayes.keepsets.KeepsetSolver`) and its held-out NLL (hard masks with amplitude
+corrections at lambda*, :func:`ppn_bayes.analysis.uncertainty.keepset_nll`, on the run's first ``--blocks``
 blocks of ``--split``). Two spreads:
 
 * **over sub-network draws** (within a run): the held-out NLL of ``--samples`` sub-networks drawn from
@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.calibration_refits import keep_row, parse_sizes, refit, tiny_setup
+from ppn_bayes.bayes.keepsets import KeepsetSolver
 from ppn_bayes.files import atomic_write_bytes
-from ppn_bayes.keepsets import KeepsetSolver
 
 SIZES = (0.25, 0.5, 0.75)
 QUANTILES = (0.5, 0.1)
@@ -57,8 +57,8 @@ def band(values: list[float]) -> dict[str, float]:
 
 def measure_run(run_dir: Path, sizes=SIZES, quantiles=QUANTILES, samples: int = 8, blocks: int | None = None,
                 split: str = "validation", draws: int = 256, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+    from ppn_bayes.analysis.uncertainty import keepset_nll, run_test_blocks
     from ppn_bayes.run import load_run
-    from ppn_bayes.uncertainty import keepset_nll, run_test_blocks
 
     run = load_run(run_dir)
     solver = KeepsetSolver(run.posterior, max(draws, samples), seed)

@@ -2,7 +2,7 @@
 
 Each measurement runs in a fresh subprocess that reports its own peak RSS (``ru_maxrss``) at exit, so
 nothing one step allocates is charged to another. A baseline subprocess imports the same modules
-(torch, transformers, ppn_bayes.resize) and does nothing: ``peak - baseline`` is the memory the work
+(torch, transformers, ppn_bayes.export.resize) and does nothing: ``peak - baseline`` is the memory the work
 itself needed. The full load touches every weight once (as any use of the model
 would), since transformers may memory-map weights lazily. The keep-sets are evenly spaced layers (no run needed); every layer costs the same.
 
@@ -21,8 +21,8 @@ import textwrap
 
 PRELUDE = """
 import resource, json, sys, torch, transformers
-import ppn_bayes.resize
-from ppn_bayes.zoo import resolve_model
+import ppn_bayes.export.resize
+from ppn_bayes.hub.zoo import resolve_model
 """
 
 TASKS = {
@@ -43,7 +43,7 @@ inv = UnitInventory(dims=fam.dims(cfg), kinds=("layers",), family=fam.name)
 L = inv.num_layers
 k = max(1, round(SIZE * L))
 keep = KeepSet(layers=sorted({round(i * (L - 1) / max(k - 1, 1)) for i in range(k)}))
-ppn_bayes.resize.resize(path, keep, inv, OUT)
+ppn_bayes.export.resize.resize(path, keep, inv, OUT)
 """,
 }
 

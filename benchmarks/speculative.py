@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from ppn_bayes.backbone.switch import SubnetSwitch
-from ppn_bayes.bench import keepsets_for
-from ppn_bayes.speculative import benchmark_speculative, format_result
-from ppn_bayes.zoo import load_model
+from ppn_bayes.evaluation.bench import keepsets_for
+from ppn_bayes.evaluation.speculative import benchmark_speculative, format_result
+from ppn_bayes.export.switch import SubnetSwitch
+from ppn_bayes.hub.zoo import load_model
 
 PROMPT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
           "must be in want of a wife.")

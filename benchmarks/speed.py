@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 python benchmarks/speed.py [--model smollm2-135m] [--json out.json]
 
-A thin script over :func:`ppn_bayes.bench.speed_benchmark`; ``ppn bench speed`` does the same.
+A thin script over :func:`ppn_bayes.evaluation.bench.speed_benchmark`; ``ppn bench speed`` does the same.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import json
 
 import torch
 
-from ppn_bayes.bench import format_table, keepsets_for, speed_benchmark
-from ppn_bayes.zoo import load_model
+from ppn_bayes.evaluation.bench import format_table, keepsets_for, speed_benchmark
+from ppn_bayes.hub.zoo import load_model
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     python benchmarks/svi_step.py [--model smollm2-135m] [--mode lora] [--block 128] [--batch 2] [--steps 6]
 
 A *plain* step is what fine-tuning the same trainable weights costs: next-token loss of the dense
-model, backward, gradient clipping, AdamW step. An *SVI* step is :func:`ppn_bayes.train.train_step`:
+model, backward, gradient clipping, AdamW step. An *SVI* step is :func:`ppn_bayes.training.loop.train_step`:
 guide sample, lambda and mask draws, the gated forward, the ELBO terms with their NaN checks, backward,
 per-group gradient norms, clipping, AdamW over guide + push + weights. Steps of the two kinds are
 interleaved (plain, SVI, plain, ...) so that a machine shared with other work slows both alike.
@@ -81,7 +81,7 @@ def main() -> None:
 
     from ppn_bayes.config import recipe_from_dict
     from ppn_bayes.device import autocast_context
-    from ppn_bayes.train import build, train_step
+    from ppn_bayes.training.loop import build, train_step
 
     recipe = recipe_from_dict({"model": {"name": args.model}, "units": {"group_size": args.group_size},
                                "data": {"block_size": args.block, "val_blocks": 1},

@@ -16,10 +16,10 @@ _EXPORTS: dict[str, str] = {
     # errors
     "PPNError": "ppn_bayes.errors",
     # models and data
-    "load_model": "ppn_bayes.zoo",
-    "resolve_model": "ppn_bayes.zoo",
-    "token_blocks": "ppn_bayes.data",
-    "load_corpus": "ppn_bayes.data",
+    "load_model": "ppn_bayes.hub.zoo",
+    "resolve_model": "ppn_bayes.hub.zoo",
+    "token_blocks": "ppn_bayes.data.corpus",
+    "load_corpus": "ppn_bayes.data.corpus",
     # the gated backbone
     "gate": "ppn_bayes.backbone",
     "GatedLM": "ppn_bayes.backbone",
@@ -29,18 +29,18 @@ _EXPORTS: dict[str, str] = {
     # recipes, the Pyro model, inference
     "Recipe": "ppn_bayes.config",
     "load_recipe": "ppn_bayes.config",
-    "PPNModel": "ppn_bayes.model",
-    "make_guide": "ppn_bayes.guides",
-    "Posterior": "ppn_bayes.posterior",
-    "fit": "ppn_bayes.train",
+    "PPNModel": "ppn_bayes.bayes.model",
+    "make_guide": "ppn_bayes.bayes.guides",
+    "Posterior": "ppn_bayes.bayes.posterior",
+    "fit": "ppn_bayes.training.loop",
     "load_run": "ppn_bayes.run",
     "Run": "ppn_bayes.run",
     # after training
-    "keepset": "ppn_bayes.keepsets",
-    "resize": "ppn_bayes.resize",
-    "resize_run": "ppn_bayes.resize",
-    "load_resized": "ppn_bayes.resize",
-    "perplexity": "ppn_bayes.evaluate",
+    "keepset": "ppn_bayes.bayes.keepsets",
+    "resize": "ppn_bayes.export.resize",
+    "resize_run": "ppn_bayes.export.resize",
+    "load_resized": "ppn_bayes.export.resize",
+    "perplexity": "ppn_bayes.evaluation.targets",
 }
 
 __all__ = ["__version__"] + list(_EXPORTS)

@@ -4,9 +4,9 @@ Fairness, by construction:
 
 * **Same tokens.** Every peer is calibrated on the same calibration blocks (a seeded draw from the
   train split), and every row is evaluated on the same held-out test blocks with the same
-  :func:`ppn_bayes.evaluate.perplexity`. GISP with the margin objective (``gisp_objective="margin"``,
+  :func:`ppn_bayes.evaluation.targets.perplexity`. GISP with the margin objective (``gisp_objective="margin"``,
   rows ``gisp-margin``) calibrates on choice examples instead; ``ppn compare`` cuts them from the
-  train novels by the shipped cloze task's rules (:mod:`ppn_bayes.tasks.choices`), never from the
+  train novels by the shipped cloze task's rules (:mod:`ppn_bayes.data.tasks.choices`), never from the
   task's evaluated items.
 * **Same currency.** A size is the fraction of *decoder* parameters kept
   (:meth:`UnitInventory.size_of`); embeddings and the LM head are never pruned and not counted. Each
@@ -39,12 +39,12 @@ from ppn_bayes.backbone.materialize import materialize
 from ppn_bayes.backbone.units import KeepSet
 from ppn_bayes.baselines import NestedKeepSets, UnstructuredResult, check_blocks, check_sizes, timed
 from ppn_bayes.errors import ConfigError, RunError
-from ppn_bayes.evaluate import perplexity
+from ppn_bayes.evaluation.targets import perplexity
 from ppn_bayes.files import atomic_write_bytes, atomic_write_many
 
 PEERS = ("gisp", "shortgpt", "prunepath", "wanda", "sparsegpt", "random")
 PPN_METHODS = ("ppn", "ppn-paper", "ppn-healed")  # ppn-healed: the ppn run's sub-networks, healed per size
-ANCHOR = ("anchor",)  # the data score anchor of ppn_bayes.anchor alone: no training (not a default peer)
+ANCHOR = ("anchor",)  # the data score anchor of ppn_bayes.bayes.anchor alone: no training (not a default peer)
 METHODS = PPN_METHODS + ANCHOR + PEERS
 GISP_OBJECTIVES = ("perplexity", "margin")
 HEAL_LOSSES = ("data", "distill")
@@ -69,7 +69,7 @@ def check_methods(methods: Sequence[str]) -> list[str]:
 def decode_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int, trials: int = 3) -> float:
     """Best-of-``trials`` seconds for ``new_tokens`` greedy batch-1 decode steps with a KV cache (the
     speed bench's timer, synchronized on CUDA)."""
-    from ppn_bayes.bench import time_generation
+    from ppn_bayes.evaluation.bench import time_generation
 
     return min(time_generation(model, prompt, new_tokens)["decode_s"] for _ in range(trials))
 
@@ -93,7 +93,7 @@ def heal(model: nn.Module, blocks: torch.Tensor, lr: float = 5e-5, batch_size: i
     with, and what PPN's in-place distillation trains its sub-networks with; see docs/method.md).
     """
     from ppn_bayes.backbone.families import family_for
-    from ppn_bayes.model import sequence_kl
+    from ppn_bayes.bayes.model import sequence_kl
 
     check_heal_loss(loss)
     if loss == "distill" and teacher is None:
@@ -364,7 +364,7 @@ def fit_ppn_run(method: str, model_path: str | os.PathLike, out_dir: str | os.Pa
     import yaml
 
     from ppn_bayes.config import bundled_recipe, recipe_from_dict
-    from ppn_bayes.train import fit
+    from ppn_bayes.training.loop import fit
 
     path = bundled_recipe(DEMO_RECIPE) if recipe is None else Path(recipe)
     if not path.is_file():
@@ -383,11 +383,11 @@ def fit_ppn_run(method: str, model_path: str | os.PathLike, out_dir: str | os.Pa
 
 
 def _ppn_keepsets(run: Any, sizes: list[float], method: str) -> dict[float, tuple[KeepSet, float]]:
-    """``size -> (KeepSet, lambda*)`` from the run's posterior (:func:`ppn_bayes.keepsets.keepsets`)."""
+    """``size -> (KeepSet, lambda*)`` from the run's posterior (:func:`ppn_bayes.bayes.keepsets.keepsets`)."""
     try:
-        from ppn_bayes.keepsets import keepsets
+        from ppn_bayes.bayes.keepsets import keepsets
     except ImportError:
-        raise ConfigError(f"method {method} needs the posterior-to-keep-set step (ppn_bayes.keepsets), which this "
+        raise ConfigError(f"method {method} needs the posterior-to-keep-set step (ppn_bayes.bayes.keepsets), which this "
                           "install lacks; drop ppn,ppn-paper from --methods") from None
     results = keepsets(run, list(sizes))
     return {s: (run.inventory.complete(r.keep), float(r.lam)) for s, r in zip(sizes, results)}
@@ -460,7 +460,7 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
     (``compare(..., heal_blocks=b, decode_tokens=0)``), which replace those of ``options``.
     ``model`` is never modified (peers work on copies or cut copies). Every GISP row records its
     ``objective``: ``perplexity`` (next-token NLL of ``calib``; rows named ``gisp``) or ``margin`` (rows
-    ``gisp-margin``). ``anchor``: the data score anchor alone (:func:`ppn_bayes.anchor.anchor_pruning`,
+    ``gisp-margin``). ``anchor``: the data score anchor alone (:func:`ppn_bayes.bayes.anchor.anchor_pruning`,
     Block Influence for layers and Taylor importance for heads and channel groups, on ``calib``).
     ``ppn-healed``: the ``ppn`` run's sub-networks healed per size like the peers (needs
     ``heal_blocks``); every healed row records its ``heal_loss``. ``tokens`` in the result: the training
@@ -530,7 +530,7 @@ def _method_rows(bench: Bench, method: str, calib: torch.Tensor, sizes: list[flo
         res.method = gisp_label(objective)
         return structured_rows(bench, res, {"objective": objective})
     if method == "anchor":
-        from ppn_bayes.anchor import anchor_pruning
+        from ppn_bayes.bayes.anchor import anchor_pruning
 
         res = anchor_pruning(model, calib, sizes, kinds=o.anchor_kinds, group_size=o.group_size)
         return structured_rows(bench, res, {"kinds": list(o.anchor_kinds)})

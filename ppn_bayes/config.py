@@ -42,7 +42,7 @@ class UnitsConfig:
 
     kinds: list[str] = field(default_factory=lambda: ["layers", "heads", "groups"])
     group_size: int = 64  # MLP channels per group; 1 = single neurons (the paper)
-    # The prior mean of every score (ppn_bayes/anchor.py). ``data``: Block Influence for layers,
+    # The prior mean of every score (ppn_bayes/bayes/anchor.py). ``data``: Block Influence for layers,
     # first-order Taylor importance for heads and groups, from one pass over ``anchor_blocks``
     # training blocks (empirical Bayes). ``norm``: the weight norms (the paper).
     score_anchor: Literal["norm", "data"] = "data"
@@ -164,7 +164,7 @@ class TrainConfig:
 @dataclass
 class CalibrationConfig:
     """``ppn calibrate``: the learning rate beta of the Gibbs posterior by information matching over
-    independent units of text (docs/method.md, "Calibrating beta"; ppn_bayes/calibration.py)."""
+    independent units of text (docs/method.md, "Calibrating beta"; ppn_bayes/analysis/calibration.py)."""
 
     unit: Literal["chapters", "documents"] = "chapters"  # what counts as one independent observation
     units: int = 16  # units sampled (chapters/documents with >= blocks_per_unit training blocks)

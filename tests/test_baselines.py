@@ -342,9 +342,9 @@ def test_peers_on_smollm2(smollm2_path):
     """On SmolLM2-135M: Wanda at 90% keeps perplexity within 5% of dense (the paper's low-sparsity
     regime is nearly lossless), and GISP's informed 90% keep-set beats a random one of the same size."""
     from ppn_bayes.backbone.materialize import materialize
-    from ppn_bayes.data import calibration_blocks, token_blocks
-    from ppn_bayes.evaluate import perplexity
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.data.corpus import calibration_blocks, token_blocks
+    from ppn_bayes.evaluation.targets import perplexity
+    from ppn_bayes.hub.zoo import load_model
 
     model, tok = load_model(smollm2_path)
     calib = calibration_blocks(tok, 4, 64, seed=0)

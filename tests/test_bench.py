@@ -9,14 +9,14 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from ppn_bayes.backbone import KeepSet, gate
-from ppn_bayes.bench import (
+from ppn_bayes.errors import ConfigError, SizeError
+from ppn_bayes.evaluation.bench import (
     ideal_ratios,
     keepsets_for,
     layer_keepset_by_norm,
     plot_speed,
     speed_benchmark,
 )
-from ppn_bayes.errors import ConfigError, SizeError
 
 
 def _matmul_flops_per_layer(model) -> float:

@@ -1,4 +1,4 @@
-"""Calibrating beta (ppn_bayes.calibration): the estimator recovers a known beta and fails a wrong
+"""Calibrating beta (ppn_bayes.analysis.calibration): the estimator recovers a known beta and fails a wrong
 unit; the guide-only re-derivation widens a posterior by the exact factor; chapters are found;
 ``ppn calibrate`` runs end to end on a tiny Llama, records its manifest entry and refuses bad input.
 
@@ -32,7 +32,7 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule
 
-from ppn_bayes.calibration import BACKUP, information_match, rederive_guide
+from ppn_bayes.analysis.calibration import BACKUP, information_match, rederive_guide
 from ppn_bayes.cli import main
 from ppn_bayes.errors import RunError
 
@@ -119,7 +119,7 @@ def test_rederived_posterior_is_wider_by_the_expected_factor():
 @pytest.fixture(scope="module")
 def chapter_corpus(tmp_path_factory) -> Path:
     """45,000 characters of the bundled validation novel: its first four chapters and part of a fifth."""
-    from ppn_bayes.data import load_corpus
+    from ppn_bayes.data.corpus import load_corpus
 
     path = tmp_path_factory.mktemp("chapters") / "novel.txt"
     path.write_text(load_corpus("bundled", "validation")[0][:45_000], encoding="utf-8")
@@ -127,7 +127,7 @@ def chapter_corpus(tmp_path_factory) -> Path:
 
 
 def test_blocks_are_grouped_by_chapter(tiny_tokenizer, chapter_corpus, tmp_path):
-    from ppn_bayes.data import block_units, token_blocks
+    from ppn_bayes.data.corpus import block_units, token_blocks
 
     blocks, unit_of, names = block_units(tiny_tokenizer, "train", 32, str(chapter_corpus), "chapters",
                                          cache_dir=tmp_path)
@@ -141,7 +141,7 @@ def test_blocks_are_grouped_by_chapter(tiny_tokenizer, chapter_corpus, tmp_path)
 @pytest.fixture(scope="module")
 def chapter_run(tiny_llama_dir, chapter_corpus, tmp_path_factory) -> Path:
     from ppn_bayes.config import recipe_from_dict
-    from ppn_bayes.train import fit
+    from ppn_bayes.training.loop import fit
 
     recipe = recipe_from_dict({"name": "tiny", "model": {"name": str(tiny_llama_dir)},
                                "units": {"kinds": ["layers", "heads"]},
@@ -154,7 +154,7 @@ def chapter_run(tiny_llama_dir, chapter_corpus, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_ppn_calibrate_end_to_end(chapter_run, tmp_path, capsys):
-    from ppn_bayes.posterior import Posterior
+    from ppn_bayes.bayes.posterior import Posterior
     from ppn_bayes.run import load_run
 
     run = tmp_path / "run"
@@ -230,7 +230,7 @@ def test_calibration_keys_are_validated(calibration, needle):
 
 def test_ppn_calibrate_with_a_given_beta(chapter_run, tmp_path, capsys):
     """``--beta`` skips the estimate (no gradient pass) and records where the value came from."""
-    from ppn_bayes.calibration import GIVEN
+    from ppn_bayes.analysis.calibration import GIVEN
 
     run = tmp_path / "run"
     shutil.copytree(chapter_run, run)

@@ -1,4 +1,4 @@
-"""Calibration statistics (ppn_bayes.calibration_checks) on constructed inputs with hand-computed answers."""
+"""Calibration statistics (ppn_bayes.analysis.calibration_checks) on constructed inputs with hand-computed answers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ppn_bayes import calibration_checks as cc
+from ppn_bayes.analysis import calibration_checks as cc
 
 # Four forecasts, worked by hand: p = 0, 0.2, 0.8, 1 against outcomes 0, 1, 1, 1.
 P = [0.0, 0.2, 0.8, 1.0]

@@ -82,7 +82,7 @@ def test_quantile_means_the_same_everywhere(command):
 
 def test_calibrate_units_are_the_data_units():
     """``ppn calibrate --unit`` spells the units out (the parser must not import torch); they are data's."""
-    from ppn_bayes.data import UNITS
+    from ppn_bayes.data.corpus import UNITS
 
     parser = build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

@@ -98,7 +98,7 @@ def test_ppn_rows_need_a_run():
 
 
 def test_ppn_rows_from_a_run(tiny_run, tiny_llama_dir, tiny_tokenizer):
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.hub.zoo import load_model
 
     model, _ = load_model(tiny_llama_dir)
     b = torch.randint(0, len(tiny_tokenizer), (3, 16), generator=torch.Generator().manual_seed(0))
@@ -112,7 +112,7 @@ def test_ppn_rows_from_a_run(tiny_run, tiny_llama_dir, tiny_tokenizer):
     ks = {float(s): KeepSet.from_dict(k) for s, k in out["keepsets"]["ppn"].items()}
     assert is_nested(ks)
     # The PPN perplexity is the gated network's with the same masks (and amplitudes at lambda*).
-    from ppn_bayes.evaluate import perplexity
+    from ppn_bayes.evaluation.targets import perplexity
     from ppn_bayes.run import load_run
 
     run = load_run(tiny_run)
@@ -161,9 +161,9 @@ def test_cli_errors_are_one_line(argv, needle, tiny_llama_dir, tmp_path, capsys)
 def test_transfer_blocks_are_measured_for_every_row(tiny_llama_dir, tmp_path, capsys):
     """``--transfer-data kjv``: every row is also measured on the other domain's test blocks, and the
     value is the perplexity of that row's model there (the dense row recomputed independently)."""
-    from ppn_bayes.data import token_blocks
-    from ppn_bayes.evaluate import perplexity
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.data.corpus import token_blocks
+    from ppn_bayes.evaluation.targets import perplexity
+    from ppn_bayes.hub.zoo import load_model
 
     code = main(["compare", "--model", str(tiny_llama_dir), "--sizes", "0.7", "--methods", "shortgpt",
                  "--calib-blocks", "2", "--test-blocks", "2", "--block-size", "16", "--decode-tokens", "0",
@@ -225,9 +225,9 @@ def test_gisp_rows_record_the_objective(result):
 def test_calibration_choices_are_disjoint_from_the_evaluated_task():
     """The shipped task has one split (test, all scored by `ppn eval --tasks`); calibration items come from
     the train novels, so none of their texts is in the task file or in the test novel at all."""
-    from ppn_bayes.data import load_corpus
-    from ppn_bayes.tasks.choices import calibration_items
-    from ppn_bayes.tasks.loader import load, read_items
+    from ppn_bayes.data.corpus import load_corpus
+    from ppn_bayes.data.tasks.choices import calibration_items
+    from ppn_bayes.data.tasks.loader import load, read_items
 
     items = calibration_items(12)
     assert len(items) == 12 and {it["novel"] for it in items} == {0, 1, 2, 3}
@@ -276,7 +276,7 @@ def test_cli_bad_choices_file_is_one_line(content, argv, needle, tmp_path, capsy
 
 
 def test_cli_choices_file_is_used(tiny_llama_dir, tmp_path, capsys):
-    from ppn_bayes.tasks.loader import read_items
+    from ppn_bayes.data.tasks.loader import read_items
 
     path = tmp_path / "mine.jsonl"
     lines = [json.dumps({"context": f"The {w} was", "choices": [" red.", " blue.", " green."], "label": i % 3})

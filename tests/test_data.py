@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppn_bayes import data
+from ppn_bayes.data import corpus as data
 from ppn_bayes.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]

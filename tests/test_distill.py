@@ -15,10 +15,10 @@ import torch
 from pyro import poutine
 from safetensors.torch import load_file
 
+from ppn_bayes.bayes.model import PPNModel, sequence_kl, sequence_nll
 from ppn_bayes.config import recipe_from_dict
 from ppn_bayes.errors import ConfigError
-from ppn_bayes.model import PPNModel, sequence_kl, sequence_nll
-from ppn_bayes.train import build, fit, sandwich_prices, step_seed, train_step
+from ppn_bayes.training.loop import build, fit, sandwich_prices, step_seed, train_step
 
 
 def tiny_recipe(model_dir, corpus, **train):
@@ -135,7 +135,7 @@ def test_lora_base_teacher_is_the_base_model_without_gradient(tiny_llama_dir, co
 
 
 def test_full_weights_base_teacher_is_refused_under_fsdp(tiny_llama_dir, corpus):
-    from ppn_bayes.train import _teacher
+    from ppn_bayes.training.loop import _teacher
 
     r = tiny_recipe(tiny_llama_dir, corpus, weights="full", distill_weight=1.0, teacher="base", distributed="fsdp")
     with pytest.raises(ConfigError, match="train.teacher=self") as err:
@@ -155,8 +155,8 @@ def test_bad_distillation_keys_are_one_line_errors(tiny_llama_dir, corpus, key, 
 
 
 def test_sandwich_draws_dense_smallest_and_random_prices_into_one_optimizer_step(tiny_llama_dir, corpus, tmp_path):
-    from ppn_bayes.heldout import median_scores
-    from ppn_bayes.keepsets import expected_cost
+    from ppn_bayes.bayes.keepsets import expected_cost
+    from ppn_bayes.training.heldout import median_scores
 
     r = tiny_recipe(tiny_llama_dir, corpus, weights="lora", sandwich=True, sandwich_min_size=0.5,
                     sandwich_random=2, distill_weight=1.0)
@@ -265,7 +265,7 @@ def test_heal_with_distillation_lowers_the_kl_to_the_dense_model_and_the_teacher
 
 def test_ppn_healed_rows_heal_each_size_from_the_same_run(tiny_run, tiny_llama_dir, tiny_tokenizer):
     from ppn_bayes.compare import compare
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.hub.zoo import load_model
 
     model, _ = load_model(tiny_llama_dir)
     g = torch.Generator().manual_seed(0)

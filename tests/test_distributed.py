@@ -79,7 +79,7 @@ def _lr_of(name: str, key: str) -> float:
 
 
 def test_torchrun_two_processes_match_one(tiny_llama_dir, tmp_path):
-    from ppn_bayes.data import load_corpus
+    from ppn_bayes.data.corpus import load_corpus
 
     if shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("torchrun is not installed next to this Python")
@@ -120,7 +120,7 @@ def _torchrun() -> str:
 
 
 def _recipe(tmp_path, tiny_llama_dir, **train) -> Path:
-    from ppn_bayes.data import load_corpus
+    from ppn_bayes.data.corpus import load_corpus
 
     corpus = tmp_path / "tiny.txt"
     corpus.write_text(load_corpus("bundled", "validation")[0][:12_000], encoding="utf-8")
@@ -187,8 +187,8 @@ def test_torchrun_fsdp_matches_one_process_and_resumes(tiny_llama_dir, tmp_path,
 BROKEN = """
 import sys
 
-import ppn_bayes.distributed as d
-import ppn_bayes.train as t
+import ppn_bayes.training.distributed as d
+import ppn_bayes.training.loop as t
 
 import torch
 import torch.distributed as dist

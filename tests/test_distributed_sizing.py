@@ -1,6 +1,6 @@
 """The multi-GPU path sized for big models, tested without a GPU.
 
-- Device selection per rank (:func:`ppn_bayes.distributed.local_device`, and ``init_distributed``
+- Device selection per rank (:func:`ppn_bayes.training.distributed.local_device`, and ``init_distributed``
   with CUDA faked by monkeypatching ``torch.cuda``): one visible GPU per rank, all GPUs visible, and
   more ranks than GPUs.
 - The process group's timeout (``PPN_DIST_TIMEOUT_S``): parsed, validated, passed to
@@ -27,9 +27,15 @@ import pytest
 import torch
 from torch import nn
 
-from ppn_bayes import checkpoint, distributed
-from ppn_bayes.distributed import DIST_TIMEOUT_S, dist_timeout, gather_to_host, init_distributed, local_device
+from ppn_bayes.training import checkpoint, distributed
 from ppn_bayes.errors import ConfigError
+from ppn_bayes.training.distributed import (
+    DIST_TIMEOUT_S,
+    dist_timeout,
+    gather_to_host,
+    init_distributed,
+    local_device,
+)
 
 # ------------------------------------------------------------------------------ device selection
 
@@ -232,8 +238,8 @@ import json, os, sys, weakref
 
 import torch
 
-import ppn_bayes.checkpoint as ckpt
-import ppn_bayes.distributed as pd
+import ppn_bayes.training.checkpoint as ckpt
+import ppn_bayes.training.distributed as pd
 from ppn_bayes.cli import main
 
 record = {"gathered": 0, "peak_live": 0, "kept": []}
@@ -314,7 +320,7 @@ def _assert_same_checkpoint(single: Path, multi: Path, steps: int) -> None:
 def test_fsdp_checkpoint_gathered_to_rank_0_one_tensor_at_a_time(tiny_llama_dir, tmp_path):
     import yaml
 
-    from ppn_bayes.data import load_corpus
+    from ppn_bayes.data.corpus import load_corpus
 
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.is_file():

@@ -28,9 +28,9 @@ def _eval(capsys, *argv) -> dict:
 def _masked_ppl(model_dir, keep, inventory) -> float:
     """Perplexity (same blocks as PPL) of the base model with the keep-set's hard masks."""
     from ppn_bayes.backbone import gate
-    from ppn_bayes.data import token_blocks
-    from ppn_bayes.evaluate import perplexity
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.data.corpus import token_blocks
+    from ppn_bayes.evaluation.targets import perplexity
+    from ppn_bayes.hub.zoo import load_model
 
     model, tok = load_model(model_dir)
     gated = gate(model, group_size=inventory.group_size, kinds=tuple(inventory.kinds))
@@ -43,8 +43,8 @@ def _masked_ppl(model_dir, keep, inventory) -> float:
 
 
 def test_run_dense_is_the_base_model_and_a_size_is_the_gated_subnetwork(tiny_run, tiny_llama_dir, capsys):
+    from ppn_bayes.analysis.uncertainty import gates_for
     from ppn_bayes.run import load_run
-    from ppn_bayes.uncertainty import gates_for
 
     base = _eval(capsys, "--model", str(tiny_llama_dir), *PPL)
     dense = _eval(capsys, "--run", str(tiny_run), "--dense", *PPL)
@@ -61,8 +61,8 @@ def test_run_dense_is_the_base_model_and_a_size_is_the_gated_subnetwork(tiny_run
     run = load_run(tiny_run)
     result = run.keepset(size=0.5, quantile=0.3)
     gated = run.load_model()
-    from ppn_bayes.data import token_blocks
-    from ppn_bayes.evaluate import perplexity
+    from ppn_bayes.data.corpus import token_blocks
+    from ppn_bayes.evaluation.targets import perplexity
 
     blocks = token_blocks(run.load_tokenizer(), "validation", 32, "kjv", max_blocks=3)
     with gated.gates(**gates_for(run.posterior, result.keep, result.lam)):
@@ -85,8 +85,8 @@ def test_resized_export_of_either_form_evaluates_like_the_masked_model(keep_dict
                                                                        capsys):
     from ppn_bayes.backbone import gate
     from ppn_bayes.backbone.units import KeepSet
-    from ppn_bayes.resize import resize
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.export.resize import resize
+    from ppn_bayes.hub.zoo import load_model
 
     inv = gate(load_model(tiny_llama_dir)[0], group_size=16).inventory
     keep = KeepSet.from_dict(keep_dict)
@@ -114,7 +114,7 @@ def long_context_dir(tiny_tokenizer, tmp_path_factory):
 
 def test_tasks_on_a_model_default_to_the_local_task(long_context_dir, capsys):
     pytest.importorskip("lm_eval")
-    from ppn_bayes.tasks import LOCAL_TASK
+    from ppn_bayes.data.tasks import LOCAL_TASK
 
     out = _eval(capsys, "--model", str(long_context_dir), "--tasks", "--limit", "4", "--no-perplexity",
                 "--batch-size", "4", "--device", "cpu", "--json")
@@ -157,7 +157,7 @@ def test_errors_are_one_line(argv, needle, tiny_run, tiny_llama_dir, tmp_path, c
 
 def test_unknown_task_is_one_line(tiny_llama_dir, capsys, monkeypatch):
     pytest.importorskip("lm_eval")
-    from ppn_bayes import lmeval
+    from ppn_bayes.evaluation import lmeval
 
     real = lmeval.task_manager
     monkeypatch.setattr(lmeval, "task_manager", lambda paths, defaults: real(paths, False))  # skip 20 s index
@@ -175,7 +175,7 @@ def test_missing_lm_eval_fails_before_loading_the_model(capsys, monkeypatch):
 
 
 def test_eval_target_api(tiny_run):
-    from ppn_bayes.evaluate import load_run_target
+    from ppn_bayes.evaluation.targets import load_run_target
 
     target = load_run_target(tiny_run, size=0.5)
     assert target.gated is not None and target.model is target.gated.model

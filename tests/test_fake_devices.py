@@ -30,10 +30,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ppn_bayes.backbone.gated import gate
+from ppn_bayes.bayes.guides import make_guide
+from ppn_bayes.bayes.prior import ScorePrior
+from ppn_bayes.bayes.push import Push
 from ppn_bayes.config import GuideConfig, PriorConfig, PushConfig, recipe_from_dict
-from ppn_bayes.guides import make_guide
-from ppn_bayes.prior import ScorePrior
-from ppn_bayes.push import Push
 
 META = torch.device("meta")
 
@@ -135,8 +135,8 @@ def test_unit_norms_on_the_weights_device(tiny_gated):
 def test_build_and_one_objective_pass_on_meta(tiny_llama_dir, corpus, tmp_path, monkeypatch):
     """``train.build`` with the model on a non-CPU device, then the ELBO's forward pass: every tensor the
     session makes is on that device (a CPU tensor mixed in raises on meta as it would on CUDA)."""
-    from ppn_bayes import zoo
-    from ppn_bayes.train import build
+    from ppn_bayes.hub import zoo
+    from ppn_bayes.training.loop import build
 
     load = zoo.load_model
 
@@ -168,7 +168,7 @@ def test_build_and_one_objective_pass_on_meta(tiny_llama_dir, corpus, tmp_path, 
 @contextlib.contextmanager
 def _fixed_lambda(ppn, lam: float):
     """The model's price draw replaced by ``lam`` (draws read a host RNG, which is fine on any device)."""
-    import ppn_bayes.model as model_mod
+    import ppn_bayes.bayes.model as model_mod
 
     saved = model_mod.draw_lambda
     model_mod.draw_lambda = lambda config, generator=None: lam
@@ -216,7 +216,7 @@ def test_peer_statistics_on_meta(tiny_gated, monkeypatch):
 def test_speed_bench_on_meta(tiny_gated):
     """The speed bench's models, prompts and timed generation stay on the model's device."""
     from ppn_bayes.backbone.materialize import materialize
-    from ppn_bayes.bench import param_bytes, time_generation
+    from ppn_bayes.evaluation.bench import param_bytes, time_generation
 
     inv = tiny_gated.inventory
     keep = inv.full_keepset()
@@ -301,8 +301,8 @@ def test_fake_cuda_catches_cpu_accumulators():
 
 def test_statistical_core_is_declared_full_precision():
     """Structural: every public method of the guide, prior and push runs with autocast off."""
-    from ppn_bayes.guides import ScoreGuide
-    from ppn_bayes.push import MonotoneSpline
+    from ppn_bayes.bayes.guides import ScoreGuide
+    from ppn_bayes.bayes.push import MonotoneSpline
 
     required = {ScoreGuide: ("forward", "median"), ScorePrior: ("forward", "initial_scores"),
                 MonotoneSpline: ("forward",),
@@ -323,8 +323,8 @@ def test_bf16_autocast_fit_sees_the_float32_thresholds(tiny_llama_dir, corpus, t
     """A tiny fit with the LM under bf16 autocast (CPU autocast standing in for CUDA's): the thresholds,
     inclusion probabilities and guide draws inside the step are exactly the float32 ones, while the
     LM's logits are bf16 (so autocast was on where it should be)."""
-    import ppn_bayes.model as model_mod
-    from ppn_bayes.train import build, train_step
+    import ppn_bayes.bayes.model as model_mod
+    from ppn_bayes.training.loop import build, train_step
 
     monkeypatch.setattr(model_mod, "autocast_context",
                         lambda device, dtype: torch.autocast("cpu", dtype=torch.bfloat16) if dtype
@@ -367,7 +367,7 @@ def test_bf16_autocast_fit_sees_the_float32_thresholds(tiny_llama_dir, corpus, t
 def test_bf16_threshold_arithmetic_would_be_caught():
     """Power check: the spline product as it was (float32 basis @ control points) under CPU bf16
     autocast is ~1e-2 off the float32 value, far above the bit-for-bit comparison above."""
-    from ppn_bayes.push import bspline_basis
+    from ppn_bayes.bayes.push import bspline_basis
 
     torch.manual_seed(0)
     cp = torch.cumsum(torch.rand(4, 10) * 0.7, -1) - 2.0

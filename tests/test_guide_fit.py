@@ -9,9 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ppn_bayes.guides import convergence_warning, guide_convergence, guide_marginals, kl_estimate, make_guide
-from ppn_bayes.report import fit_warning
-from ppn_bayes.train import fit, group_multiplier, guide_lr_spent
+from ppn_bayes.analysis.report import fit_warning
+from ppn_bayes.bayes.guides import (
+    convergence_warning,
+    guide_convergence,
+    guide_marginals,
+    kl_estimate,
+    make_guide,
+)
+from ppn_bayes.training.loop import fit, group_multiplier, guide_lr_spent
 from tests.test_train import tiny_recipe
 
 

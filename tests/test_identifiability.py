@@ -5,7 +5,7 @@ direction is confounded with the point estimates when moving it can be undone, t
 moving the point estimates: its Jacobian column lies in the span of theirs. The check: stack
 ``rho_u(lambda)`` over every unit and a grid of prices into one vector ``y``; ``J_lat = dy / d e_layers``
 (the latent layer sites), ``J_pt = dy / d theta`` over every point-estimated parameter the optimizer
-trains outside the language model (the ``push`` group of :func:`ppn_bayes.train._param_groups`:
+trains outside the language model (the ``push`` group of :func:`ppn_bayes.training.loop._param_groups`:
 splines, amplitude scales and, where trained, the score levels). The relative least-squares residual
 of a latent direction projected on ``col(J_pt)`` is 1 for a direction no point estimate can mimic
 and 0 for a confounded one; over all combinations of the latents its minimum is the smallest sine
@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from ppn_bayes.backbone.gated import gate
+from ppn_bayes.bayes.model import PPNModel
 from ppn_bayes.config import PriorConfig, PushConfig
-from ppn_bayes.model import PPNModel
-from ppn_bayes.train import _param_groups
+from ppn_bayes.training.loop import _param_groups
 from tests.tiny_models import tiny_model
 
 LAMS = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -137,10 +137,10 @@ def test_old_run_files_load_as_trained_and_a_mismatch_is_one_line(tmp_path):
     thresholds come back exactly; a push.safetensors that does not fit posterior.json is a RunError."""
     import json
 
+    from ppn_bayes.bayes.guides import make_guide
+    from ppn_bayes.bayes.posterior import Posterior, save_posterior
     from ppn_bayes.config import GuideConfig
     from ppn_bayes.errors import RunError
-    from ppn_bayes.guides import make_guide
-    from ppn_bayes.posterior import Posterior, save_posterior
 
     prior, push = PriorConfig(centre=False), PushConfig(thresholds="per_layer")
     model = _model(prior, push)

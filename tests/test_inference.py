@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from scipy import stats
 
 from ppn_bayes.backbone.gated import gate
+from ppn_bayes.bayes.diagnostics import fit_svi, layer_score_draws, nuts_check
+from ppn_bayes.bayes.model import PPNModel
 from ppn_bayes.config import PriorConfig, PushConfig
-from ppn_bayes.diagnostics import fit_svi, layer_score_draws, nuts_check
-from ppn_bayes.model import PPNModel
 from tests.synthetic import NUTS_CHECK, RECOVERY, sample_sequences, synthetic_stack
 
 B, T, LAM = 8, 24, 0.5

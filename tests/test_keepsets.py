@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from ppn_bayes.backbone.units import KeepSet
-from ppn_bayes.errors import ConfigError, SizeError
-from ppn_bayes.keepsets import (
+from ppn_bayes.bayes.keepsets import (
     KeepsetSolver,
     UnitTable,
     exit_coordinates,
@@ -21,6 +20,7 @@ from ppn_bayes.keepsets import (
     quantile_rows,
     x_to_lambda,
 )
+from ppn_bayes.errors import ConfigError, SizeError
 from tests.posterior_fixtures import StubPosterior, make_run_dir, small_inventory
 
 
@@ -71,7 +71,7 @@ def _raw_prefix(table, keys, budget, cur):
 
 def test_exit_coordinates_invert_thresholds(run_dir):
     """tau_l(x_u) = a_u inside the spline's range (grid interpolation error ~1e-6 logits)."""
-    from ppn_bayes.posterior import Posterior
+    from ppn_bayes.bayes.posterior import Posterior
 
     post = Posterior.from_dir(run_dir)
     table = UnitTable.build(post.inventory)
@@ -190,7 +190,7 @@ def test_quantile_property(solver):
         keys_lo = solver.priority(0.1)
         assert torch.all(keys_lo <= solver.priority(0.5))
         sure = (keys_lo > hi.cut_key).unsqueeze(0)
-        from ppn_bayes.keepsets import _drop_empty_layers
+        from ppn_bayes.bayes.keepsets import _drop_empty_layers
 
         sure_units = _units(table.keepset(_drop_empty_layers(table, sure)[0]))
         assert sure_units <= _units(lo.keep)
@@ -253,7 +253,7 @@ def test_quantile_rows_matches_torch_and_is_monotone_to_the_ulp():
 
 def test_exit_coordinates_unnested_are_each_units_own(solver):
     """``nested=False`` gives every unit its own exit price; nesting is then the minimum with its layer's."""
-    from ppn_bayes.keepsets import exit_coordinates
+    from ppn_bayes.bayes.keepsets import exit_coordinates
 
     own = exit_coordinates(solver.posterior, solver.table, solver.scores, nested=False)
     t = solver.table

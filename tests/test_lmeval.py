@@ -19,10 +19,10 @@ import torch
 
 pytest.importorskip("lm_eval")
 
+from ppn_bayes.data.tasks import DATA_FILE, LOCAL_TASK, TASKS_DIR
+from ppn_bayes.data.tasks.build import LENGTH_TOLERANCE, build_items, render, split_sentences
 from ppn_bayes.errors import ConfigError
-from ppn_bayes.lmeval import evaluate_tasks, hf_model, parse_tasks, summarize
-from ppn_bayes.tasks import DATA_FILE, LOCAL_TASK, TASKS_DIR
-from ppn_bayes.tasks.build import LENGTH_TOLERANCE, build_items, render, split_sentences
+from ppn_bayes.evaluation.lmeval import evaluate_tasks, hf_model, parse_tasks, summarize
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def persuasion() -> str:
-    from ppn_bayes.data import load_corpus
+    from ppn_bayes.data.corpus import load_corpus
 
     (text,) = load_corpus("bundled", "test")
     return text
@@ -86,8 +86,8 @@ def test_package_data_ships_the_task():
     from pathlib import Path
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    globs = pyproject["tool"]["setuptools"]["package-data"]["ppn_bayes"]
-    shipped = {p.name for g in globs if g.startswith("tasks/") for p in TASKS_DIR.parent.glob(f"{g}")}
+    globs = pyproject["tool"]["setuptools"]["package-data"]["ppn_bayes.data.tasks"]
+    shipped = {p.name for g in globs for p in TASKS_DIR.glob(g)}
     assert {"persuasion_cloze.yaml", "persuasion_cloze.jsonl"} <= shipped
 
 
@@ -234,7 +234,7 @@ def test_parse_tasks_and_summarize():
 
 @pytest.mark.slow
 def test_smollm2_beats_chance_on_the_local_task(smollm2_path, offline):
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.hub.zoo import load_model
 
     model, tok = load_model(smollm2_path)
     scores = evaluate_tasks(model, tok, batch_size=8, builtin=False)["tasks"][LOCAL_TASK]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ppn_bayes.backbone.gated import gate
+from ppn_bayes.bayes.model import PPNModel, sequence_nll
 from ppn_bayes.config import PriorConfig, PushConfig
-from ppn_bayes.model import PPNModel, sequence_nll
 from tests.tiny_models import VOCAB, tiny_model
 
 B, T, N_SEQ = 3, 12, 50

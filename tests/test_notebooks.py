@@ -25,7 +25,7 @@ def test_notebook_runs(name, tmp_path, tiny_llama_dir, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    from ppn_bayes.data import load_corpus
+    from ppn_bayes.data.corpus import load_corpus
 
     corpus = tmp_path / "tiny.txt"
     corpus.write_text(load_corpus("bundled", "validation")[0][:12_000], encoding="utf-8")

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from ppn_bayes import plots
-from ppn_bayes.keepsets import KeepsetSolver
+from ppn_bayes.analysis import plots
+from ppn_bayes.bayes.keepsets import KeepsetSolver
 from tests.posterior_fixtures import make_run_dir
 
 
@@ -60,7 +60,7 @@ def test_curves_are_drawn_in_the_colour_blind_safe_palette(tmp_path):
 
 
 def test_reliability(tmp_path):
-    from ppn_bayes.calibration_checks import reliability_curve
+    from ppn_bayes.analysis.calibration_checks import reliability_curve
 
     curve = reliability_curve([0.0, 0.2, 0.8, 1.0, 0.55], [0, 1, 1, 1, 0])
     _check(plots.plot_reliability({"a": curve, "empty": []}, tmp_path / "rel", "title"))  # an empty series is skipped

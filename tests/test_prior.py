@@ -26,8 +26,8 @@ from pyro.poutine.util import site_is_subsample
 from scipy import stats
 
 from ppn_bayes.backbone.units import Dims, UnitInventory
+from ppn_bayes.bayes.prior import ScorePrior, centred_log_norms
 from ppn_bayes.config import PriorConfig
-from ppn_bayes.prior import ScorePrior, centred_log_norms
 
 L, H, G = 8, 4, 4
 K_SE = 4.5  # tolerance in Monte-Carlo standard errors

@@ -15,8 +15,7 @@ from scipy import stats
 from scipy.interpolate import BSpline
 
 from ppn_bayes.backbone.units import Dims, UnitInventory
-from ppn_bayes.config import PushConfig
-from ppn_bayes.push import (
+from ppn_bayes.bayes.push import (
     MonotoneSpline,
     Push,
     _clamped_knots,
@@ -24,6 +23,7 @@ from ppn_bayes.push import (
     draw_lambda,
     straight_through_bernoulli,
 )
+from ppn_bayes.config import PushConfig
 
 K_SE = 4.5  # Monte-Carlo tolerances in standard errors (a correct implementation fails w.p. < 1e-5)
 

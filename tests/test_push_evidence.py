@@ -55,7 +55,7 @@ def figures(tmp_path_factory, tiny_tokenizer):
 def test_norm_baseline_is_a_nested_exact_budget_fill(figures, tiny_tokenizer):
     pe, fig = figures
     from ppn_bayes.baselines import is_nested
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.hub.zoo import load_model
 
     model, _ = load_model(Path(fig["run_dir"]).parent / "base")
     keeps, inv = pe.norm_keepsets(model)
@@ -64,7 +64,7 @@ def test_norm_baseline_is_a_nested_exact_budget_fill(figures, tiny_tokenizer):
         assert inv.size_of(keep) <= s + 1e-12
     # the order is by centred log norm: at 0.5, every kept head's score >= every dropped head's
     from ppn_bayes.baselines import gated_view
-    from ppn_bayes.prior import centred_log_norms
+    from ppn_bayes.bayes.prior import centred_log_norms
 
     with gated_view(model, 32, kinds=("heads", "groups")) as g:
         z = centred_log_norms(g.unit_norms())

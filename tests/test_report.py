@@ -49,7 +49,7 @@ def test_report_missing_run(tmp_path, capsys):
 
 
 def test_calibration_line_reads_the_manifest():
-    from ppn_bayes.report import calibration_line
+    from ppn_bayes.analysis.report import calibration_line
 
     ok, line = calibration_line({"tempering": 1.0})
     assert not ok and line.startswith("not calibrated: beta = 1 per token assumed") and "ppn calibrate RUN" in line
@@ -65,7 +65,7 @@ def test_calibration_line_reads_the_manifest():
 
 @pytest.mark.slow  # a tiny fit (the fixture) and two reports: ~20 s on loaded cores
 def test_report_labels_pi_and_adds_the_band(tiny_run):
-    from ppn_bayes.report import write_report
+    from ppn_bayes.analysis.report import write_report
     from ppn_bayes.run import update_manifest
 
     md = write_report(tiny_run, sizes=(0.5,), num_draws=16, band_samples=3, band_blocks=2).read_text()

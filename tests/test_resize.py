@@ -16,9 +16,9 @@ from tiny_models import VOCAB, tiny_model
 
 from ppn_bayes.backbone import ALL_KINDS, KeepSet, gate
 from ppn_bayes.backbone.materialize import materialize
-from ppn_bayes.backbone.switch import SubnetSwitch, switch
 from ppn_bayes.errors import ConfigError, RunError
-from ppn_bayes.resize import SHAPES_KEY, LazyCheckpoint, load_resized, resize, runs
+from ppn_bayes.export.resize import SHAPES_KEY, LazyCheckpoint, load_resized, resize, runs
+from ppn_bayes.export.switch import SubnetSwitch, switch
 
 # The exported model sums the same products in a different order (fewer columns, fused reads),
 # so logits agree to float32 round-off of 3-layer stacks (observed <= 5e-7), not bit for bit.
@@ -267,12 +267,12 @@ def test_user_errors_are_one_line(saved, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="shape"):
         resize(base, keep, g.inventory, tmp_path / "x", amplitudes={"attn_scale": torch.ones(2, 2)})
     # a failed write leaves neither the output nor a temporary directory behind
-    import ppn_bayes.resize
+    import ppn_bayes.export.resize
 
     def full_disk(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ppn_bayes.resize, "save_streaming", full_disk)
+    monkeypatch.setattr(ppn_bayes.export.resize, "save_streaming", full_disk)
     with pytest.raises(OSError):
         resize(base, keep, g.inventory, tmp_path / "y")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base-llama", "out"])
@@ -348,7 +348,7 @@ def test_switch_generates_with_kv_cache_like_the_materialized_model():
 def test_output_form_rules():
     """Standard only when one transformers config can describe every kept layer."""
     from ppn_bayes.backbone.slicing import layer_cut
-    from ppn_bayes.resize import output_form
+    from ppn_bayes.export.resize import output_form
 
     g = gate(tiny_model("llama"), group_size=8)
     inv, fam, dims = g.inventory, g.family, g.inventory.dims

@@ -1,6 +1,6 @@
 """``resize_run`` / ``ppn resize``: a run's export at a size is the network the run serves at that size.
 
-The reference is :func:`ppn_bayes.evaluate.load_run_target` (the base model with the run's trained
+The reference is :func:`ppn_bayes.evaluation.targets.load_run_target` (the base model with the run's trained
 weights or merged LoRA, gated by the keep-set's masks times the push's amplitudes at lambda*). A
 2-step run barely moves its amplitude scales, adapters and weights away from their initial values
 (where they change nothing), so the fixture then sets them to random values in the run's own files:
@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ppn_bayes.cli import main
 from ppn_bayes.errors import ConfigError, ModelError, RunError, SizeError
-from ppn_bayes.resize import MANIFEST, load_resized, resize_run
+from ppn_bayes.export.resize import MANIFEST, load_resized, resize_run
 
 ATOL = 2e-5
 VOCAB = 320
@@ -49,8 +49,8 @@ def _perturb(path: Path, keys, scale: float, seed: int) -> None:
 
 def _fit(model_dir: Path, root: Path, weights: str) -> Path:
     from ppn_bayes.config import recipe_from_dict
-    from ppn_bayes.data import load_corpus
-    from ppn_bayes.train import fit
+    from ppn_bayes.data.corpus import load_corpus
+    from ppn_bayes.training.loop import fit
 
     corpus = root / "tiny.txt"
     corpus.write_text(load_corpus("bundled", "validation")[0][:8_000], encoding="utf-8")
@@ -92,7 +92,7 @@ def _listing(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("which", ["lora", "full"])
 def test_export_equals_the_runs_gated_network_at_the_size(which, lora_run, full_run, tmp_path):
-    from ppn_bayes.evaluate import load_run_target
+    from ppn_bayes.evaluation.targets import load_run_target
     from ppn_bayes.run import load_run
 
     run = load_run(lora_run if which == "lora" else full_run)
@@ -142,7 +142,7 @@ def test_cli_json_fields_and_manifest(lora_run, tmp_path, capsys):
 def test_keepset_file_without_a_run(lora_run, tiny_llama_dir, tmp_path, capsys):
     """The `ppn keepset --json` output (or a bare KeepSet dict) of the run, exported from the base model."""
     from ppn_bayes.backbone import gate
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.hub.zoo import load_model
 
     assert main(["keepset", str(lora_run), "--size", "0.5", "--json"]) == 0
     (tmp_path / "ks.json").write_text(capsys.readouterr().out)

@@ -13,7 +13,7 @@ from ppn_bayes import run as rundir
 from ppn_bayes.config import recipe_from_dict
 from ppn_bayes.errors import RunError
 from ppn_bayes.run import load_run
-from ppn_bayes.train import fit
+from ppn_bayes.training.loop import fit
 
 
 def recipe(model_dir, corpus, **train):
@@ -62,7 +62,7 @@ def test_manifest_and_files_of_a_finished_run(finished, tiny_llama_dir):
     assert m["library"]["name"] == "ppn-bayes" and m["library"]["version"]
     assert m["recipe"] == {"name": "tiny", "preset": "ours"} and m["weights"] == "frozen"
     assert m["tempering"] == 1.0 and m["num_tokens"] > 0 and m["inventory"]["decoder_params"] > 0
-    from ppn_bayes.zoo import model_identity
+    from ppn_bayes.hub.zoo import model_identity
 
     assert m["base"]["weights_sha256"] == model_identity(tiny_llama_dir)["weights_sha256"]
     files = {p.name for p in finished.path.iterdir()}

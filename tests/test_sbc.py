@@ -27,9 +27,9 @@ import torch
 from scipy import stats
 
 from ppn_bayes.backbone.gated import gate
+from ppn_bayes.bayes.diagnostics import fit_svi
+from ppn_bayes.bayes.model import PPNModel
 from ppn_bayes.config import PriorConfig, PushConfig
-from ppn_bayes.diagnostics import fit_svi
-from ppn_bayes.model import PPNModel
 from tests.synthetic import synthetic_stack
 
 LAM, M, REPS, B, T = 0.5, 49, 16, 4, 12

@@ -9,15 +9,15 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from ppn_bayes.backbone import KeepSet
-from ppn_bayes.backbone.switch import SubnetSwitch
 from ppn_bayes.errors import ConfigError
-from ppn_bayes.speculative import (
+from ppn_bayes.evaluation.speculative import (
     autoregressive_generate,
     benchmark_speculative,
     shared_draft_model,
     speculative_generate,
     verify_draft,
 )
+from ppn_bayes.export.switch import SubnetSwitch
 
 
 def peaked(family: str, scale: float = 30.0, **kw):
@@ -179,8 +179,8 @@ def test_cli_speculate_json(tiny_llama_dir, capsys):
 
 @pytest.mark.slow
 def test_smollm2_greedy_speculative_equals_dense_greedy(smollm2_path):
-    from ppn_bayes.bench import layer_keepset_by_norm
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.evaluation.bench import layer_keepset_by_norm
+    from ppn_bayes.hub.zoo import load_model
 
     model, tok = load_model(smollm2_path)
     keep, inv = layer_keepset_by_norm(model, 0.5)

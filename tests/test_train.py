@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ppn_bayes.config import recipe_from_dict
-from ppn_bayes.train import batch_indices, build, elbo_terms, fit, lr_multiplier, step_seed
+from ppn_bayes.training.loop import batch_indices, build, elbo_terms, fit, lr_multiplier, step_seed
 
 TRAIN_FIELDS = {"step", "elbo", "token_loss", "lambda", "sampled_size", "expected_size", "lr", "grad_norm", "seconds"}
 
@@ -102,8 +102,8 @@ def test_weights_modes_change_exactly_what_they_should(tiny_llama_dir, corpus, t
 
 def test_lora_hooks_match_merged_weights_and_respect_gates(tiny_llama_dir):
     from ppn_bayes.backbone.gated import gate
-    from ppn_bayes.lora import LoRA
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.hub.zoo import load_model
+    from ppn_bayes.training.lora import LoRA
 
     model, _ = load_model(tiny_llama_dir)
     g = gate(model, group_size=16)

@@ -7,10 +7,7 @@ import math
 import pytest
 import torch
 
-from ppn_bayes.backbone.gated import gate
-from ppn_bayes.keepsets import KeepsetSolver
-from ppn_bayes.posterior import Posterior
-from ppn_bayes.uncertainty import (
+from ppn_bayes.analysis.uncertainty import (
     auroc,
     ece,
     entropy,
@@ -21,6 +18,9 @@ from ppn_bayes.uncertainty import (
     reliability,
     variation_ratio,
 )
+from ppn_bayes.backbone.gated import gate
+from ppn_bayes.bayes.keepsets import KeepsetSolver
+from ppn_bayes.bayes.posterior import Posterior
 from tests.posterior_fixtures import make_run_dir
 from tests.tiny_models import VOCAB, tiny_model
 
@@ -106,8 +106,8 @@ def test_evaluate_keepset_band(setup):
 @pytest.fixture(scope="module")
 def fitted(tiny_llama_dir, tmp_path_factory):
     from ppn_bayes.config import recipe_from_dict
-    from ppn_bayes.data import load_corpus
-    from ppn_bayes.train import fit
+    from ppn_bayes.data.corpus import load_corpus
+    from ppn_bayes.training.loop import fit
 
     corpus = tmp_path_factory.mktemp("corpus") / "tiny.txt"
     corpus.write_text(load_corpus("bundled", "validation")[0][:12_000], encoding="utf-8")

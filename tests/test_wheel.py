@@ -80,7 +80,7 @@ def test_the_wheel_carries_the_recipes_cards_and_corpora(site):
     assert recipes == {p.name for p in (REPO / "inference").glob("*.yaml")} and "smollm2-demo.yaml" in recipes
     assert {p.name for p in (package / "cards").glob("*.yaml")} == {p.name for p in (REPO / "models").glob("*.yaml")}
     assert (package / "data" / "austen" / "train.jsonl.gz").is_file()
-    assert (package / "tasks").is_dir() and any((package / "tasks").iterdir())
+    assert (package / "data" / "tasks" / "persuasion_cloze.jsonl").is_file()
 
 
 def test_ppn_runs_from_an_installed_wheel_in_another_directory(site, tiny_llama_dir, tmp_path):

@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from ppn_bayes import zoo
 from ppn_bayes.errors import ModelError
+from ppn_bayes.hub import zoo
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS = REPO / "models"

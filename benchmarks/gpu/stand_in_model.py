@@ -25,7 +25,7 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--tiny", action="store_true", help="a 2-layer toy (the script's CPU smoke run)")
     args = ap.parse_args()
-    from ppn_bayes.zoo import ppn_home
+    from ppn_bayes.hub.zoo import ppn_home
 
     cached = ppn_home() / "models" / "smollm2-135m"
     if not args.tiny and (cached / "config.json").is_file():
@@ -34,7 +34,7 @@ def main() -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ppn_bayes.data import load_corpus, train_bpe_tokenizer
+    from ppn_bayes.data.corpus import load_corpus, train_bpe_tokenizer
 
     if (args.out / "config.json").is_file():
         print(args.out)

@@ -7,7 +7,7 @@ hooks, four places of every layer by the current gates:
 * group gates ``groups[l, g]`` scale channel group ``g`` of the MLP down projection's input,
 * the layer gate ``layers[l]`` scales both residual branches' outputs (biases included),
 * optional amplitude vectors ``attn_scale[l]``/``mlp_scale[l]`` (``[hidden]``) scale the branch outputs
-  per output dimension (the push's rank-1 amplitude correction; see :mod:`ppn_bayes.push`).
+  per output dimension (the push's rank-1 amplitude correction; see :mod:`ppn_bayes.bayes.push`).
 
 Because the gates multiply *linear* maps' inputs/outputs, a gate of 0 is exactly the same as cutting
 that head/channel out of the weights, and a layer gate of 0 is exactly deleting the layer from a

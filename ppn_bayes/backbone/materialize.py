@@ -1,6 +1,6 @@
 """Build the smaller model of a keep-set in memory, as a real (faster) ``transformers`` model.
 
-This is the in-memory twin of the lazy, file-based export in :mod:`ppn_bayes.resize`: both cut
+This is the in-memory twin of the lazy, file-based export in :mod:`ppn_bayes.export.resize`: both cut
 tensors with :mod:`ppn_bayes.backbone.slicing`. It deep-copies only what it keeps, drops whole layers
 from the layer list (renumbering their KV-cache slots), cuts heads and channels out of the kept
 layers' weights, and replaces an attention or MLP that keeps nothing by a zero branch. The result
@@ -70,7 +70,7 @@ def materialize(model: nn.Module, keep: KeepSet, inventory: UnitInventory) -> nn
 
     ``inventory`` fixes the group size and gated kinds that ``keep`` refers to. The returned model's
     ``config.num_hidden_layers`` (or ``n_layer``) is the kept layer count; per-layer head and channel
-    counts live in the weights' shapes (see :mod:`ppn_bayes.resize` for how they are saved).
+    counts live in the weights' shapes (see :mod:`ppn_bayes.export.resize` for how they are saved).
     """
     family = family_for(model.config)
     keep = inventory.complete(keep)

@@ -18,7 +18,7 @@ Three shapes of result, one per kind of peer:
   experts with an inference-time threshold ``tau``; the size it reaches is a per-token *mean active
   fraction*, measured, not a static keep-set.
 
-All methods take token blocks ``LongTensor [N, T]`` from :func:`ppn_bayes.data.calibration_blocks`,
+All methods take token blocks ``LongTensor [N, T]`` from :func:`ppn_bayes.data.corpus.calibration_blocks`,
 so every peer in a comparison sees the same calibration tokens.
 """
 
@@ -111,7 +111,7 @@ def check_blocks(blocks: torch.Tensor, what: str = "calibration") -> torch.Tenso
     if not isinstance(blocks, torch.Tensor) or blocks.ndim != 2 or blocks.shape[0] < 1 or blocks.shape[1] < 2:
         shape = tuple(blocks.shape) if isinstance(blocks, torch.Tensor) else type(blocks).__name__
         raise ConfigError(f"{what} blocks must be a LongTensor [N>=1, T>=2], got {shape}; "
-                          "make them with ppn_bayes.data.calibration_blocks")
+                          "make them with ppn_bayes.data.corpus.calibration_blocks")
     return blocks.long()
 
 

@@ -1,6 +1,6 @@
 """``ppn bench speed``: prefill/decode throughput and memory of dense vs resized models.
 
-Thin: parsing and printing only; the measurement is :func:`ppn_bayes.bench.speed_benchmark`.
+Thin: parsing and printing only; the measurement is :func:`ppn_bayes.evaluation.bench.speed_benchmark`.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def _no_subcommand(parser: argparse.ArgumentParser) -> int:
 
 
 def run_speed(args: argparse.Namespace) -> int:
-    from ppn_bayes.bench import format_table, keepsets_for, plot_speed, speed_benchmark
     from ppn_bayes.device import resolve_device
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.evaluation.bench import format_table, keepsets_for, plot_speed, speed_benchmark
+    from ppn_bayes.hub.zoo import load_model
 
     sizes = comma_list(args.sizes, float, "--sizes")
     batches = comma_list(args.batch_sizes, int, "--batch-sizes", "1,8")
@@ -55,7 +55,7 @@ def run_speed(args: argparse.Namespace) -> int:
     if args.plot:
         import os
 
-        from ppn_bayes.bench import check_plot_path
+        from ppn_bayes.evaluation.bench import check_plot_path
 
         check_plot_path(args.plot, [(what, p) for what, p in (("model", args.model), ("run directory", args.run))
                                     if p is not None and os.path.lexists(os.path.expanduser(p))])

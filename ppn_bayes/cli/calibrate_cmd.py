@@ -1,5 +1,5 @@
 """``ppn calibrate RUN``: estimate the Gibbs posterior's learning rate beta over independent units of
-text (chapters) and re-derive the score posterior at it, without retraining (ppn_bayes.calibration)."""
+text (chapters) and re-derive the score posterior at it, without retraining (ppn_bayes.analysis.calibration)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def register(subparsers) -> None:
                               "posterior stays in RUN/posterior.uncalibrated/.")
     p.add_argument("run", help="run directory written by `ppn fit`")
     c = CalibrationConfig()  # the defaults a recipe without a calibration section gets
-    # the choices are ppn_bayes.data.UNITS, spelt out so that building the parser does not import torch (tested)
+    # the choices are ppn_bayes.data.corpus.UNITS, spelt out so that building the parser does not import torch (tested)
     p.add_argument("--unit", choices=("chapters", "documents"),
                    help=f"independent unit (default: the recipe's calibration.unit, {c.unit})")
     p.add_argument("--units", type=int, help=f"units to sample (calibration.units, default {c.units})")
@@ -37,7 +37,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppn_bayes.calibration import calibrate_run
+    from ppn_bayes.analysis.calibration import calibrate_run
     from ppn_bayes.device import resolve_device
 
     keys = {"unit": args.unit, "units": args.units, "blocks_per_unit": args.blocks_per_unit, "draws": args.price_draws,

@@ -93,7 +93,7 @@ def _validate(args: argparse.Namespace) -> None:
     check_step(args.gisp_step)  # before the model loads
     check_seed(args.seed)
     if args.transfer_data is not None:
-        from ppn_bayes.data import check_corpus
+        from ppn_bayes.data.corpus import check_corpus
 
         if args.transfer_data == args.data:
             raise ConfigError(f"--transfer-data {args.transfer_data} is the --data corpus itself; name another "
@@ -112,7 +112,7 @@ def _choice_items(args: argparse.Namespace, methods: list[str]) -> tuple[list[di
         return None, {}
     if "gisp" not in methods:
         raise ConfigError("--gisp-objective margin applies to GISP; add gisp to --methods")
-    from ppn_bayes.tasks import choices as ch
+    from ppn_bayes.data.tasks import choices as ch
 
     if args.gisp_choices_file:
         items = ch.read_choices_file(args.gisp_choices_file)[: args.gisp_choices]
@@ -169,14 +169,14 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, sizes: list[float], methods: list[str], items: list[dict] | None,
          choice_info: dict[str, Any], device: Any) -> int:
     from ppn_bayes.compare import CompareOptions, compare, markdown_table, write_outputs
-    from ppn_bayes.data import calibration_blocks, token_blocks
-    from ppn_bayes.zoo import load_model, resolve_model
+    from ppn_bayes.data.corpus import calibration_blocks, token_blocks
+    from ppn_bayes.hub.zoo import load_model, resolve_model
 
     model, tok = load_model(args.model, device=device)
     ctx = getattr(model.config, "max_position_embeddings", None)
     gisp_choices = None
     if items is not None:
-        from ppn_bayes.tasks.choices import to_examples
+        from ppn_bayes.data.tasks.choices import to_examples
 
         gisp_choices = to_examples(items, tok, max_length=ctx)
     heal_n = -(-args.heal_tokens // args.block_size) if args.heal_tokens else 0

@@ -4,7 +4,7 @@ Structure: the parser is built by :func:`add_arguments`; :func:`run` picks a *ta
 (:func:`load_target`: ``--model`` dense or resized, or ``--run`` with ``--size``/``--dense``) and
 *metrics* (perplexity on held-out blocks, ``--tasks`` through lm-eval), each a small function
 returning a dict; :func:`emit` prints the merged result as one JSON object (``--json``) or as lines.
-The work itself is in :mod:`ppn_bayes.evaluate` and :mod:`ppn_bayes.lmeval`.
+The work itself is in :mod:`ppn_bayes.evaluation.targets` and :mod:`ppn_bayes.evaluation.lmeval`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ppn_bayes.tasks import LOCAL_TASK
+    from ppn_bayes.data.tasks import LOCAL_TASK
 
     what = parser.add_argument_group("what to evaluate (one of)")
     what.add_argument("--model", default=None,
@@ -90,8 +90,8 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def load_target(args: argparse.Namespace, device: Any):
-    """The :class:`~ppn_bayes.evaluate.EvalTarget` named by ``--model`` or ``--run``."""
-    from ppn_bayes.evaluate import load_model_target, load_run_target
+    """The :class:`~ppn_bayes.evaluation.targets.EvalTarget` named by ``--model`` or ``--run``."""
+    from ppn_bayes.evaluation.targets import load_model_target, load_run_target
 
     if args.run is not None:
         quantile = quantile_of(args)
@@ -102,8 +102,8 @@ def load_target(args: argparse.Namespace, device: Any):
 
 def eval_perplexity(target: Any, args: argparse.Namespace, device: Any) -> dict[str, Any]:
     """Perplexity of the target on ``--data``/``--split`` blocks."""
-    from ppn_bayes.data import token_blocks
-    from ppn_bayes.evaluate import perplexity
+    from ppn_bayes.data.corpus import token_blocks
+    from ppn_bayes.evaluation.targets import perplexity
 
     blocks = token_blocks(target.tokenizer, args.split, args.block_size, args.data, max_blocks=args.max_blocks,
                           max_context=target.max_context)
@@ -117,7 +117,7 @@ def eval_perplexity(target: Any, args: argparse.Namespace, device: Any) -> dict[
 
 def eval_tasks(target: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Zero-shot lm-eval scores of the target: ``{"tasks": {...}, "limit", "lm_eval_version"}``."""
-    from ppn_bayes.lmeval import evaluate_tasks
+    from ppn_bayes.evaluation.lmeval import evaluate_tasks
 
     limit = args.limit
     if limit is not None and limit >= 1 and limit == int(limit):
@@ -131,7 +131,7 @@ def eval_tasks(target: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Load the target once and run every requested metric on it; one merged result dict."""
-    from ppn_bayes.data import check_corpus
+    from ppn_bayes.data.corpus import check_corpus
     from ppn_bayes.device import resolve_device
 
     _validate(args)
@@ -139,7 +139,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.perplexity:
         check_corpus(args.data, args.split)
     if args.tasks is not None:
-        from ppn_bayes.lmeval import parse_tasks, require_lm_eval
+        from ppn_bayes.evaluation.lmeval import parse_tasks, require_lm_eval
 
         require_lm_eval()
         args.tasks = ",".join(parse_tasks(args.tasks))

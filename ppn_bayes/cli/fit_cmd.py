@@ -1,4 +1,4 @@
-"""``ppn fit``: train a push puppet network from a recipe (a thin shell over :func:`ppn_bayes.train.fit`).
+"""``ppn fit``: train a push puppet network from a recipe (a thin shell over :func:`ppn_bayes.training.loop.fit`).
 
     ppn fit inference/smollm2-demo.yaml --out runs/demo
     ppn fit inference/smollm2-demo.yaml --out runs/demo --set train.steps=20 --set train.lr_guide=0.01
@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppn_bayes.train import fit
+    from ppn_bayes.training.loop import fit
 
     result = fit(args.recipe, out=args.out, resume=args.resume, progress=not args.no_progress,
                  overrides=args.overrides)

@@ -35,16 +35,16 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppn_bayes.keepsets import keepset
+    from ppn_bayes.bayes.keepsets import keepset
 
     target = {k: getattr(args, k) for k in ("size", "params", "layers", "flops")}
     result = keepset(args.run, **target, quantile=args.quantile, num_draws=args.draws, seed=args.seed)
     if args.eval:
-        from ppn_bayes.uncertainty import evaluate_run_keepset
+        from ppn_bayes.analysis.uncertainty import evaluate_run_keepset
 
         result.eval = evaluate_run_keepset(args.run, result, blocks=args.blocks, samples=args.samples,
                                            device=args.device)
-    from ppn_bayes.report import fit_warning
+    from ppn_bayes.analysis.report import fit_warning
 
     warning = fit_warning(args.run)
     if warning:
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        from ppn_bayes.report import keepset_text
+        from ppn_bayes.analysis.report import keepset_text
 
         print(keepset_text(result))
     return 0

@@ -20,14 +20,14 @@ def register(subparsers: Any) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from ppn_bayes.zoo import fetch
+    from ppn_bayes.hub.zoo import fetch
 
     print(fetch(args.alias, force=args.force))
     return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from ppn_bayes.zoo import is_cached, list_aliases, model_card
+    from ppn_bayes.hub.zoo import is_cached, list_aliases, model_card
 
     rows = [("alias", "name", "family", "params", "license", "source", "cached")]
     for alias in list_aliases():

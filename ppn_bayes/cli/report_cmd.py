@@ -28,7 +28,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppn_bayes.report import check_band, fit_warning, write_report
+    from ppn_bayes.analysis.report import check_band, fit_warning, write_report
 
     check_band(args.band, args.band_blocks, args.draws)
     warning = fit_warning(args.run)

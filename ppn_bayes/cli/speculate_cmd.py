@@ -1,6 +1,6 @@
 """``ppn speculate``: self-speculative decoding with sub-network drafts; picks the fastest setting.
 
-Thin: parsing and printing only; see :mod:`ppn_bayes.speculative`.
+Thin: parsing and printing only; see :mod:`ppn_bayes.evaluation.speculative`.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppn_bayes.backbone.switch import SubnetSwitch
-    from ppn_bayes.bench import keepsets_for
     from ppn_bayes.device import resolve_device
     from ppn_bayes.errors import ConfigError
-    from ppn_bayes.speculative import benchmark_speculative, format_result
-    from ppn_bayes.zoo import load_model
+    from ppn_bayes.evaluation.bench import keepsets_for
+    from ppn_bayes.evaluation.speculative import benchmark_speculative, format_result
+    from ppn_bayes.export.switch import SubnetSwitch
+    from ppn_bayes.hub.zoo import load_model
 
     sizes = comma_list(args.sizes, float, "--sizes")
     lengths = comma_list(args.draft_lengths, int, "--draft-lengths", "2,4")
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     out["model"] = args.run or args.model
     if result.best:
         best_keep = keepsets[result.best["size"]]
-        from ppn_bayes.speculative import speculative_generate
+        from ppn_bayes.evaluation.speculative import speculative_generate
 
         sw = SubnetSwitch(model, inventory)
         try:

@@ -25,8 +25,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ppn_bayes.analysis.uncertainty import run_uncertainty
     from ppn_bayes.errors import ConfigError
-    from ppn_bayes.uncertainty import run_uncertainty
 
     if args.k < 2:
         raise ConfigError(f"--k must be >= 2 sub-networks to measure disagreement, got {args.k}")

@@ -40,7 +40,7 @@ def _copy_checkpoint(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="session")
 def text_corpus(tmp_path_factory) -> Path:
     """A single-file corpus long enough for a few blocks of 32 tokens."""
-    from ppn_bayes.data import load_corpus
+    from ppn_bayes.data.corpus import load_corpus
 
     path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
     path.write_text(load_corpus("bundled", "validation")[0][:8_000], encoding="utf-8")

@@ -32,7 +32,7 @@ STEPS = 10
 
 @pytest.fixture(scope="module")
 def recipe_file(tiny_llama_dir, tmp_path_factory) -> Path:
-    from ppn_bayes.data import load_corpus
+    from ppn_bayes.data.corpus import load_corpus
 
     root = tmp_path_factory.mktemp("interrupt")
     corpus = root / "tiny.txt"

@@ -9,10 +9,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from ppn_bayes.bayes.keepsets import KeepsetSolver, _drop_empty_layers
+from ppn_bayes.bayes.push import Push
 from ppn_bayes.config import PushConfig
 from ppn_bayes.errors import SizeError
-from ppn_bayes.keepsets import KeepsetSolver, _drop_empty_layers
-from ppn_bayes.push import Push
 from tests.posterior_fixtures import StubPosterior, small_inventory
 
 KINDS = [("layers", "heads", "groups"), ("layers",), ("heads", "groups"), ("layers", "heads"),

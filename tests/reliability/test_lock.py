@@ -94,7 +94,7 @@ def test_every_rank_learns_that_rank_0_was_refused(own_run, monkeypatch):
     import torch.distributed as dist
 
     from ppn_bayes.errors import OutputError
-    from ppn_bayes.train import _run_lock
+    from ppn_bayes.training.loop import _run_lock
 
     sent: list = []
 
@@ -135,7 +135,7 @@ def test_lock_for_an_output_in_missing_directories_leaves_nothing(tmp_path):
 def test_two_fits_into_one_directory_do_not_interleave(tiny_llama_dir, tmp_path):
     """The issue's example: two ``ppn fit --out X`` at once. The second one stops at once (exit 2,
     one line naming the first one's PID) and the first one's run is exactly an ordinary run."""
-    from ppn_bayes.data import load_corpus
+    from ppn_bayes.data.corpus import load_corpus
 
     corpus = tmp_path / "tiny.txt"
     corpus.write_text(load_corpus("bundled", "validation")[0][:8_000], encoding="utf-8")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from ppn_bayes import run as rundir
 from ppn_bayes.config import recipe_from_dict
 from ppn_bayes.errors import NumericalError
-from ppn_bayes.train import fit
+from ppn_bayes.training.loop import fit
 
 POISON_AT = 3  # 0-based index of the step that goes wrong, i.e. step 4; checkpoints every 2 steps
 
@@ -84,6 +84,6 @@ def test_non_finite_gradient_names_its_parameter_group(tiny_llama_dir, corpus, t
 
 
 def test_horseshoe_scales_are_floored():
-    from ppn_bayes.prior import SCALE_FLOOR
+    from ppn_bayes.bayes.prior import SCALE_FLOOR
 
     assert SCALE_FLOOR == 1e-6  # documented in docs/training.md, "Numerical guards"

@@ -37,7 +37,7 @@ def enospc(path) -> OSError:
 @pytest.fixture
 def no_load(monkeypatch):
     """Fail the test if a model is loaded: the error must come before the expensive work."""
-    from ppn_bayes import zoo
+    from ppn_bayes.hub import zoo
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the output was checked")
@@ -129,7 +129,7 @@ def test_permission_denied_by_chmod(own_run, recipe, no_load, work, capsys):
 def test_disk_full_during_a_new_fit_leaves_nothing_and_a_plain_rerun_works(recipe, work, capsys, monkeypatch):
     """The first checkpoint cannot be written: the half-made run is removed (there is nothing to
     resume), so rerunning the same command once space is free just works."""
-    from ppn_bayes import posterior
+    from ppn_bayes.bayes import posterior
 
     real = posterior.atomic_write_bytes
 
@@ -150,7 +150,7 @@ def test_any_failure_before_the_first_checkpoint_leaves_no_run_behind(recipe, wo
     """The issue's negative seed failed in the first step and left a half-made run that a plain rerun
     refused. Whatever fails once the run directory exists (here the step's seeding raising, as numpy
     does for a negative seed), the run is removed when it has no checkpoint yet."""
-    from ppn_bayes import train
+    from ppn_bayes.training import loop as train
 
     real = train.step_seed
 
@@ -203,7 +203,7 @@ def test_disk_full_after_a_checkpoint_leaves_a_resumable_run(own_run, text_corpu
 def test_resize_write_failure_removes_the_partial_export(code, needle, own_run, work, capsys, monkeypatch):
     """A new export and a ``--force`` replacement: the failed one leaves no temporary directory, and
     the earlier export is untouched."""
-    from ppn_bayes import resize
+    from ppn_bayes.export import resize
 
     def broken(tensors, path, metadata=None):
         Path(path).write_bytes(b"half")
@@ -221,7 +221,7 @@ def test_resize_write_failure_removes_the_partial_export(code, needle, own_run, 
 
 
 def test_report_write_failure_removes_a_new_output(own_run, work, capsys, monkeypatch):
-    from ppn_bayes import report
+    from ppn_bayes.analysis import report
 
     def full(path, data):
         raise enospc(path)
@@ -263,7 +263,7 @@ def test_files_that_belong_together_are_written_all_or_none(tmp_path, monkeypatc
 ])
 def test_os_error_at_the_command_boundary_is_one_line(err, needles, own_run, work, capsys, monkeypatch):
     """Whatever the OSError and wherever it is raised, the CLI prints one line with a fix, exit 2."""
-    from ppn_bayes import keepsets
+    from ppn_bayes.bayes import keepsets
 
     def raise_it(*a, **k):
         raise err

@@ -40,7 +40,7 @@ def own_run(tiny_run, tiny_llama_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def keepset_file(own_run, tmp_path_factory) -> Path:
-    from ppn_bayes.keepsets import keepset
+    from ppn_bayes.bayes.keepsets import keepset
 
     path = tmp_path_factory.mktemp("ks") / "keep.json"
     path.write_text(json.dumps(keepset(own_run, size=0.5, num_draws=8).keep.to_dict()))

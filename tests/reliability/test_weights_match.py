@@ -140,8 +140,8 @@ def test_matching_checkpoints_still_load(tiny_llama_dir, tmp_path):
     checks, and the resize check accepts GPT-2's bare-model tensor names."""
     from transformers import AutoConfig
 
-    from ppn_bayes.resize import LazyCheckpoint, check_weights_match
-    from ppn_bayes.zoo import check_loading_report, load_model
+    from ppn_bayes.export.resize import LazyCheckpoint, check_weights_match
+    from ppn_bayes.hub.zoo import check_loading_report, load_model
     from tests.tiny_models import tiny_model
 
     for family in ("gpt2", "llama"):
@@ -160,7 +160,7 @@ def test_matching_checkpoints_still_load(tiny_llama_dir, tmp_path):
 def test_loading_report_names_every_kind():
     """The one formatter behind both paths: counts, first example of each kind, the fix."""
     from ppn_bayes.errors import ModelError
-    from ppn_bayes.zoo import check_loading_report
+    from ppn_bayes.hub.zoo import check_loading_report
 
     with pytest.raises(ModelError) as info:
         check_loading_report(Path("m"), torch.nn.Linear(1, 1), {

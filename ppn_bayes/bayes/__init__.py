@@ -1,0 +1,1 @@
+"""The statistical core: the shrinkage prior and its Block Influence anchor, the push, the Pyro model, the guides, the saved posterior, keep-sets from it, and inference diagnostics. Testable without a training loop."""

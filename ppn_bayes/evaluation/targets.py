@@ -1,0 +1,234 @@
+"""Held-out perplexity on token blocks.
+
+Perplexity is ``exp`` of the mean negative log-likelihood per *predicted token*: every position of a
+block but the first is predicted from the ones before it.  The loss is summed over tokens in float64
+and divided once at the end, so the number does not depend on the batch size (a mean of batch means
+would weight a short last batch wrongly).
+
+The model may be any callable that maps ``input_ids [B, T]`` to an object with ``.logits [B, T, V]``
+(a ``transformers`` causal LM, or a gated view of one) or to the logits tensor itself.
+
+The second half loads *what* ``ppn eval`` evaluates (:class:`EvalTarget`): a dense model, a resized
+export, or a run's network at a size; zero-shot tasks on any of them go through
+:func:`ppn_bayes.evaluation.lmeval.evaluate_tasks`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ppn_bayes.device import autocast_context
+from ppn_bayes.errors import ModelError
+from ppn_bayes.schema import AnyValue, List, Num, Obj, Opt, Str, load_json
+
+
+def _model_device(model: Any) -> torch.device:
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+def _logits(output: Any) -> torch.Tensor:
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, torch.Tensor):
+        logits = output
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
+        raise TypeError(f"model output has no [batch, seq, vocab] logits (got {type(output).__name__})")
+    return logits
+
+
+def block_nll(model: Callable[..., Any], input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of each block: a float64 tensor ``[B]``."""
+    logits = _logits(model(input_ids))[:, :-1].float()
+    targets = input_ids[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return nll.view(targets.shape).double().sum(dim=1)
+
+
+def perplexity(
+    model: Callable[..., Any],
+    blocks: torch.Tensor,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> dict[str, float | int]:
+    """Perplexity of ``model`` on ``blocks [N, T]``: ``{"perplexity", "nll", "tokens", "blocks"}``.
+
+    ``device`` defaults to the model's; ``autocast_dtype`` (e.g. ``torch.bfloat16``) enables autocast
+    on CUDA only.  A module is put in eval mode for the pass and restored afterwards, so calling this
+    mid-training does not leave dropout switched off.
+    """
+    if blocks.ndim != 2 or blocks.shape[1] < 2 or blocks.shape[0] == 0:
+        raise ValueError(f"blocks must be a non-empty [N, T>=2] tensor, got shape {tuple(blocks.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()
+    total = 0.0
+    starts = range(0, blocks.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="perplexity", unit="batch", leave=False)
+    try:
+        with torch.inference_mode(), autocast_context(device, autocast_dtype):
+            for start in starts:
+                batch = blocks[start:start + batch_size].to(device, non_blocking=True)
+                total += float(block_nll(model, batch).sum())
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    tokens = blocks.shape[0] * (blocks.shape[1] - 1)
+    nll = total / tokens
+    ppl = math.exp(nll) if nll < 700 else float("inf")
+    return {"perplexity": ppl, "nll": nll, "tokens": int(tokens), "blocks": int(blocks.shape[0])}
+
+
+# ------------------------------------------------------------------------------------ eval targets
+#
+# What `ppn eval` (and a notebook) evaluates: a dense model, a resized export, or a run's network at
+# a size. Each loader returns an EvalTarget whose ``model`` is a plain ``transformers`` causal LM with
+# any gates already in effect, so perplexity and the lm-eval bridge treat all three alike.
+
+
+@dataclass
+class EvalTarget:
+    """A model ready to evaluate, its tokenizer, and what it is (``info``: printed with the scores).
+
+    ``gated`` is the :class:`~ppn_bayes.backbone.gated.GatedLM` of a run target: its hooks on
+    ``model`` apply the keep-set's masks and amplitudes, and it is kept here so they stay alive.
+    """
+
+    model: Any
+    tokenizer: Any
+    info: dict[str, Any]
+    gated: Any = None
+
+    @property
+    def max_context(self) -> int | None:
+        value = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) else None
+
+
+def keep_summary(inventory: Any, keep: Any) -> dict[str, Any]:
+    """Counts of kept units next to the totals, and the kept layer indices: a keep-set at a glance."""
+    full = inventory.complete(keep)
+    L, H, G = inventory.num_layers, inventory.num_heads, inventory.num_groups
+    return {"layers": len(full.layers), "of_layers": L, "heads": len(full.heads), "of_heads": L * H,
+            "groups": len(full.groups), "of_groups": L * G, "layer_ids": sorted(int(x) for x in full.layers)}
+
+
+#: What :func:`_resize_facts` reads of a ``ppn-resize.json`` (checked: it is printed with the scores).
+RESIZE_FACTS = Obj(optional={
+    "report": Obj(optional={"form": Str(), "size_params": Opt(Num(0, 1))}),
+    "keepset": Opt(Obj(optional={k: List(AnyValue()) for k in ("layers", "heads", "groups")}))})
+
+
+def _resize_facts(path: Path) -> dict[str, Any]:
+    """What a ``ppn resize`` export says about itself (``ppn-resize.json``), or ``{}`` for other dirs."""
+    from ppn_bayes.export.resize import MANIFEST
+
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return {}
+    data = load_json(manifest, RESIZE_FACTS, "re-export the model with ppn resize (or delete that file)", ModelError)
+    report = data.get("report", {})
+    keep = data.get("keepset") or {}
+    facts: dict[str, Any] = {"form": report.get("form")}
+    if report.get("size_params") is not None:
+        facts["size"] = facts["achieved_size"] = float(report["size_params"])
+    if keep:
+        facts["keep"] = {"layers": len(keep.get("layers", [])), "heads": len(keep.get("heads", [])),
+                         "groups": len(keep.get("groups", [])), "layer_ids": keep.get("layers", [])}
+    return facts
+
+
+def load_model_target(name: str, device: str | torch.device = "cpu", trust_remote_code: bool = False
+                      ) -> EvalTarget:
+    """A dense model (alias, directory or Hub id) or a resized export directory.
+
+    An export whose per-layer head/channel counts differ (``ppn_layer_shapes`` in its config) cannot
+    be built by ``AutoModelForCausalLM`` and goes through :func:`ppn_bayes.export.resize.load_resized`;
+    every other directory, exports of the standard form included, loads as an ordinary checkpoint.
+    """
+    from ppn_bayes.hub.zoo import load_model, resolve_model
+
+    path = resolve_model(name, trust_remote_code=trust_remote_code)
+    facts = _resize_facts(path)
+    if _has_layer_shapes(path):
+        model, tokenizer = _load_shaped_export(path, device)
+    else:
+        model, tokenizer = load_model(path, device=device, trust_remote_code=trust_remote_code)
+    kind = "resized" if facts or _has_layer_shapes(path) else "model"
+    return EvalTarget(model, tokenizer, {"target": kind, "model": str(name), **facts})
+
+
+def _has_layer_shapes(path: Path) -> bool:
+    from ppn_bayes.export.resize import SHAPES_KEY
+
+    config = path / "config.json"
+    try:
+        return config.is_file() and SHAPES_KEY in json.loads(config.read_text(encoding="utf-8"))
+    except ValueError:
+        return False  # the ordinary loader reports a broken config in one line
+
+
+def _load_shaped_export(path: Path, device: str | torch.device) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
+
+    from ppn_bayes.errors import ModelError
+    from ppn_bayes.export.resize import load_resized
+
+    model = load_resized(path, device=device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path} has no usable tokenizer ({str(err).splitlines()[0][:120]}); "
+                         "re-export it with ppn resize (it copies the base tokenizer)") from None
+    return model, tokenizer
+
+
+def load_run_target(run: Any, size: float | None = None, quantile: float = 0.5, dense: bool = False,
+                    device: str | torch.device = "cpu", num_draws: int = 256, seed: int = 0) -> EvalTarget:
+    """A run's trained network at ``size`` (the hard keep-set), or whole at lambda = 0 (``dense``).
+
+    The sub-network is the one PPN serves and :func:`ppn_bayes.export.resize.resize` exports: the keep-set's
+    0/1 masks times the push's amplitude corrections at the keep-set's ``lambda*``. The keep-set is
+    solved from the posterior *before* the model is loaded, so an impossible size fails in a second.
+    """
+    from ppn_bayes.errors import ConfigError
+    from ppn_bayes.run import load_run
+
+    if dense == (size is not None):
+        raise ConfigError("give a run either a size (--size S, a fraction in (0, 1]) or --dense, not "
+                          f"{'both' if dense else 'neither'}")
+    run = load_run(run)
+    info: dict[str, Any] = {"target": "run", "run": str(run.path), "base": run.manifest.get("base", {}).get("name")}
+    result = None
+    if not dense:
+        result = run.keepset(size=size, quantile=quantile, num_draws=num_draws, seed=seed)
+        info.update(size=float(size), achieved_size=float(result.achieved_size), quantile=float(quantile),
+                    keep=keep_summary(run.inventory, result.keep), **{"lambda": float(result.lam)})
+    else:
+        info.update(size=1.0, achieved_size=1.0, dense=True, **{"lambda": 0.0})
+    gated = run.load_model(str(device))
+    lam = 0.0 if result is None else result.lam
+    masks = None if result is None else run.inventory.masks(result.keep)
+    with torch.no_grad():
+        gated.set_gates(**run.posterior.push.gates(masks, lam))
+    return EvalTarget(gated.model, run.load_tokenizer(), info, gated=gated)

@@ -1,0 +1,790 @@
+"""The SVI loop: the guide, the push and the LM's weights, optimized jointly by one ELBO.
+
+``fit(recipe)`` builds the Pyro model (:class:`~ppn_bayes.bayes.model.PPNModel`) around a gated base model,
+the guide over the score latents, optionally LoRA adapters or the full decoder weights, and runs SVI
+with AdamW. Choices, and why:
+
+* **Per-token objective.** The loss is ``-ELBO / N_tokens`` (``N_tokens`` = the training set's predicted
+  tokens). It has the same gradients' *direction* as ``-ELBO`` but an O(1) scale, so learning rates and
+  gradient clipping mean the same thing for a 100k-token demo and a 5B-token run.
+* **The ELBO is computed term by term** (:func:`elbo_terms`, the same sums that ``Trace_ELBO`` forms for
+  reparameterized sites; a test checks they agree): the ``tokens`` factor (likelihood), the ``compute``
+  factor (the push's price) and ``kl`` (``log q - log p`` of the score latents). Each term is checked
+  for NaN/inf at every step, as is each parameter group's gradient norm, so a failure names its cause.
+* **Noise is a function of (seed, step).** Before every micro-batch the torch RNG (guide samples) and
+  the model's lambda/mask generator are re-seeded from ``(seed, step)``, and the batch's sequences are
+  a pure function of ``(seed, step)`` too (a seeded permutation per epoch). Hence a resumed run replays
+  exactly what an uninterrupted one does; gradient accumulation over micro-batches that share one
+  draw of lambda, masks and latents is exactly a larger batch; and data-parallel ranks (each with its
+  shard of the global batch, the plate given the full data set size) reproduce a single process.
+* **Parameter groups**: ``guide`` (lr_guide), ``push`` (splines, amplitudes, score levels; lr_push),
+  ``weights`` (LoRA adapters or the decoder's matrices; lr_weights and weight decay) and
+  ``weights_nodecay`` (the decoder's norms and biases). Only ``weights`` decays.
+
+The other steps of a run live next door: :mod:`ppn_bayes.training.distributed` (torchrun process group,
+DDP/FSDP wrapping, collectives), :mod:`ppn_bayes.training.checkpoint` (save/restore of the session, the
+run's exports) and :mod:`ppn_bayes.training.heldout` (the held-out evaluation logged during training).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+import torch.distributed as dist
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+from torch import nn
+
+from ppn_bayes import run as rundir
+from ppn_bayes.config import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from ppn_bayes.device import full_precision, synchronize
+from ppn_bayes.errors import ConfigError, NumericalError, RunError
+from ppn_bayes.training.checkpoint import restore, save
+from ppn_bayes.training.distributed import (
+    average_replicated_grads,
+    barrier,
+    grad_norm,
+    init_distributed,
+    is_sharded,
+    reduce_mean,
+    wrap_objective,
+)
+from ppn_bayes.training.heldout import evaluate
+
+GROUPS = ("guide", "push", "weights", "weights_nodecay")
+
+
+# --------------------------------------------------------------------------------- noise and data order
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A well-mixed 63-bit seed for optimizer step ``step`` (numpy's SeedSequence hashing); ``stream``
+    separates independent uses (0: the step's noise, 1: the data order)."""
+    state = np.random.SeedSequence([int(seed), int(stream), int(step)]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+def batch_indices(seed: int, step: int, micro: int, grad_accum: int, batch_size: int, num_sequences: int
+                  ) -> torch.Tensor:
+    """The training-set indices of micro-batch ``micro`` of step ``step``: positions run through one
+    seeded permutation per epoch, so every sequence is seen once per epoch and the order is replayable."""
+    start = (step * grad_accum + micro) * batch_size
+    pos = torch.arange(start, start + batch_size)
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in pos.div(num_sequences, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(num_sequences, generator=torch.Generator().manual_seed(step_seed(seed, epoch, stream=1)))
+        sel = pos.div(num_sequences, rounding_mode="floor") == epoch
+        out[sel] = perm[pos[sel] % num_sequences]
+    return out
+
+
+def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warmup over ``warmup`` steps, then constant or cosine decay to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def total_steps(t) -> int:
+    """Optimizer steps of a run: the joint ``steps`` and then the guide-only ``guide_steps``."""
+    return t.steps + t.guide_steps
+
+
+def group_multiplier(t, step: int, group: str) -> float:
+    """Learning-rate multiplier of parameter group ``group`` at optimizer step ``step``: the recipe's
+    schedule over ``steps`` for every group; in the guide-only phase (``step >= steps``) the guide's
+    own schedule over ``guide_steps`` (no warmup; ``guide_schedule``, default ``schedule``) at
+    ``guide_lr / lr_guide`` (default 1) and 0 for every other group (frozen exactly: AdamW's update
+    and its decay are both proportional to lr)."""
+    if step < t.steps:
+        return lr_multiplier(step, t.steps, t.warmup_steps, t.schedule)
+    if group != "guide":
+        return 0.0
+    scale = 1.0 if t.guide_lr is None else t.guide_lr / t.lr_guide
+    return scale * lr_multiplier(step - t.steps, t.guide_steps, 0, t.guide_schedule or t.schedule)
+
+
+def guide_lr_spent(t, steps: int) -> float:
+    """Sum of the guide's learning rate over the first ``steps`` optimizer steps (guides.guide_convergence)."""
+    return float(sum(t.lr_guide * group_multiplier(t, i, "guide") for i in range(steps)))
+
+
+def log_guide(s: Session, step: int) -> dict[str, Any] | None:
+    """Append the ``guide`` record (guides.guide_summary) for the state after ``step`` steps."""
+    from ppn_bayes.bayes.guides import guide_summary
+
+    summary = guide_summary(s.guide, s.ppn.prior, s.guide_init)
+    if not summary:
+        return None
+    record = {"type": "guide", "step": step, "lr_sum": guide_lr_spent(s.recipe.train, step),
+              "phase": "guide" if step > s.recipe.train.steps else "joint", **summary}
+    rundir.append_metrics(s.run_dir, record)
+    return record
+
+
+# ------------------------------------------------------------------------------------------- the ELBO
+
+
+def elbo_terms(model: Callable, guide: Callable, *args, **kwargs) -> dict[str, torch.Tensor]:
+    """One-particle ELBO split into its terms: ``tokens``, ``compute``, ``kl`` and ``elbo``.
+
+    Same construction as ``Trace_ELBO`` for reparameterized guides: trace the guide, replay the model
+    against it, and sum the (plate-scaled) log densities. ``kl`` is the single-sample estimate
+    ``log q(z) - log p(z)`` of the score latents (``elbo = tokens + compute - kl``).
+    """
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    zero = torch.zeros((), device=args[0].device if args and torch.is_tensor(args[0]) else None)  # the data's device
+    tokens, compute, logp, logq = zero, zero, zero, zero
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if name == "tokens":
+            tokens = tokens + site["log_prob_sum"]
+        elif name == "compute":
+            compute = compute + site["log_prob_sum"]
+        else:  # latent sites (and deterministic ones, whose log density is masked to 0)
+            logp = logp + site["log_prob_sum"]
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample":
+            logq = logq + site["log_prob_sum"]
+    kl = logq - logp
+    return {"tokens": tokens, "compute": compute, "kl": kl, "elbo": tokens + compute - kl}
+
+
+class Objective(nn.Module):
+    """Everything that is trained, in one module (what DDP wraps; FSDP shards its base model);
+    ``forward`` gives the ELBO terms and ``loss = -ELBO / N_tokens``."""
+
+    def __init__(self, model: nn.Module, guide: nn.Module, lora: nn.Module | None = None):
+        super().__init__()
+        self.model, self.guide, self.lora = model, guide, lora
+
+    def forward(self, input_ids: torch.Tensor, subsample: torch.Tensor, **fixed: Any) -> dict[str, torch.Tensor]:
+        # float32 throughout (guide samples and log densities, the push, the ELBO's sums); the model
+        # turns autocast on around the LM's forward pass alone (PPNModel.autocast_dtype). ``fixed``:
+        # the sandwich's ``lam`` and ``teacher_logits`` for this pass (PPNModel.forward).
+        with full_precision():
+            terms = elbo_terms(self.model, self.guide, input_ids, subsample=subsample, **fixed)
+        loss = -terms["elbo"] / self.model.num_tokens
+        if not loss.requires_grad:
+            # A dense step with nothing to learn from it (the paper preset has no latents, and frozen
+            # weights): a zero gradient, but through the graph, so backward and DDP's reducer see the
+            # same step as always (AdamW still moves by momentum, as for unused splines on dense steps).
+            loss = loss + 0.0 * sum(p.sum() for p in self.model.push.parameters())
+        terms["loss"] = loss
+        return terms
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+@dataclass(kw_only=True)
+class Session:
+    """The live objects of one training process, built by :func:`build` from named parts (keywords only:
+    seventeen positional fields would be a transposition waiting to happen)."""
+
+    recipe: Recipe
+    run_dir: Path
+    device: torch.device
+    rank: int
+    world: int
+    base_path: Path
+    gated: Any
+    ppn: Any
+    guide: nn.Module
+    lora: Any
+    objective: Objective
+    wrapped: nn.Module
+    train_blocks: torch.Tensor
+    val_blocks: torch.Tensor
+    groups: dict[str, list[nn.Parameter]]
+    named_weights: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    seconds: float = 0.0
+    callbacks: list = field(default_factory=list)
+    guide_init: tuple = ()  # guides.guide_marginals right after the guide was built (before any restore)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _checkpointing_context(gated) -> Callable:
+    """``context_fn`` for non-reentrant activation checkpointing: the recomputation in the backward pass
+    runs after :meth:`GatedLM.gates` has been exited, so it must see the gates of the forward pass again."""
+
+    def context_fn():
+        snapshot = gated.current_gates()
+        return contextlib.nullcontext(), gated.gates(**snapshot)
+
+    return context_fn
+
+
+def _setup_weights(recipe: Recipe, gated, seed: int):
+    """Freeze the base model, then make trainable what the weights mode says; returns
+    ``(lora, {export name: param})``."""
+    from ppn_bayes.training.lora import LoRA
+
+    model = gated.model
+    model.requires_grad_(False)
+    mode = recipe.train.weights
+    if mode == "lora":
+        return LoRA(gated, rank=recipe.train.lora_rank, alpha=recipe.train.lora_alpha, seed=seed), {}
+    if mode == "full":
+        for layer in gated.family.layers(model):
+            layer.requires_grad_(True)
+    return None, _decoder_weights(gated) if mode == "full" else {}
+
+
+def _teacher(recipe: Recipe, gated, lora, base_path: Path, device: torch.device, world: int) -> Callable | None:
+    """The distillation teacher's logits function for :class:`~ppn_bayes.bayes.model.PPNModel` (``None``:
+    the gated network itself with every gate on, which is ``teacher: self``).
+
+    ``teacher: base`` is the base model as loaded: with frozen weights that *is* the dense network
+    (``None``); with LoRA, the dense network with the adapters switched off for the teacher's pass
+    (no extra memory); with ``weights: full`` the trained decoder no longer holds the base, so a
+    second, frozen copy of the base model is loaded (one more copy of the weights in memory, no
+    gradients or optimizer state: about 1/4 of what full training already holds). Under FSDP that
+    copy would be whole on every rank: refused.
+    """
+    t = recipe.train
+    if t.distill_weight == 0 or t.teacher == "self" or t.weights == "frozen":
+        return None
+    from ppn_bayes.device import autocast_context
+
+    amp = torch.bfloat16 if t.bf16 else None
+    if t.weights == "lora":
+        def lora_off(input_ids, attention_mask=None):
+            with lora.disabled(), gated.gates(**dict.fromkeys(gated.current_gates())), \
+                    autocast_context(input_ids.device, amp):
+                return gated(input_ids=input_ids, attention_mask=attention_mask).logits
+
+        return lora_off
+    if world > 1 and t.distributed == "fsdp":
+        raise ConfigError("train.teacher=base with train.weights=full would hold a whole frozen copy of the base "
+                          "model on every FSDP rank; use train.teacher=self, or train.weights=lora")
+    from ppn_bayes.hub.zoo import load_model
+
+    frozen, _ = load_model(base_path, dtype=getattr(torch, recipe.model.dtype), device=device,
+                           trust_remote_code=recipe.model.trust_remote_code)
+    frozen.eval().requires_grad_(False)
+
+    def base(input_ids, attention_mask=None):
+        with autocast_context(input_ids.device, amp):
+            return frozen(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    return base
+
+
+def _decoder_weights(gated) -> dict[str, nn.Parameter]:
+    """``{export name: param}`` of every decoder-layer tensor (what ``weights: full`` trains)."""
+    return {gated.family.layer_prefix(i) + name: p
+            for i, layer in enumerate(gated.family.layers(gated.model)) for name, p in layer.named_parameters()}
+
+
+def _param_groups(recipe: Recipe, ppn, guide, lora, named_weights) -> dict[str, list[nn.Parameter]]:
+    push = [p for n, p in ppn.named_parameters() if not n.startswith("gated.") and p.requires_grad]
+    if lora is not None:
+        weights, nodecay = list(lora.parameters()), []
+    else:
+        weights = [p for p in named_weights.values() if p.ndim >= 2]
+        nodecay = [p for p in named_weights.values() if p.ndim < 2]
+    groups = {"guide": list(guide.parameters()), "push": push, "weights": weights, "weights_nodecay": nodecay}
+    return {k: v for k, v in groups.items() if v}
+
+
+def _group_hparams(recipe: Recipe, name: str) -> dict[str, Any]:
+    t = recipe.train
+    lr = {"guide": t.lr_guide, "push": t.lr_push}.get(name, t.lr_weights)
+    return {"base_lr": lr, "lr": lr, "weight_decay": t.weight_decay if name == "weights" else 0.0,
+            "betas": tuple(t.betas)}
+
+
+def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: torch.device | None = None
+          ) -> Session:
+    """Load the base model and data and build model, guide, adapters, optimizer (one process's share)."""
+    from ppn_bayes.backbone.gated import gate
+    from ppn_bayes.bayes.anchor import score_anchors
+    from ppn_bayes.bayes.guides import guide_marginals, make_guide
+    from ppn_bayes.bayes.model import PPNModel
+    from ppn_bayes.data.corpus import token_blocks
+    from ppn_bayes.hub.zoo import load_model, resolve_model
+
+    t = recipe.train
+    device = device or torch.device("cpu")
+    if t.batch_size % world:
+        raise ConfigError(f"train.batch_size {t.batch_size} is the global batch and must be divisible by the "
+                          f"{world} processes; use a multiple of {world}")
+    base_path = resolve_model(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
+    model, tokenizer = load_model(base_path, dtype=getattr(torch, recipe.model.dtype), device=device,
+                                  trust_remote_code=recipe.model.trust_remote_code)
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    d = recipe.data
+    train_blocks = token_blocks(tokenizer, "train", d.block_size, d.corpus, max_blocks=d.train_blocks, max_context=ctx,
+                                bootstrap_seed=d.bootstrap_seed, bootstrap_unit=d.bootstrap_unit)
+    val_blocks = token_blocks(tokenizer, "validation", d.block_size, d.corpus, max_blocks=d.val_blocks, max_context=ctx)
+    if train_blocks.shape[0] < t.batch_size:
+        raise ConfigError(f"train.batch_size {t.batch_size} exceeds the {train_blocks.shape[0]} training blocks; "
+                          "lower it or use more data")
+    gated = gate(model, group_size=recipe.units.group_size, kinds=tuple(recipe.units.kinds))
+    u = recipe.units
+    anchors = score_anchors(gated, u.score_anchor, train_blocks[:u.anchor_blocks], batch_size=t.batch_size)
+    torch.manual_seed(t.seed)  # the guide's init_to_median draws from the prior
+    ppn = PPNModel(gated, recipe.prior, recipe.push, num_sequences=train_blocks.shape[0],
+                   tokens_per_sequence=d.block_size, norms=anchors, tempering=t.tempering,
+                   autocast_dtype=torch.bfloat16 if t.bf16 else None, distill_weight=t.distill_weight).to(device)
+    guide = make_guide(ppn.prior, recipe.guide).to(device)
+    lora, named = _setup_weights(recipe, gated, t.seed)
+    ppn.teacher = _teacher(recipe, gated, lora, base_path, device, world)
+    gated.model.train()  # activation checkpointing in transformers only runs in train mode
+    if t.grad_checkpointing:
+        gated.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": _checkpointing_context(gated)})
+    generator = torch.Generator()
+    ppn.set_generator(generator)
+    objective = Objective(ppn, guide, lora)
+    wrapped: nn.Module = objective
+    if world > 1:
+        wrapped = wrap_objective(objective, recipe, device, gated)
+        if named:  # FSDP replaces the layers' parameters by shards
+            named = _decoder_weights(gated)
+    groups = _param_groups(recipe, ppn, guide, lora, named)
+    init = guide_marginals(guide)
+    optimizer = torch.optim.AdamW([{"params": ps, "name": n, **_group_hparams(recipe, n)} for n, ps in groups.items()],
+                                  lr=t.lr_guide, betas=tuple(t.betas), eps=1e-8)
+    return Session(recipe=recipe, run_dir=Path(run_dir), device=device, rank=rank, world=world, base_path=base_path,
+                   gated=gated, ppn=ppn, guide=guide, lora=lora, objective=objective, wrapped=wrapped,
+                   train_blocks=train_blocks, val_blocks=val_blocks, groups=groups, named_weights=named,
+                   optimizer=optimizer, generator=generator, guide_init=init)
+
+
+# ------------------------------------------------------------------------------------- one step
+
+
+def _fork_rng(device: torch.device):
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def _check_terms(s: Session, terms: dict[str, float], step: int) -> None:
+    bad = [f"{k}={terms[k]}" for k in ("tokens", "compute", "kl") if not math.isfinite(terms[k])]
+    if bad:
+        raise NumericalError(
+            f"non-finite ELBO term at step {step}: {', '.join(bad)} (tokens = likelihood, compute = the push's "
+            f"price, kl = score prior vs guide); the last good checkpoint is kept: resume with a lower learning "
+            f"rate, e.g. ppn fit --resume --out {s.run_dir} --set train.lr_guide={s.recipe.train.lr_guide / 4:g} "
+            f"--set train.lr_weights={s.recipe.train.lr_weights / 4:g}")
+
+
+def _grad_norms(s: Session, step: int) -> dict[str, float]:
+    norms = {}
+    for name, params in s.groups.items():
+        for p in params:
+            if p.grad is None:  # unused this step (e.g. the splines on a dense step): a zero gradient
+                p.grad = torch.zeros_like(p)
+        if is_sharded(s):
+            norms[name] = grad_norm(params)
+        else:
+            norms[name] = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+    bad = [f"{k}={v}" for k, v in norms.items() if not math.isfinite(v)]
+    if bad:
+        lr_key = {"guide": "lr_guide", "push": "lr_push"}.get(bad[0].split("=")[0], "lr_weights")
+        raise NumericalError(
+            f"non-finite gradient at step {step} in parameter group {', '.join(bad)}; the last good checkpoint "
+            f"is kept: resume with a lower learning rate, e.g. ppn fit --resume --out {s.run_dir} "
+            f"--set train.{lr_key}={getattr(s.recipe.train, lr_key) / 4:g}")
+    return norms
+
+
+def sandwich_prices(s: Session, step: int) -> list[float]:
+    """The sandwich's prices for optimizer step ``step``: ``[0, lambda_min, r_1 .. r_N]``.
+
+    ``0`` is the dense network; ``lambda_min`` the price at which the *current* push keeps
+    ``train.sandwich_min_size`` of the decoder's parameters in expectation at the guide's median scores
+    (the keep-set step's bisection, :func:`ppn_bayes.bayes.keepsets.solve_lambda`, reused); ``r_i ~ Exp(rate)``
+    from a generator seeded by ``(seed, step)`` alone (stream 2), so a resumed run draws the same prices.
+    """
+    from types import SimpleNamespace
+
+    from ppn_bayes.bayes.keepsets import parse_target, solve_lambda
+    from ppn_bayes.training.heldout import median_scores
+
+    t, ppn = s.recipe.train, s.ppn
+    with torch.no_grad():
+        scores = {k: v.detach().unsqueeze(0) for k, v in median_scores(ppn, s.guide).items()}
+        view = SimpleNamespace(inventory=ppn.inventory,
+                               inclusion=lambda sc, lam: {k: v.cpu() for k, v in ppn.push.inclusion(sc, lam).items()})
+        lam_min, _, _ = solve_lambda(view, None, scores, parse_target(ppn.inventory, size=t.sandwich_min_size))
+    g = torch.Generator().manual_seed(step_seed(t.seed, step, stream=2))
+    rand = [float(torch.empty((), dtype=torch.float64).exponential_(1.0, generator=g)) / ppn.push.config.rate
+            for _ in range(t.sandwich_random)]
+    return [0.0, float(lam_min), *rand]
+
+
+def train_step(s: Session, step: int) -> dict[str, Any]:
+    """One optimizer step (``grad_accum`` micro-batches sharing one draw of the noise); returns its record.
+
+    With ``train.sandwich`` every micro-batch runs one pass per price of :func:`sandwich_prices` (dense
+    first), each with its own noise seeded by ``(seed, step, pass)``, the losses averaged into the one
+    optimizer step; with distillation from the dense network, the dense pass's logits (detached) are
+    the teacher's for the pruned passes (no extra forward pass)."""
+    t = s.recipe.train
+    seed = step_seed(t.seed, step)
+    per_rank = t.batch_size // s.world
+    sums = {"tokens": 0.0, "compute": 0.0, "kl": 0.0, "loss": 0.0, "token_loss": 0.0}
+    prices = sandwich_prices(s, step) if t.sandwich else [None]
+    n = len(prices)
+    passes: list[dict[str, float]] = [{} for _ in prices]
+    kl_tok: list[float] = []
+    reuse_dense = t.teacher == "self" or t.weights == "frozen"  # the dense pass is the teacher
+    tic = time.perf_counter()
+    for micro in range(t.grad_accum):
+        idx = batch_indices(t.seed, step, micro, t.grad_accum, t.batch_size, s.train_blocks.shape[0])
+        mine = idx[s.rank * per_rank:(s.rank + 1) * per_rank]
+        ids = s.train_blocks[mine].to(s.device, non_blocking=True)
+        teacher = None
+        if t.sandwich and t.distill_weight > 0 and not reuse_dense:
+            teacher = s.ppn.teacher_logits(ids)  # once per micro-batch, shared by its pruned passes
+        s.ppn.keep_dense_logits = t.sandwich and t.distill_weight > 0 and reuse_dense
+        for k, lam in enumerate(prices):
+            pass_seed = seed if k == 0 else step_seed(t.seed, step, stream=2 + k)
+            last = micro == t.grad_accum - 1 and k == n - 1
+            sync = last or s.world == 1 or not hasattr(s.wrapped, "no_sync")
+            fixed: dict[str, Any] = {} if lam is None else {"lam": lam}
+            if lam is not None and lam > 0 and t.distill_weight > 0:
+                fixed["teacher_logits"] = teacher if teacher is not None else s.ppn.dense_logits
+            with _fork_rng(s.device), (contextlib.nullcontext() if sync else s.wrapped.no_sync()):
+                torch.manual_seed(pass_seed)
+                s.generator.manual_seed(pass_seed ^ 0x5DEECE66D)
+                # Distribution argument checks are off in the loop: a NaN must reach the per-term check below
+                # (which names the term and the step), not stop as a ValueError deep inside a distribution.
+                with pyro.validation_enabled(False):  # bf16 autocast: PPNModel turns it on around the LM alone
+                    terms = s.wrapped(ids, mine.to(s.device), **fixed)
+                # the step's one host sync: the terms are checked before backward, so a NaN names its term
+                values = reduce_mean(s, {k2: float(terms[k2].detach()) for k2 in ("tokens", "compute", "kl", "loss")}
+                                      | {"token_loss": float(s.ppn.last.token_loss)})
+                _check_terms(s, values, step + 1)
+                (terms["loss"] / (t.grad_accum * n)).backward()
+            for k2 in sums:
+                sums[k2] += values[k2] / (t.grad_accum * n)
+            info = s.ppn.last.values()
+            if "distill_kl" in info:
+                kl_tok.append(info["distill_kl"])
+            if t.sandwich:
+                p = passes[k]
+                p["token_loss"] = p.get("token_loss", 0.0) + values["token_loss"] / t.grad_accum
+                p.update(lam=info["lam"], sampled_size=info["sampled_size"], expected_size=info["expected_size"])
+                if "distill_kl" in info:
+                    p["distill_kl"] = p.get("distill_kl", 0.0) + info["distill_kl"] / t.grad_accum
+        s.ppn.keep_dense_logits, s.ppn.dense_logits = False, None
+    if is_sharded(s):  # FSDP reduced the shards' gradients; the replicated parameters' are averaged here
+        average_replicated_grads(s)
+    norms = _grad_norms(s, step + 1)
+    params = [p for ps in s.groups.values() for p in ps]
+    total_norm = float(torch.linalg.vector_norm(torch.tensor(list(norms.values()))))
+    if t.clip_grad > 0 and is_sharded(s):  # clip_grad_norm_'s arithmetic, on the norm computed above
+        coef = min(1.0, t.clip_grad / (total_norm + 1e-6))
+        for p in params:
+            p.grad.mul_(coef)
+    elif t.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
+    for group in s.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * group_multiplier(t, step, group["name"])
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    synchronize(s.device)  # the step's kernels have run: its seconds are its own (the next step would wait anyway)
+    s.seconds += time.perf_counter() - tic
+    info = s.ppn.last.values() if not t.sandwich else {**passes[1], "lam": passes[1]["lam"]}
+    record = {"type": "train", "step": step + 1, "elbo": -sums["loss"], "token_loss": sums["token_loss"],
+              "kl": sums["kl"] / s.ppn.num_tokens, "compute": sums["compute"] / s.ppn.num_tokens,
+              "lambda": info["lam"], "sampled_size": info["sampled_size"], "expected_size": info["expected_size"],
+              "lr": {g["name"]: g["lr"] for g in s.optimizer.param_groups}, "grad_norm": total_norm,
+              "grad_norms": norms, "seconds": s.seconds}
+    if kl_tok:  # distilled pruned passes: their mean per-token KL to the teacher
+        record["distill_kl"] = sum(kl_tok) / len(kl_tok)
+    if t.sandwich:  # lambda/sizes above are the smallest size's pass; every pass's here
+        record["prices"] = [p["lam"] for p in passes]
+        record["sandwich"] = [{"lambda": p["lam"], "token_loss": p["token_loss"], "sampled_size": p["sampled_size"],
+                               "expected_size": p["expected_size"],
+                               **({"distill_kl": p["distill_kl"]} if "distill_kl" in p else {})} for p in passes]
+    return record
+
+
+# -------------------------------------------------------------------------------------- the run
+
+
+def resolve_recipe(recipe: Recipe | str | os.PathLike | None, run_dir: Path | None, resume: bool,
+                   overrides: list[str] | None = None) -> Recipe:
+    """The recipe to run: the given one (file or object) with overrides; on resume without one, the
+    run's own snapshot. On resume the model-defining keys must match the snapshot."""
+    overrides = list(overrides or [])
+    snapshot = run_dir / rundir.CONFIG if run_dir is not None else None
+    if recipe is None:
+        if not (resume and snapshot is not None and snapshot.is_file()):
+            raise ConfigError("no recipe given; pass a recipe YAML (e.g. inference/smollm2-demo.yaml), or "
+                              "--resume with --out pointing at an existing run")
+        out = load_recipe(snapshot, overrides)
+    elif isinstance(recipe, Recipe):
+        out = recipe_from_dict(apply_overrides(recipe.to_dict(), overrides)) if overrides else recipe
+    else:
+        out = load_recipe(recipe, overrides)
+    if resume and snapshot is not None and snapshot.is_file() and recipe is not None:
+        changed = rundir.recipe_fields_changed(load_recipe(snapshot), out)
+        if changed:
+            raise RunError(f"cannot resume {run_dir} with a different {changed[0]} (it defines the model); "
+                           "resume without the recipe, or start a new run with another --out")
+    return out
+
+
+def _local(path: str | os.PathLike | None) -> Path | None:
+    """``path`` when it names something on disk (a model or corpus given as a path, not an alias)."""
+    return Path(path) if path is not None and os.path.lexists(os.path.expanduser(str(path))) else None
+
+
+def _check_dir(run_dir: Path, resume: bool, recipe: Recipe | None = None,
+               recipe_path: str | os.PathLike | None = None) -> None:
+    """Before anything is loaded or written: never overwrite a run, a user's files or an input by accident.
+
+    A run directory is either new, empty, or a run (it has a manifest from its first instant, see
+    :func:`_init_dir`); anything else is somebody's directory and is never written into, ``--resume``
+    or not.
+    """
+    from ppn_bayes.files import check_no_overlap, check_owned, check_writable
+
+    if os.path.lexists(run_dir) and not run_dir.is_dir():
+        raise RunError(f"--out {run_dir} is a file; pass a directory for the run")
+    check_writable(run_dir)
+    if recipe is not None:
+        own_snapshot = recipe_path is not None and Path(recipe_path).resolve() == (run_dir / rundir.CONFIG).resolve()
+        check_no_overlap(run_dir, [("recipe", None if own_snapshot else _local(recipe_path)),
+                                   ("base model", _local(recipe.model.name)),
+                                   ("corpus", _local(recipe.data.corpus))], writes=rundir.RUN_ENTRIES)
+    if (run_dir / rundir.MANIFEST).is_file():
+        if not resume:
+            raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or another --out")
+        return
+    check_owned(run_dir, (), "ppn fit")
+
+
+def _init_dir(run_dir: Path, recipe: Recipe) -> None:
+    """Only once model and data have loaded (bad input must leave nothing behind).
+
+    A new run directory is built under a temporary name with its manifest and recipe and renamed into
+    place, so it appears complete or not at all: a kill at any instant leaves either nothing or a run
+    that ``ppn fit --resume`` continues, never a directory a plain rerun would refuse as foreign.
+    """
+    import shutil
+    import tempfile
+
+    if not (run_dir / rundir.MANIFEST).is_file():  # new, or empty (_check_dir allows nothing else)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.tmp-", dir=run_dir.parent))
+        try:
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a run directory is an ordinary directory
+            rundir.update_manifest(tmp, status="starting", steps_done=0)
+            rundir.write_config(tmp, recipe)
+            os.replace(tmp, run_dir)  # onto an empty directory too
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    rundir.clean_stale(run_dir)
+    rundir.write_config(run_dir, recipe)
+
+
+def _manifest_start(s: Session) -> None:
+    from ppn_bayes.hub.zoo import model_identity
+    from ppn_bayes.version import __version__
+
+    r = s.recipe
+    rundir.update_manifest(
+        s.run_dir, library={"name": "ppn-bayes", "version": __version__, "torch": torch.__version__,
+                            "pyro": pyro.__version__},
+        recipe={"name": r.name, "preset": r.preset}, base=model_identity(s.base_path), weights=r.train.weights,
+        tempering=r.train.tempering, num_sequences=s.ppn.num_sequences, num_tokens=s.ppn.num_tokens,
+        block_size=r.data.block_size, inventory=s.ppn.inventory.describe(), world_size=s.world,
+        device=str(s.device), steps_total=total_steps(r.train), status="running", error=None, final_eval=False)
+
+
+def fit(recipe: Recipe | str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+        resume: bool = False, progress: bool = True, overrides: list[str] | None = None,
+        callbacks: list[Callable[[Session, int], None]] | None = None) -> rundir.Run:
+    """Train a push puppet network from a recipe and return the finished :class:`~ppn_bayes.run.Run`.
+
+    ``recipe``: a :class:`Recipe`, a YAML path, or ``None`` to resume ``out`` from its snapshot.
+    ``out``: the run directory (default ``runs/<recipe name>``). ``resume``: continue from the last
+    checkpoint in ``out`` (starts fresh if there is none). ``overrides``: ``["train.steps=20", ...]``.
+    ``callbacks``: functions ``(session, step)`` called before each step (tests use them to inject faults).
+    Under ``torchrun`` every rank calls this; rank 0 writes the run directory.
+    """
+    run_dir = Path(out) if out is not None else None
+    if run_dir is not None and resume:  # before a snapshot is read from it: a foreign config.yaml is none
+        _check_dir(run_dir, resume)
+    r = resolve_recipe(recipe, run_dir, resume, overrides)
+    run_dir = run_dir or Path("runs") / r.name
+    recipe_path = recipe if isinstance(recipe, (str, os.PathLike)) else None
+    _check_dir(run_dir, resume, r, recipe_path)  # before the lock file is made next to it
+    rank, world, device, started = init_distributed(r.train.device)
+    try:
+        with _run_lock(run_dir, rank, world):
+            _check_dir(run_dir, resume, r, recipe_path)  # again, now that no other writer can change it
+            new = not (run_dir / rundir.MANIFEST).is_file()  # this call makes the run (dir absent or empty)
+            existed = run_dir.is_dir()
+            try:
+                return _fit(r, run_dir, rank, world, device, resume, progress, callbacks or [])
+            except BaseException as err:
+                if rank == 0 and new:
+                    _discard_unstarted(run_dir, err, existed)
+                raise
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, rank: int, world: int):
+    """The run directory's writer lock (:func:`ppn_bayes.files.writer_lock`), held by rank 0 only.
+
+    Under torchrun every rank learns whether rank 0 got it, so a refused lock stops all ranks with the
+    same one-line error instead of leaving the others waiting in a collective.
+    """
+    from ppn_bayes.errors import OutputError
+    from ppn_bayes.files import writer_lock
+
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if rank == 0:
+            try:
+                stack.enter_context(writer_lock(run_dir, "ppn fit"))
+            except OutputError as err:
+                refused = str(err)
+        if world > 1:
+            box = [refused]
+            dist.broadcast_object_list(box, src=0)
+            refused = box[0]
+        if refused is not None:
+            raise OutputError(refused)
+        yield
+
+
+def _discard_unstarted(run_dir: Path, err: BaseException, existed: bool) -> None:
+    """A run this call created that failed before its first checkpoint holds nothing worth resuming:
+    remove it (back to the empty directory it was, if it ``existed``), so that a plain rerun (the
+    input fixed) starts clean. Ctrl-C and NaN keep theirs, as documented (their message says resume)."""
+    import shutil
+
+    if isinstance(err, (KeyboardInterrupt, NumericalError)) or not run_dir.is_dir():
+        return
+    if rundir.find_checkpoint(run_dir) is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if existed:
+            run_dir.mkdir(exist_ok=True)
+
+
+def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, resume: bool, progress: bool,
+         callbacks: list) -> rundir.Run:
+    if resume and _already_finished(run_dir, total_steps(r.train)):
+        return rundir.load_run(run_dir)
+    # The checkpoint is read and validated before the model loads, and restored (its shapes checked
+    # against the session) before the run directory is touched: a damaged checkpoint changes nothing.
+    ckpt_dir = rundir.find_checkpoint(run_dir) if resume else None
+    ckpt = rundir.load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    s = build(r, run_dir, rank, world, device)
+    start = 0
+    if ckpt is not None:
+        start = restore(s, ckpt)
+        for group in s.optimizer.param_groups:  # the recipe may have changed LRs (e.g. after a NaN)
+            group.update(_group_hparams(s.recipe, group["name"]))
+    if s.main:
+        _init_dir(run_dir, r)
+    barrier(s)
+    if s.main:
+        rundir.truncate_metrics(run_dir, start)
+        _manifest_start(s)
+        rundir.update_manifest(run_dir, steps_done=start)
+    barrier(s)
+    t = r.train
+    total = total_steps(t)
+    if start == 0:
+        evaluate(s, 0)
+        if s.main:
+            log_guide(s, 0)
+    bar = _progress(progress and s.main, total, start)
+    step = start
+    try:
+        for step in range(start, total):
+            for cb in callbacks:
+                cb(s, step)
+            record = train_step(s, step)
+            if s.main:
+                rundir.append_metrics(run_dir, record)
+            _update_bar(bar, record, t.log_every)
+            done = step + 1
+            if s.main and (done % t.log_every == 0 or done == total):
+                log_guide(s, done)
+            if t.eval_every and done % t.eval_every == 0 and done < total:
+                evaluate(s, done)
+            if done % t.checkpoint_every == 0 or done == total:
+                save(s, done)
+        if start >= total and ckpt_dir is None:
+            save(s, total)
+        evaluate(s, total)
+    except BaseException as err:
+        if s.main:
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the run
+                rundir.update_manifest(run_dir, status=status, error=str(err) or type(err).__name__)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if s.main:
+        rundir.update_manifest(run_dir, status="finished", steps_done=total, error=None, final_eval=True)
+    barrier(s)
+    return rundir.load_run(run_dir)
+
+
+def _already_finished(run_dir: Path, steps: int) -> bool:
+    """A finished run asked to resume for no more steps than it has: nothing to do."""
+    path = run_dir / rundir.MANIFEST
+    if not path.is_file():
+        return False
+    m = rundir.read_json(path)
+    return m.get("status") == "finished" and bool(m.get("final_eval")) and int(m.get("steps_done", -1)) == steps
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="ppn fit", unit="step", dynamic_ncols=True)
+
+
+def _update_bar(bar, record: dict, every: int) -> None:
+    if bar is None:
+        return
+    bar.update(1)
+    if record["step"] % every == 0 or record["step"] == bar.total:
+        bar.set_postfix(elbo=f"{record['elbo']:.3f}", tok=f"{record['token_loss']:.3f}",
+                        lam=f"{record['lambda']:.2f}", size=f"{record['sampled_size']:.2f}",
+                        E_size=f"{record['expected_size']:.2f}", refresh=False)
