@@ -90,7 +90,7 @@ def _train_dense(model, blocks: torch.Tensor, steps: int, lr: float, seed: int, 
     """Plain next-token training (AdamW, cosine after linear warmup, clip 1.0); returns the last batch loss."""
     import torch.nn.functional as F
 
-    from ppn_bayes.training.loop import lr_multiplier
+    from ppn_bayes.training.schedule import lr_multiplier
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)

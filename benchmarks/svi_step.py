@@ -81,7 +81,8 @@ def main() -> None:
 
     from ppn_bayes.config import recipe_from_dict
     from ppn_bayes.device import autocast_context
-    from ppn_bayes.training.loop import build, train_step
+    from ppn_bayes.training.build import build
+    from ppn_bayes.training.loop import train_step
 
     recipe = recipe_from_dict({"model": {"name": args.model}, "units": {"group_size": args.group_size},
                                "data": {"block_size": args.block, "val_blocks": 1},

@@ -217,7 +217,7 @@ def test_fitted_log_weights_are_the_price_averaged_elbo_terms(ppn):
     import dataclasses
 
     from ppn_bayes.bayes.diagnostics import fitted_log_weights, price_quadrature
-    from ppn_bayes.training.loop import elbo_terms
+    from ppn_bayes.training.session import elbo_terms
 
     model, guide, _ = ppn
     saved = model.push.config

@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from ppn_bayes.bayes.model import PPNModel, sequence_kl, sequence_nll
 from ppn_bayes.config import recipe_from_dict
 from ppn_bayes.errors import ConfigError
-from ppn_bayes.training.loop import build, fit, sandwich_prices, step_seed, train_step
+from ppn_bayes.training.build import build
+from ppn_bayes.training.loop import fit, sandwich_prices, train_step
+from ppn_bayes.training.schedule import step_seed
 
 
 def tiny_recipe(model_dir, corpus, **train):
@@ -135,7 +137,7 @@ def test_lora_base_teacher_is_the_base_model_without_gradient(tiny_llama_dir, co
 
 
 def test_full_weights_base_teacher_is_refused_under_fsdp(tiny_llama_dir, corpus):
-    from ppn_bayes.training.loop import _teacher
+    from ppn_bayes.training.build import _teacher
 
     r = tiny_recipe(tiny_llama_dir, corpus, weights="full", distill_weight=1.0, teacher="base", distributed="fsdp")
     with pytest.raises(ConfigError, match="train.teacher=self") as err:

@@ -27,8 +27,8 @@ import pytest
 import torch
 from torch import nn
 
-from ppn_bayes.training import checkpoint, distributed
 from ppn_bayes.errors import ConfigError
+from ppn_bayes.training import checkpoint, distributed
 from ppn_bayes.training.distributed import (
     DIST_TIMEOUT_S,
     dist_timeout,

@@ -136,7 +136,7 @@ def test_build_and_one_objective_pass_on_meta(tiny_llama_dir, corpus, tmp_path, 
     """``train.build`` with the model on a non-CPU device, then the ELBO's forward pass: every tensor the
     session makes is on that device (a CPU tensor mixed in raises on meta as it would on CUDA)."""
     from ppn_bayes.hub import zoo
-    from ppn_bayes.training.loop import build
+    from ppn_bayes.training.build import build
 
     load = zoo.load_model
 
@@ -324,7 +324,8 @@ def test_bf16_autocast_fit_sees_the_float32_thresholds(tiny_llama_dir, corpus, t
     inclusion probabilities and guide draws inside the step are exactly the float32 ones, while the
     LM's logits are bf16 (so autocast was on where it should be)."""
     import ppn_bayes.bayes.model as model_mod
-    from ppn_bayes.training.loop import build, train_step
+    from ppn_bayes.training.build import build
+    from ppn_bayes.training.loop import train_step
 
     monkeypatch.setattr(model_mod, "autocast_context",
                         lambda device, dtype: torch.autocast("cpu", dtype=torch.bfloat16) if dtype

@@ -5,7 +5,7 @@ direction is confounded with the point estimates when moving it can be undone, t
 moving the point estimates: its Jacobian column lies in the span of theirs. The check: stack
 ``rho_u(lambda)`` over every unit and a grid of prices into one vector ``y``; ``J_lat = dy / d e_layers``
 (the latent layer sites), ``J_pt = dy / d theta`` over every point-estimated parameter the optimizer
-trains outside the language model (the ``push`` group of :func:`ppn_bayes.training.loop._param_groups`:
+trains outside the language model (the ``push`` group of :func:`ppn_bayes.training.build._param_groups`:
 splines, amplitude scales and, where trained, the score levels). The relative least-squares residual
 of a latent direction projected on ``col(J_pt)`` is 1 for a direction no point estimate can mimic
 and 0 for a confounded one; over all combinations of the latents its minimum is the smallest sine
@@ -25,7 +25,7 @@ import torch
 from ppn_bayes.backbone.gated import gate
 from ppn_bayes.bayes.model import PPNModel
 from ppn_bayes.config import PriorConfig, PushConfig
-from ppn_bayes.training.loop import _param_groups
+from ppn_bayes.training.build import _param_groups
 from tests.tiny_models import tiny_model
 
 LAMS = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)

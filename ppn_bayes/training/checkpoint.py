@@ -22,7 +22,7 @@ from ppn_bayes.schema import check_shapes
 from ppn_bayes.training.distributed import barrier, gather_to_host, is_sharded, shard_like
 
 if TYPE_CHECKING:
-    from ppn_bayes.training.loop import Session
+    from ppn_bayes.training.session import Session
 
 
 def trained_weights(s: Session) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 collectives the training loop needs (barrier, mean of logged values over ranks, gradient averaging
 and norms under FSDP, whole tensors from FSDP shards).
 
-Every rank builds the same model, guide and optimizer (:func:`ppn_bayes.training.loop.build`); the wrapper
+Every rank builds the same model, guide and optimizer (:func:`ppn_bayes.training.build.build`); the wrapper
 averages the gradients of each rank's shard of the global batch. Single-process runs go through the
 same functions, which are then no-ops.
 """
@@ -23,7 +23,7 @@ from ppn_bayes.config import Recipe
 from ppn_bayes.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ppn_bayes.training.loop import Objective, Session
+    from ppn_bayes.training.session import Objective, Session
 
 
 DIST_TIMEOUT_S = 3600.0

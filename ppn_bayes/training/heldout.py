@@ -16,7 +16,7 @@ from ppn_bayes import run as rundir
 from ppn_bayes.training.distributed import barrier, is_sharded
 
 if TYPE_CHECKING:
-    from ppn_bayes.training.loop import Session
+    from ppn_bayes.training.session import Session
 
 
 @torch.no_grad()

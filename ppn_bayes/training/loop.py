@@ -33,22 +33,18 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyro
 import torch
 import torch.distributed as dist
-from pyro import poutine
-from pyro.poutine.util import prune_subsample_sites
-from torch import nn
 
 from ppn_bayes import run as rundir
 from ppn_bayes.config import Recipe, apply_overrides, load_recipe, recipe_from_dict
-from ppn_bayes.device import full_precision, synchronize
+from ppn_bayes.device import synchronize
 from ppn_bayes.errors import ConfigError, NumericalError, RunError
+from ppn_bayes.training.build import build, group_hparams
 from ppn_bayes.training.checkpoint import restore, save
 from ppn_bayes.training.distributed import (
     average_replicated_grads,
@@ -57,69 +53,16 @@ from ppn_bayes.training.distributed import (
     init_distributed,
     is_sharded,
     reduce_mean,
-    wrap_objective,
 )
 from ppn_bayes.training.heldout import evaluate
-
-GROUPS = ("guide", "push", "weights", "weights_nodecay")
-
-
-# --------------------------------------------------------------------------------- noise and data order
-
-
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    """A well-mixed 63-bit seed for optimizer step ``step`` (numpy's SeedSequence hashing); ``stream``
-    separates independent uses (0: the step's noise, 1: the data order)."""
-    state = np.random.SeedSequence([int(seed), int(stream), int(step)]).generate_state(1, np.uint64)[0]
-    return int(state >> np.uint64(1))
-
-
-def batch_indices(seed: int, step: int, micro: int, grad_accum: int, batch_size: int, num_sequences: int
-                  ) -> torch.Tensor:
-    """The training-set indices of micro-batch ``micro`` of step ``step``: positions run through one
-    seeded permutation per epoch, so every sequence is seen once per epoch and the order is replayable."""
-    start = (step * grad_accum + micro) * batch_size
-    pos = torch.arange(start, start + batch_size)
-    out = torch.empty(batch_size, dtype=torch.long)
-    for epoch in pos.div(num_sequences, rounding_mode="floor").unique().tolist():
-        perm = torch.randperm(num_sequences, generator=torch.Generator().manual_seed(step_seed(seed, epoch, stream=1)))
-        sel = pos.div(num_sequences, rounding_mode="floor") == epoch
-        out[sel] = perm[pos[sel] % num_sequences]
-    return out
-
-
-def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Linear warmup over ``warmup`` steps, then constant or cosine decay to 0 at ``total``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def total_steps(t) -> int:
-    """Optimizer steps of a run: the joint ``steps`` and then the guide-only ``guide_steps``."""
-    return t.steps + t.guide_steps
-
-
-def group_multiplier(t, step: int, group: str) -> float:
-    """Learning-rate multiplier of parameter group ``group`` at optimizer step ``step``: the recipe's
-    schedule over ``steps`` for every group; in the guide-only phase (``step >= steps``) the guide's
-    own schedule over ``guide_steps`` (no warmup; ``guide_schedule``, default ``schedule``) at
-    ``guide_lr / lr_guide`` (default 1) and 0 for every other group (frozen exactly: AdamW's update
-    and its decay are both proportional to lr)."""
-    if step < t.steps:
-        return lr_multiplier(step, t.steps, t.warmup_steps, t.schedule)
-    if group != "guide":
-        return 0.0
-    scale = 1.0 if t.guide_lr is None else t.guide_lr / t.lr_guide
-    return scale * lr_multiplier(step - t.steps, t.guide_steps, 0, t.guide_schedule or t.schedule)
-
-
-def guide_lr_spent(t, steps: int) -> float:
-    """Sum of the guide's learning rate over the first ``steps`` optimizer steps (guides.guide_convergence)."""
-    return float(sum(t.lr_guide * group_multiplier(t, i, "guide") for i in range(steps)))
+from ppn_bayes.training.schedule import (
+    batch_indices,
+    group_multiplier,
+    guide_lr_spent,
+    step_seed,
+    total_steps,
+)
+from ppn_bayes.training.session import Session
 
 
 def log_guide(s: Session, step: int) -> dict[str, Any] | None:
@@ -133,247 +76,6 @@ def log_guide(s: Session, step: int) -> dict[str, Any] | None:
               "phase": "guide" if step > s.recipe.train.steps else "joint", **summary}
     rundir.append_metrics(s.run_dir, record)
     return record
-
-
-# ------------------------------------------------------------------------------------------- the ELBO
-
-
-def elbo_terms(model: Callable, guide: Callable, *args, **kwargs) -> dict[str, torch.Tensor]:
-    """One-particle ELBO split into its terms: ``tokens``, ``compute``, ``kl`` and ``elbo``.
-
-    Same construction as ``Trace_ELBO`` for reparameterized guides: trace the guide, replay the model
-    against it, and sum the (plate-scaled) log densities. ``kl`` is the single-sample estimate
-    ``log q(z) - log p(z)`` of the score latents (``elbo = tokens + compute - kl``).
-    """
-    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
-    model_trace.compute_log_prob()
-    guide_trace.compute_log_prob()
-    zero = torch.zeros((), device=args[0].device if args and torch.is_tensor(args[0]) else None)  # the data's device
-    tokens, compute, logp, logq = zero, zero, zero, zero
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample":
-            continue
-        if name == "tokens":
-            tokens = tokens + site["log_prob_sum"]
-        elif name == "compute":
-            compute = compute + site["log_prob_sum"]
-        else:  # latent sites (and deterministic ones, whose log density is masked to 0)
-            logp = logp + site["log_prob_sum"]
-    for site in guide_trace.nodes.values():
-        if site["type"] == "sample":
-            logq = logq + site["log_prob_sum"]
-    kl = logq - logp
-    return {"tokens": tokens, "compute": compute, "kl": kl, "elbo": tokens + compute - kl}
-
-
-class Objective(nn.Module):
-    """Everything that is trained, in one module (what DDP wraps; FSDP shards its base model);
-    ``forward`` gives the ELBO terms and ``loss = -ELBO / N_tokens``."""
-
-    def __init__(self, model: nn.Module, guide: nn.Module, lora: nn.Module | None = None):
-        super().__init__()
-        self.model, self.guide, self.lora = model, guide, lora
-
-    def forward(self, input_ids: torch.Tensor, subsample: torch.Tensor, **fixed: Any) -> dict[str, torch.Tensor]:
-        # float32 throughout (guide samples and log densities, the push, the ELBO's sums); the model
-        # turns autocast on around the LM's forward pass alone (PPNModel.autocast_dtype). ``fixed``:
-        # the sandwich's ``lam`` and ``teacher_logits`` for this pass (PPNModel.forward).
-        with full_precision():
-            terms = elbo_terms(self.model, self.guide, input_ids, subsample=subsample, **fixed)
-        loss = -terms["elbo"] / self.model.num_tokens
-        if not loss.requires_grad:
-            # A dense step with nothing to learn from it (the paper preset has no latents, and frozen
-            # weights): a zero gradient, but through the graph, so backward and DDP's reducer see the
-            # same step as always (AdamW still moves by momentum, as for unused splines on dense steps).
-            loss = loss + 0.0 * sum(p.sum() for p in self.model.push.parameters())
-        terms["loss"] = loss
-        return terms
-
-
-# ------------------------------------------------------------------------------------------ setup
-
-
-@dataclass(kw_only=True)
-class Session:
-    """The live objects of one training process, built by :func:`build` from named parts (keywords only:
-    seventeen positional fields would be a transposition waiting to happen)."""
-
-    recipe: Recipe
-    run_dir: Path
-    device: torch.device
-    rank: int
-    world: int
-    base_path: Path
-    gated: Any
-    ppn: Any
-    guide: nn.Module
-    lora: Any
-    objective: Objective
-    wrapped: nn.Module
-    train_blocks: torch.Tensor
-    val_blocks: torch.Tensor
-    groups: dict[str, list[nn.Parameter]]
-    named_weights: dict[str, nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator
-    seconds: float = 0.0
-    callbacks: list = field(default_factory=list)
-    guide_init: tuple = ()  # guides.guide_marginals right after the guide was built (before any restore)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _checkpointing_context(gated) -> Callable:
-    """``context_fn`` for non-reentrant activation checkpointing: the recomputation in the backward pass
-    runs after :meth:`GatedLM.gates` has been exited, so it must see the gates of the forward pass again."""
-
-    def context_fn():
-        snapshot = gated.current_gates()
-        return contextlib.nullcontext(), gated.gates(**snapshot)
-
-    return context_fn
-
-
-def _setup_weights(recipe: Recipe, gated, seed: int):
-    """Freeze the base model, then make trainable what the weights mode says; returns
-    ``(lora, {export name: param})``."""
-    from ppn_bayes.training.lora import LoRA
-
-    model = gated.model
-    model.requires_grad_(False)
-    mode = recipe.train.weights
-    if mode == "lora":
-        return LoRA(gated, rank=recipe.train.lora_rank, alpha=recipe.train.lora_alpha, seed=seed), {}
-    if mode == "full":
-        for layer in gated.family.layers(model):
-            layer.requires_grad_(True)
-    return None, _decoder_weights(gated) if mode == "full" else {}
-
-
-def _teacher(recipe: Recipe, gated, lora, base_path: Path, device: torch.device, world: int) -> Callable | None:
-    """The distillation teacher's logits function for :class:`~ppn_bayes.bayes.model.PPNModel` (``None``:
-    the gated network itself with every gate on, which is ``teacher: self``).
-
-    ``teacher: base`` is the base model as loaded: with frozen weights that *is* the dense network
-    (``None``); with LoRA, the dense network with the adapters switched off for the teacher's pass
-    (no extra memory); with ``weights: full`` the trained decoder no longer holds the base, so a
-    second, frozen copy of the base model is loaded (one more copy of the weights in memory, no
-    gradients or optimizer state: about 1/4 of what full training already holds). Under FSDP that
-    copy would be whole on every rank: refused.
-    """
-    t = recipe.train
-    if t.distill_weight == 0 or t.teacher == "self" or t.weights == "frozen":
-        return None
-    from ppn_bayes.device import autocast_context
-
-    amp = torch.bfloat16 if t.bf16 else None
-    if t.weights == "lora":
-        def lora_off(input_ids, attention_mask=None):
-            with lora.disabled(), gated.gates(**dict.fromkeys(gated.current_gates())), \
-                    autocast_context(input_ids.device, amp):
-                return gated(input_ids=input_ids, attention_mask=attention_mask).logits
-
-        return lora_off
-    if world > 1 and t.distributed == "fsdp":
-        raise ConfigError("train.teacher=base with train.weights=full would hold a whole frozen copy of the base "
-                          "model on every FSDP rank; use train.teacher=self, or train.weights=lora")
-    from ppn_bayes.hub.zoo import load_model
-
-    frozen, _ = load_model(base_path, dtype=getattr(torch, recipe.model.dtype), device=device,
-                           trust_remote_code=recipe.model.trust_remote_code)
-    frozen.eval().requires_grad_(False)
-
-    def base(input_ids, attention_mask=None):
-        with autocast_context(input_ids.device, amp):
-            return frozen(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    return base
-
-
-def _decoder_weights(gated) -> dict[str, nn.Parameter]:
-    """``{export name: param}`` of every decoder-layer tensor (what ``weights: full`` trains)."""
-    return {gated.family.layer_prefix(i) + name: p
-            for i, layer in enumerate(gated.family.layers(gated.model)) for name, p in layer.named_parameters()}
-
-
-def _param_groups(recipe: Recipe, ppn, guide, lora, named_weights) -> dict[str, list[nn.Parameter]]:
-    push = [p for n, p in ppn.named_parameters() if not n.startswith("gated.") and p.requires_grad]
-    if lora is not None:
-        weights, nodecay = list(lora.parameters()), []
-    else:
-        weights = [p for p in named_weights.values() if p.ndim >= 2]
-        nodecay = [p for p in named_weights.values() if p.ndim < 2]
-    groups = {"guide": list(guide.parameters()), "push": push, "weights": weights, "weights_nodecay": nodecay}
-    return {k: v for k, v in groups.items() if v}
-
-
-def _group_hparams(recipe: Recipe, name: str) -> dict[str, Any]:
-    t = recipe.train
-    lr = {"guide": t.lr_guide, "push": t.lr_push}.get(name, t.lr_weights)
-    return {"base_lr": lr, "lr": lr, "weight_decay": t.weight_decay if name == "weights" else 0.0,
-            "betas": tuple(t.betas)}
-
-
-def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: torch.device | None = None
-          ) -> Session:
-    """Load the base model and data and build model, guide, adapters, optimizer (one process's share)."""
-    from ppn_bayes.backbone.gated import gate
-    from ppn_bayes.bayes.anchor import score_anchors
-    from ppn_bayes.bayes.guides import guide_marginals, make_guide
-    from ppn_bayes.bayes.model import PPNModel
-    from ppn_bayes.data.corpus import token_blocks
-    from ppn_bayes.hub.zoo import load_model, resolve_model
-
-    t = recipe.train
-    device = device or torch.device("cpu")
-    if t.batch_size % world:
-        raise ConfigError(f"train.batch_size {t.batch_size} is the global batch and must be divisible by the "
-                          f"{world} processes; use a multiple of {world}")
-    base_path = resolve_model(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
-    model, tokenizer = load_model(base_path, dtype=getattr(torch, recipe.model.dtype), device=device,
-                                  trust_remote_code=recipe.model.trust_remote_code)
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    d = recipe.data
-    train_blocks = token_blocks(tokenizer, "train", d.block_size, d.corpus, max_blocks=d.train_blocks, max_context=ctx,
-                                bootstrap_seed=d.bootstrap_seed, bootstrap_unit=d.bootstrap_unit)
-    val_blocks = token_blocks(tokenizer, "validation", d.block_size, d.corpus, max_blocks=d.val_blocks, max_context=ctx)
-    if train_blocks.shape[0] < t.batch_size:
-        raise ConfigError(f"train.batch_size {t.batch_size} exceeds the {train_blocks.shape[0]} training blocks; "
-                          "lower it or use more data")
-    gated = gate(model, group_size=recipe.units.group_size, kinds=tuple(recipe.units.kinds))
-    u = recipe.units
-    anchors = score_anchors(gated, u.score_anchor, train_blocks[:u.anchor_blocks], batch_size=t.batch_size)
-    torch.manual_seed(t.seed)  # the guide's init_to_median draws from the prior
-    ppn = PPNModel(gated, recipe.prior, recipe.push, num_sequences=train_blocks.shape[0],
-                   tokens_per_sequence=d.block_size, norms=anchors, tempering=t.tempering,
-                   autocast_dtype=torch.bfloat16 if t.bf16 else None, distill_weight=t.distill_weight).to(device)
-    guide = make_guide(ppn.prior, recipe.guide).to(device)
-    lora, named = _setup_weights(recipe, gated, t.seed)
-    ppn.teacher = _teacher(recipe, gated, lora, base_path, device, world)
-    gated.model.train()  # activation checkpointing in transformers only runs in train mode
-    if t.grad_checkpointing:
-        gated.model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": _checkpointing_context(gated)})
-    generator = torch.Generator()
-    ppn.set_generator(generator)
-    objective = Objective(ppn, guide, lora)
-    wrapped: nn.Module = objective
-    if world > 1:
-        wrapped = wrap_objective(objective, recipe, device, gated)
-        if named:  # FSDP replaces the layers' parameters by shards
-            named = _decoder_weights(gated)
-    groups = _param_groups(recipe, ppn, guide, lora, named)
-    init = guide_marginals(guide)
-    optimizer = torch.optim.AdamW([{"params": ps, "name": n, **_group_hparams(recipe, n)} for n, ps in groups.items()],
-                                  lr=t.lr_guide, betas=tuple(t.betas), eps=1e-8)
-    return Session(recipe=recipe, run_dir=Path(run_dir), device=device, rank=rank, world=world, base_path=base_path,
-                   gated=gated, ppn=ppn, guide=guide, lora=lora, objective=objective, wrapped=wrapped,
-                   train_blocks=train_blocks, val_blocks=val_blocks, groups=groups, named_weights=named,
-                   optimizer=optimizer, generator=generator, guide_init=init)
 
 
 # ------------------------------------------------------------------------------------- one step
@@ -713,7 +415,7 @@ def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, 
     if ckpt is not None:
         start = restore(s, ckpt)
         for group in s.optimizer.param_groups:  # the recipe may have changed LRs (e.g. after a NaN)
-            group.update(_group_hparams(s.recipe, group["name"]))
+            group.update(group_hparams(s.recipe, group["name"]))
     if s.main:
         _init_dir(run_dir, r)
     barrier(s)
