@@ -111,8 +111,8 @@ def refit(out: Path, r: int, recipe: str | Path | None, overrides: list[str], se
     """Fit refit ``r`` into ``out/runs/refit-r`` (module docstring); a finished one is reused, an
     unfinished one resumed."""
     from ppn_bayes.config import apply_overrides, load_recipe, recipe_from_dict
-    from ppn_bayes.run import MANIFEST, read_json
-    from ppn_bayes.training.loop import fit
+    from ppn_bayes.run import fit
+    from ppn_bayes.training.rundir import MANIFEST, read_json
 
     run_dir = out / "runs" / f"refit-{r}"
     if (run_dir / MANIFEST).is_file() and read_json(run_dir / MANIFEST).get("status") == "finished":
@@ -127,7 +127,7 @@ def refit(out: Path, r: int, recipe: str | Path | None, overrides: list[str], se
 def finished(run_dirs: list[Path]) -> list[Path]:
     """The finished runs among ``run_dirs``; the others (a campaign still running in the background, a
     failed refit) are named on stderr and left out, so a campaign can be re-analysed at any time."""
-    from ppn_bayes.run import MANIFEST, read_json
+    from ppn_bayes.training.rundir import MANIFEST, read_json
 
     out = []
     for d in run_dirs:

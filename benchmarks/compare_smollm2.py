@@ -77,7 +77,7 @@ def _joint_run(name: str = "ppn-lora", recipe: str = "inference/smollm2-full.yam
 
 
 def _finished(run: Path) -> bool:
-    from ppn_bayes.run import MANIFEST, read_json
+    from ppn_bayes.training.rundir import MANIFEST, read_json
 
     return read_json(run / MANIFEST).get("status") == "finished"
 
@@ -85,7 +85,7 @@ def _finished(run: Path) -> bool:
 def trained_tokens(run: Path) -> int:
     """Tokens the joint run trained on: steps x batch x accumulation x block size (the healing budget)."""
     from ppn_bayes.config import load_recipe
-    from ppn_bayes.run import CONFIG
+    from ppn_bayes.training.rundir import CONFIG
 
     r = load_recipe(run / CONFIG)
     return r.train.steps * r.train.batch_size * r.train.grad_accum * r.data.block_size

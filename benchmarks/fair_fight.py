@@ -61,7 +61,7 @@ def fit_run(recipe: str, runs: Path) -> Path:
 def budget(run: Path) -> int:
     from ppn_bayes.compare import run_tokens
     from ppn_bayes.config import load_recipe
-    from ppn_bayes.run import CONFIG
+    from ppn_bayes.training.rundir import CONFIG
 
     return run_tokens(load_recipe(run / CONFIG))
 

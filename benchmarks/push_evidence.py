@@ -184,7 +184,7 @@ def norm_keepsets(model, sizes=SIZES, kinds=("heads", "groups"), group_size: int
 def norm_losses(base_dir: Path, blocks: torch.Tensor, sizes=SIZES, group_size: int = 32) -> dict[float, dict]:
     """Held-out NLL of the base model pruned by weight norm at each size."""
     from ppn_bayes.backbone.gated import gate
-    from ppn_bayes.evaluation.targets import perplexity
+    from ppn_bayes.backbone.perplexity import perplexity
     from ppn_bayes.hub.zoo import load_model
 
     model, _ = load_model(base_dir, dtype=torch.float32, device="cpu")
@@ -200,7 +200,8 @@ def norm_losses(base_dir: Path, blocks: torch.Tensor, sizes=SIZES, group_size: i
 
 def run_losses(run, blocks: torch.Tensor, sizes=SIZES) -> dict:
     """Held-out NLL of the run's network at each size (``load_run_target``) and dense (lambda = 0)."""
-    from ppn_bayes.evaluation.targets import load_run_target, perplexity
+    from ppn_bayes.backbone.perplexity import perplexity
+    from ppn_bayes.evaluation.targets import load_run_target
 
     out: dict = {"dense": perplexity(load_run_target(run, dense=True).model, blocks, batch_size=16)["nll"]}
     for s in sizes:
@@ -211,7 +212,7 @@ def run_losses(run, blocks: torch.Tensor, sizes=SIZES) -> dict:
 
 
 def base_loss(base_dir: Path, blocks: torch.Tensor) -> float:
-    from ppn_bayes.evaluation.targets import perplexity
+    from ppn_bayes.backbone.perplexity import perplexity
     from ppn_bayes.hub.zoo import load_model
 
     model, _ = load_model(base_dir, dtype=torch.float32, device="cpu")
@@ -220,7 +221,7 @@ def base_loss(base_dir: Path, blocks: torch.Tensor) -> float:
 
 def evidence(work: Path, tokenizer, pretrain_steps: int = 400, run_steps: int = 300) -> dict:
     """The whole comparison; returns the figures (losses in nats per token)."""
-    from ppn_bayes.training.loop import fit
+    from ppn_bayes.run import fit
 
     base_dir = work / "base"
     if not (base_dir / "config.json").is_file():
@@ -250,7 +251,7 @@ def price_sweep(run, blocks: torch.Tensor, lambdas=(0.25, 0.5, 1.0, 2.0, 4.0),
     median scores is > 1/2, nested, amplitude corrections at ``x``: what the training loop evaluates)
     for ``x`` in ``grid``; size is the kept fraction of decoder FLOPs (the push's currency).
     """
-    from ppn_bayes.evaluation.targets import perplexity
+    from ppn_bayes.backbone.perplexity import perplexity
 
     post = run.posterior
     push, inv = post.push, run.inventory
@@ -293,7 +294,7 @@ def elbo_scaling(run) -> dict:
 def investigate(work: Path, tokenizer, run_steps: int = 300, frozen: bool = True) -> dict:
     """Sweeps for three training distributions of lambda on the same base (weights frozen, as in the demo)."""
     import ppn_bayes.bayes.model as model_mod
-    from ppn_bayes.training.loop import fit
+    from ppn_bayes.run import fit
 
     base_dir = work / "base"
     if not (base_dir / "config.json").is_file():

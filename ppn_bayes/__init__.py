@@ -32,7 +32,7 @@ _EXPORTS: dict[str, str] = {
     "PPNModel": "ppn_bayes.bayes.model",
     "make_guide": "ppn_bayes.bayes.guides",
     "Posterior": "ppn_bayes.bayes.posterior",
-    "fit": "ppn_bayes.training.loop",
+    "fit": "ppn_bayes.run",
     "load_run": "ppn_bayes.run",
     "Run": "ppn_bayes.run",
     # after training
@@ -40,7 +40,7 @@ _EXPORTS: dict[str, str] = {
     "resize": "ppn_bayes.export.resize",
     "resize_run": "ppn_bayes.export.resize",
     "load_resized": "ppn_bayes.export.resize",
-    "perplexity": "ppn_bayes.evaluation.targets",
+    "perplexity": "ppn_bayes.backbone.perplexity",
 }
 
 __all__ = ["__version__"] + list(_EXPORTS)

@@ -4,7 +4,7 @@ Fairness, by construction:
 
 * **Same tokens.** Every peer is calibrated on the same calibration blocks (a seeded draw from the
   train split), and every row is evaluated on the same held-out test blocks with the same
-  :func:`ppn_bayes.evaluation.targets.perplexity`. GISP with the margin objective (``gisp_objective="margin"``,
+  :func:`ppn_bayes.backbone.perplexity.perplexity`. GISP with the margin objective (``gisp_objective="margin"``,
   rows ``gisp-margin``) calibrates on choice examples instead; ``ppn compare`` cuts them from the
   train novels by the shipped cloze task's rules (:mod:`ppn_bayes.data.tasks.choices`), never from the
   task's evaluated items.
@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from ppn_bayes.backbone.materialize import materialize
+from ppn_bayes.backbone.perplexity import perplexity
 from ppn_bayes.backbone.units import KeepSet
 from ppn_bayes.baselines import NestedKeepSets, UnstructuredResult, check_blocks, check_sizes, timed
 from ppn_bayes.errors import ConfigError, RunError
-from ppn_bayes.evaluation.targets import perplexity
 from ppn_bayes.files import atomic_write_bytes, atomic_write_many
 
 PEERS = ("gisp", "shortgpt", "prunepath", "wanda", "sparsegpt", "random")
@@ -406,7 +406,7 @@ class CompareOptions:
     rows; without them, and with ``fit_dir`` and ``model_path``, they are fitted (:func:`fit_ppn_run`).
     ``seeds``: random keep-sets averaged; ``group_size``: MLP channels per unit for the structured peers;
     ``gisp_step``, ``gisp_objective`` (``perplexity`` or ``margin``) and ``gisp_choices``
-    (:class:`~ppn_bayes.baselines.gisp.ChoiceExample` items for the margin objective);
+    (:class:`~ppn_bayes.data.tasks.choices.ChoiceExample` items for the margin objective);
     ``prunepath_experts``; ``anchor_kinds`` (the ``anchor`` rows). ``decode_tokens`` (0: no decode
     timing), ``batch_size`` (evaluation), ``progress`` (a line per method on stderr). ``transfer``:
     test blocks of another domain (a ``transfer_perplexity`` per row).

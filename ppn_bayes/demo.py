@@ -110,12 +110,12 @@ def run_demo(out: str | Path = "runs/demo", sizes: tuple[float, ...] = (0.75, 0.
 
 def _run_demo(out: Path, sizes: tuple[float, ...], resize_size: float, eval_blocks: int, new_tokens: int,
               overrides: list[str] | None, progress: bool, log: Callable[[str], None]) -> DemoResult:
+    from ppn_bayes.backbone.perplexity import perplexity
     from ppn_bayes.data.corpus import token_blocks
     from ppn_bayes.evaluation.bench import ideal_ratios
-    from ppn_bayes.evaluation.targets import perplexity
     from ppn_bayes.export.resize import load_resized, resize_run
     from ppn_bayes.hub.zoo import load_model, resolve_model
-    from ppn_bayes.training.loop import fit
+    from ppn_bayes.run import fit
 
     res = DemoResult(run_dir=out / "run")
     secs = res.seconds

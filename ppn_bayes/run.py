@@ -1,490 +1,39 @@
-"""The run directory that ``ppn fit`` writes, its crash-safe checkpoint, and the :class:`Run` object.
+"""The :class:`Run` users hold: a run directory with the analysis steps as methods.
 
-Layout of a run directory::
-
-    config.yaml            the resolved recipe (every key, preset applied): what the run *is*
-    manifest.json          library version, base model identity, status, steps done, inventory
-    metrics.jsonl          one JSON object per training step ("type": "train") and held-out evaluation
-    posterior.json, units/guide/push.safetensors     the model-free posterior (ppn_bayes.bayes.posterior)
-    weights.safetensors    weights: full  -> the trained decoder tensors, keyed by base parameter names
-    adapter.safetensors    weights: lora  -> "<module>.A" [r, in] / "<module>.B" [out, r]; rank/alpha metadata
-    checkpoint/            everything needed to resume: state.safetensors (guide, push, prior, trained
-                           weights), optimizer.pt, rng.safetensors, trainer.json
-
-Why it is crash-safe: every file outside ``checkpoint/`` is written to a temporary name in the same
-directory and renamed into place (``os.replace`` is atomic), and metrics lines are appended with one
-``write`` each. A checkpoint is a *directory* of files that must agree with each other, so it is
-written whole into ``checkpoint.tmp-<pid>/`` (each file fsynced), then ``checkpoint/`` is renamed to
-``checkpoint.old/``, the new one renamed to ``checkpoint/``, and only then is the old one deleted. At every
-instant one complete checkpoint exists (``checkpoint/``, or between the two renames
-``checkpoint.old/``); :func:`find_checkpoint` knows both.
+:class:`~ppn_bayes.training.rundir.RunDir` is the run directory as every later step reads it (recipe,
+manifest, posterior, metrics, trained model; its format and crash-safe checkpoints are documented
+there). :class:`Run` adds what a notebook reaches for after training: keep-sets at a size,
+inclusion probabilities, the Markdown report, predictive uncertainty, arviz export and the plots. Each
+method is one call into the module that owns the step, so this file sits at the top of the package,
+the one room that may import all of them. :func:`fit` and :func:`load_run` return a :class:`Run`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
-import json
 import os
-import shutil
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
-import torch
-from safetensors.torch import save_file
+from ppn_bayes.analysis.plots import plot_layer_forest, plot_puppet, plot_traces, plot_unit_heatmaps
+from ppn_bayes.analysis.report import write_report
+from ppn_bayes.analysis.uncertainty import run_uncertainty
+from ppn_bayes.bayes.diagnostics import to_inference_data
+from ppn_bayes.bayes.keepsets import keepset, keepsets
+from ppn_bayes.config import Recipe
+from ppn_bayes.training import loop
+from ppn_bayes.training.rundir import RunDir
+from ppn_bayes.training.session import Session
 
-from ppn_bayes.backbone.units import UnitInventory
-from ppn_bayes.bayes.posterior import Posterior
-from ppn_bayes.config import Recipe, dump_recipe, load_recipe
-from ppn_bayes.errors import ConfigError, RunError
-from ppn_bayes.files import atomic_save_tensors, atomic_write_bytes
-from ppn_bayes.schema import (
-    RUN_FIX,
-    AnyValue,
-    Bool,
-    Int,
-    Invalid,
-    List,
-    Map,
-    Num,
-    Obj,
-    Opt,
-    Spec,
-    Str,
-    check_path,
-    check_shapes,
-    load_json,
-    load_jsonl,
-    load_tensors,
-    tensor_header,
-    validate,
-)
 
-CONFIG, MANIFEST, METRICS = "config.yaml", "manifest.json", "metrics.jsonl"
-WEIGHTS, ADAPTER = "weights.safetensors", "adapter.safetensors"
-CHECKPOINT, CHECKPOINT_OLD = "checkpoint", "checkpoint.old"
-CKPT_FILES = ("state.safetensors", "rng.safetensors", "optimizer.pt", "trainer.json")
-POSTERIOR_FILES = ("posterior.json", "units.safetensors", "guide.safetensors", "push.safetensors")
-#: The files ``ppn fit`` writes at the top of a run directory (what an output must never overlap).
-RUN_FILES = (CONFIG, MANIFEST, METRICS, WEIGHTS, ADAPTER, *POSTERIOR_FILES)
-RUN_ENTRIES = (*RUN_FILES, CHECKPOINT, CHECKPOINT_OLD, f"{CHECKPOINT}.tmp-*")
-FORMAT = 1
+class Run(RunDir):
+    """A run directory with the analysis steps as methods (see the module docstring)."""
 
-# "starting": the directory exists (made whole by ppn fit, see train._init_dir) but no step has run yet
-STATUSES = ("starting", "running", "finished", "failed", "interrupted")
-
-# ------------------------------------------------------------------------------------------- schemas
-# What the readers below rely on, checked on load (ppn_bayes.schema); other keys are kept unchecked.
-
-MANIFEST_SCHEMA = Obj(
-    required={"status": Str(STATUSES)},
-    optional={"format": Int(1, FORMAT), "created": Str(), "updated": Str(), "library": Map(), "recipe": Map(),
-              "base": Obj(optional={k: Str() for k in ("name", "path", "config_sha256", "weights_sha256")}),
-              "weights": Str(("frozen", "lora", "full")), "tempering": Num(0, open_lo=True),
-              "num_sequences": Int(1), "num_tokens": Num(0, open_lo=True), "block_size": Int(2),
-              "inventory": Map(), "world_size": Int(1), "device": Str(), "steps_total": Int(1),
-              "error": Opt(Str()), "final_eval": Bool(), "steps_done": Int(0), "checkpoint_step": Int(0),
-              "psis": Opt(Obj(optional={"khat": Opt(Num(finite=False))})),
-              # `ppn calibrate` (ppn_bayes.analysis.calibration): how beta was obtained; runs without it are uncalibrated
-              "calibration": Obj(required={
-                  "method": Str(), "beta": Num(0, open_lo=True), "unit": Str(("chapters", "documents")),
-                  "n_units": Int(1), "trained_with_beta": Num(0, open_lo=True),
-                  "posterior": Str(("rederived", "not rederived")), "details": Map()})})
-
-
-_LOOSE = Num(finite=False)  # logged values; the loop stops before a NaN would be logged, and plots cope
-_TRAIN_RECORD = Obj(required={"step": Int(0)}, optional={
-    **{k: _LOOSE for k in ("elbo", "token_loss", "kl", "compute", "lambda", "sampled_size", "expected_size",
-                           "grad_norm", "seconds", "khat", "distill_kl")}, "lr": Map(_LOOSE), "grad_norms": Map(_LOOSE),
-    "prices": List(_LOOSE),  # the sandwich's prices of the step (dense, smallest size, random)
-    "sandwich": List(Obj(optional={k: _LOOSE for k in ("lambda", "token_loss", "sampled_size", "expected_size",
-                                                       "distill_kl")}))})
-_EVAL_RECORD = Obj(required={"step": Int(0)}, optional={
-    "dense": _LOOSE, "token_loss": _LOOSE, "seconds": _LOOSE, "khat": _LOOSE,
-    "lambdas": List(Obj(optional={"lambda": _LOOSE, "loss": _LOOSE, "size": _LOOSE}))})
-
-
-_GUIDE_RECORD = Obj(required={"step": Int(0), "lr_sum": _LOOSE}, optional={
-    "phase": Str(("joint", "guide")),
-    **{k: _LOOSE for k in ("scale_min", "scale_mean", "scale_max", "log_scale_mean", "scale_ratio", "scale_move", "loc_move",
-                           "kl")}})
-_RECORDS = {"train": _TRAIN_RECORD, "eval": _EVAL_RECORD, "guide": _GUIDE_RECORD}
-
-
-class _Record(Spec):
-    """A metrics record: ``{"type": "train" | "eval" | "guide", "step": >= 0, ...}`` (``guide``: the
-    guide's summary every ``log_every`` steps, :func:`ppn_bayes.bayes.guides.guide_summary`)."""
-
-    def check(self, value, where):
-        Obj(required={"type": Str(tuple(_RECORDS))}).check(value, where)
-        return _RECORDS[value["type"]].check(value, where)
-
-
-METRICS_SCHEMA = _Record()
-TRAINER_SCHEMA = Obj(required={"step": Int(0)},
-                     optional={"seconds": Num(0), "world_size": Int(1), "recipe_sha256": Str()})
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-# ----------------------------------------------------------------------------------------- small files
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(data, indent=2, default=str) + "\n").encode())
-
-
-def read_json(path: Path, spec: Spec = MANIFEST_SCHEMA, fix: str = RUN_FIX) -> dict:
-    """A run's JSON file, validated against ``spec`` (the manifest's by default): one-line errors."""
-    return load_json(Path(path), spec, fix, missing="pass a run directory written by `ppn fit`")
-
-
-def write_config(run_dir: Path, recipe: Recipe) -> None:
-    atomic_write_bytes(Path(run_dir) / CONFIG, dump_recipe(recipe).encode())
-
-
-def update_manifest(run_dir: Path, **fields: Any) -> dict:
-    """Merge ``fields`` into ``manifest.json`` (atomically) and return the new manifest."""
-    path = Path(run_dir) / MANIFEST
-    manifest = read_json(path) if path.is_file() else {"format": FORMAT, "created": now()}
-    manifest.update(fields)
-    manifest["updated"] = now()
-    write_json(path, manifest)
-    return manifest
-
-
-def append_metrics(run_dir: Path, record: dict) -> None:
-    """One line per record, written with a single ``write`` to an append-only descriptor: a kill
-    cannot leave half a line (a regular-file write completes before a signal is delivered)."""
-    line = (json.dumps(record, default=float) + "\n").encode()
-    fd = os.open(Path(run_dir) / METRICS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Every record of ``metrics.jsonl``, each validated (a damaged line is a one-line RunError naming
-    it; resuming an unfinished run drops such lines when it rewrites the file)."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return []
-    return load_jsonl(path, METRICS_SCHEMA, "delete or repair that line (the file is the run's training log)")
-
-
-def _valid_records(run_dir: Path) -> list[dict]:
-    """The records of ``metrics.jsonl`` that parse and match the schema; the others are dropped."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
-        try:
-            out.append(METRICS_SCHEMA.check(json.loads(line), ""))
-        except (ValueError, RecursionError, Invalid):  # a damaged line: dropped, as the file is rewritten
-            continue
-    return out
-
-
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop records of steps after ``step`` (they will be replayed on resume), and damaged lines."""
-    kept = [r for r in _valid_records(run_dir) if r["step"] <= step]
-    data = "".join(json.dumps(r, default=float) + "\n" for r in kept)
-    atomic_write_bytes(Path(run_dir) / METRICS, data.encode())
-
-
-# ------------------------------------------------------------------------------------------ checkpoint
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], rng: dict[str, torch.Tensor],
-                    optimizer_state: dict, trainer: dict) -> None:
-    """Write a complete checkpoint next to the current one, then swap it in (see module docstring)."""
-    run_dir = Path(run_dir)
-    tmp = run_dir / f"{CHECKPOINT}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-        save_file({k: v.detach().cpu().contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n", encoding="utf-8")
-        for name in CKPT_FILES:
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
-    except BaseException:  # a full disk: the previous checkpoint stays, the half-written one goes
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    current, old = run_dir / CHECKPOINT, run_dir / CHECKPOINT_OLD
-    if current.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(current, old)
-    os.replace(tmp, current)
-    _fsync_dir(run_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint of a run: ``checkpoint/``, else ``checkpoint.old/`` (a swap was cut short)."""
-    for name in (CHECKPOINT, CHECKPOINT_OLD):
-        path = Path(run_dir) / name
-        if path.is_dir() and all((path / f).is_file() for f in CKPT_FILES):
-            return path
-    return None
-
-
-def clean_stale(run_dir: Path) -> None:
-    """Remove half-written checkpoint directories and temporary files left by a killed run."""
-    run_dir = Path(run_dir)
-    for path in run_dir.glob(f"{CHECKPOINT}.tmp-*"):
-        shutil.rmtree(path, ignore_errors=True)
-    if (run_dir / CHECKPOINT).is_dir() and find_checkpoint(run_dir) == run_dir / CHECKPOINT:
-        shutil.rmtree(run_dir / CHECKPOINT_OLD, ignore_errors=True)
-    for path in run_dir.iterdir():  # atomic_write_bytes / atomic_save_tensors temp names: ".<name>.<random>"
-        if path.is_file() and any(path.name.startswith(f".{k}.") for k in RUN_FILES):
-            path.unlink(missing_ok=True)
-
-
-RNG_STATES = ("torch_cpu", "model_generator")  # 1-d uint8 random states (torch.get_rng_state's form)
-
-
-def checkpoint_fix(path: Path) -> str:
-    return f"delete {path} to restart the run from scratch, or restore it from a copy"
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """``{"tensors", "rng", "optimizer", "trainer"}`` of a checkpoint directory, each file validated
-    (``trainer.json`` against its schema, the RNG states by name and dtype, every tensor finite, the
-    optimizer state read weights-only and shaped like an optimizer state); one-line errors.
-    The tensors' names and shapes are checked against the session by :func:`ppn_bayes.training.checkpoint.restore`."""
-    path = Path(path)
-    fix = checkpoint_fix(path)
-    trainer = load_json(path / "trainer.json", TRAINER_SCHEMA, fix)
-    rng_file = path / "rng.safetensors"
-    header = tensor_header(rng_file, fix)
-    for name, (shape, dtype) in header.items():
-        if name not in RNG_STATES or dtype != "U8" or len(shape) != 1:
-            raise RunError(f"{rng_file}: tensor {name} is not one of the 1-d uint8 random states "
-                           f"{', '.join(RNG_STATES)}; {fix}")
-    rng = load_tensors(rng_file, fix)
-    tensors = load_tensors(path / "state.safetensors", fix)
-    optimizer = _load_optimizer(path / "optimizer.pt", fix)
-    return {"tensors": tensors, "rng": rng, "optimizer": optimizer, "trainer": trainer}
-
-
-def _load_optimizer(path: Path, fix: str) -> dict:
-    """The optimizer state, unpickled weights-only (tensors, numbers, strings, containers: never code).
-
-    A file that needs anything else was not written by ppn-bayes: it is refused as damaged or untrusted,
-    and the message never suggests loading it with fewer restrictions.
-    """
-    check_path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise RunError(f"{path} is missing; {fix}") from None
-    except Exception:  # noqa: BLE001 - refused globals (UnpicklingError), truncation, bad magic: all the same here
-        raise RunError(f"{path} is damaged or untrusted (not an optimizer state of plain tensors and numbers, "
-                       f"so it is not loaded); {fix}") from None
-    return validate(state, OPTIMIZER_SCHEMA, str(path), fix)
-
-
-OPTIMIZER_SCHEMA = Obj(required={"state": Map(Map(AnyValue())), "param_groups": List(Obj(required={
-    "params": List(Int(0)), "lr": Num(0), "weight_decay": Num(0)}))})
-
-
-# ----------------------------------------------------------------------------------------------- exports
-
-
-def save_weights(run_dir: Path, mode: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-                 ) -> None:
-    """``weights.safetensors`` (full) or ``adapter.safetensors`` (lora); nothing for frozen weights."""
-    if mode == "full":
-        atomic_save_tensors(tensors, Path(run_dir) / WEIGHTS, metadata={"format": "ppn-weights"})
-    elif mode == "lora":
-        atomic_save_tensors(tensors, Path(run_dir) / ADAPTER, metadata=metadata)
-
-
-# ------------------------------------------------------------------------------------------------ the Run
-
-
-class Run:
-    """A run directory, opened for reading: the recipe, manifest, posterior, metrics and trained model.
-
-    Light on purpose: opening a run reads two small files; the posterior, metrics and model are
-    loaded on first use. Analysis methods (keep-sets, inclusion, arviz, plots) are added by their
-    own modules and only need :attr:`posterior`, :attr:`inventory` and :meth:`load_model`.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        check_path(self.path)
-        if not self.path.is_dir():
-            raise RunError(f"run directory {self.path} does not exist; pass a directory written by `ppn fit`")
-        self.manifest: dict = read_json(self.path / MANIFEST)
-        try:
-            self.recipe: Recipe = load_recipe(self.path / CONFIG)
-        except ConfigError as err:
-            raise RunError(f"{self.path / CONFIG}: {err}") from None
-        self._posterior: Posterior | None = None
-
-    def check(self) -> Run:
-        """Validate, as a whole, every file of the run that a later step reads, before any step writes:
-        the manifest and recipe (on opening), the four posterior files (schema, tensor names and shapes
-        against the unit inventory, finiteness), every metrics record, and the header of the trained
-        weights or adapter (names, shapes against the recipe's LoRA rank). Returns the run."""
-        post = self.posterior
-        read_metrics(self.path)
-        self._check_agreement(post)
-        weights = self.manifest.get("weights")
-        if weights is not None and weights != self.recipe.train.weights:
-            raise RunError(f"{self.path / MANIFEST}: weights is {weights!r} but {CONFIG} says "
-                           f"train.weights: {self.recipe.train.weights}; {RUN_FIX}")
-        mode = self.recipe.train.weights
-        if mode == "full":
-            tensor_header(self.path / WEIGHTS, RUN_FIX, missing=_NOT_YET)
-        elif mode == "lora":
-            check_adapter_header(self.path / ADAPTER, self.recipe.train.lora_rank)
-        return self
-
-    def _check_agreement(self, post: Posterior) -> None:
-        """The run's files describe one run: the posterior's inventory and configs are the recipe's
-        and the manifest's (a ``posterior.json`` copied from another run can be well-formed)."""
-        r, inv = self.recipe, post.inventory
-        facts = [("units.group_size", r.units.group_size, inv.group_size),
-                 ("units.kinds", [k for k in ("layers", "heads", "groups") if k in r.units.kinds], list(inv.kinds)),
-                 ("prior", dataclasses.asdict(r.prior), dataclasses.asdict(post.prior.config)),
-                 ("push", dataclasses.asdict(r.push), dataclasses.asdict(post.push.config))]
-        recorded = self.manifest.get("inventory", {}).get("dims")
-        if recorded is not None:
-            facts.append(("the inventory's dims", recorded, dataclasses.asdict(inv.dims)))
-        for key, want, have in facts:
-            if want != have:
-                raise RunError(f"{self.path / 'posterior.json'} does not belong to this run: its {key} differs from "
-                               f"{CONFIG}/{MANIFEST}; {RUN_FIX}")
-
-    def __repr__(self) -> str:
-        return (f"Run({str(self.path)!r}, status={self.status!r}, steps={self.manifest.get('steps_done')}, "
-                f"base={self.manifest.get('base', {}).get('name')!r})")
-
-    # --------------------------------------------------------------- facts
-    @property
-    def status(self) -> str:
-        return str(self.manifest.get("status", "unknown"))
-
-    @property
-    def inventory(self) -> UnitInventory:
-        return self.posterior.inventory
-
-    @property
-    def posterior(self) -> Posterior:
-        if self._posterior is None:
-            self._posterior = Posterior.from_dir(self.path)
-        return self._posterior
-
-    @property
-    def metrics(self) -> list[dict]:
-        """Every record of ``metrics.jsonl`` (training steps and held-out evaluations)."""
-        return read_metrics(self.path)
-
-    def train_metrics(self) -> list[dict]:
-        return [r for r in self.metrics if r.get("type") == "train"]
-
-    def eval_metrics(self) -> list[dict]:
-        return [r for r in self.metrics if r.get("type") == "eval"]
-
-    # -------------------------------------------------------- base model
-    def base_path(self) -> Path:
-        """The base checkpoint directory: where it was at training time, else resolved from the recipe."""
-        recorded = self.manifest.get("base", {}).get("path")
-        if recorded and Path(recorded).is_dir():
-            return Path(recorded)
-        from ppn_bayes.hub.zoo import resolve_model
-
-        return resolve_model(self.recipe.model.name, trust_remote_code=self.recipe.model.trust_remote_code)
-
-    def check_base(self, model_path: str | os.PathLike[str]) -> None:
-        """Raise a RunError unless ``model_path`` is the base model this run was trained on."""
-        from ppn_bayes.hub.zoo import model_identity
-
-        want = self.manifest.get("base", {})
-        have = model_identity(model_path)
-        for key in ("config_sha256", "weights_sha256"):
-            if want.get(key) and want[key] != have[key]:
-                raise RunError(f"run {self.path} was trained on {want.get('name')!r} but {model_path} is "
-                               f"{have['name']!r} ({key.split('_')[0]} hash differs); pass the run's own base model")
-
-    def load_model(self, device: str = "cpu", merge: bool = True):
-        """The trained network as a :class:`~ppn_bayes.backbone.gated.GatedLM` (no gates set).
-
-        The base model is loaded from the manifest's path, checked against its hashes, and the run's
-        trained weights are applied: ``weights.safetensors`` replaces decoder tensors; the adapter is
-        merged into the projections (``merge=False`` keeps it as hooks, see :mod:`ppn_bayes.training.lora`).
-        The push's amplitude corrections and thresholds are in ``self.posterior.push``.
-        """
-        from ppn_bayes.backbone.gated import gate
-        from ppn_bayes.hub.zoo import load_model
-        from ppn_bayes.training.lora import LoRA
-
-        path = self.base_path()
-        self.check_base(path)
-        dtype = getattr(torch, self.recipe.model.dtype)
-        model, _ = load_model(path, dtype=dtype, device=device, trust_remote_code=self.recipe.model.trust_remote_code)
-        units = self.recipe.units
-        gated = gate(model, group_size=units.group_size, kinds=tuple(units.kinds))
-        mode = self.recipe.train.weights
-        if mode == "full":
-            apply_full_weights(model, load_run_tensors(self.path / WEIGHTS))
-        elif mode == "lora":
-            tensors = load_run_tensors(self.path / ADAPTER)
-            lora = LoRA(gated, rank=self.recipe.train.lora_rank, alpha=self.recipe.train.lora_alpha)
-            check_shapes({k: tuple(v.shape) for k, v in tensors.items()},
-                         {k: tuple(v.shape) for k, v in lora.state().items()}, str(self.path / ADAPTER),
-                         "the adapter belongs to another base model or rank; " + RUN_FIX)
-            lora.load_state(tensors)
-            if merge:
-                lora.merge()
-            else:
-                gated.lora = lora  # keep the adapter (and its hooks) alive with the model
-        return gated
-
-    def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.base_path(), trust_remote_code=self.recipe.model.trust_remote_code)
-
-    # ------------------------------------------------ posterior to mask (ppn_bayes.bayes.keepsets, .report, .plots)
     def keepset(self, size=None, params=None, layers=None, flops=None, quantile: float = 0.5, num_draws: int = 256,
                 seed: int = 0):
         """The nested keep-set at one target size: :func:`ppn_bayes.bayes.keepsets.keepset`."""
-        from ppn_bayes.bayes.keepsets import keepset
-
         return keepset(self.posterior, size, params, layers, flops, quantile, num_draws, seed)
 
     def keepsets(self, sizes, quantile: float = 0.5, num_draws: int = 256, seed: int = 0, currency: str = "size"):
         """Keep-sets at several sizes from one set of draws (nested): :func:`ppn_bayes.bayes.keepsets.keepsets`."""
-        from ppn_bayes.bayes.keepsets import keepsets
-
         return keepsets(self.posterior, sizes, quantile, num_draws, seed, currency)
 
     def inclusion(self, size=None, params=None, layers=None, flops=None, quantile: float = 0.5,
@@ -496,104 +45,49 @@ class Run:
                overwrite: bool = False, band_samples: int = 0, band_blocks: int = 4, device: str = "cpu"):
         """Write report.md, plots, keepsets.json and posterior.nc: :func:`ppn_bayes.analysis.report.write_report`
         (``band_samples`` > 0: each keep-set's held-out loss with a band over that many sampled sub-networks)."""
-        from ppn_bayes.analysis.report import write_report
-
         return write_report(self, sizes, num_draws, quantile, seed, out, overwrite, band_samples, band_blocks, device)
 
     def uncertainty(self, size=None, k: int = 8, blocks: int = 4, device: str = "cpu", **target):
         """Posterior predictive over k sampled sub-networks: :func:`ppn_bayes.analysis.uncertainty.run_uncertainty`."""
-        from ppn_bayes.analysis.uncertainty import run_uncertainty
-
         return run_uncertainty(self, size=size, k=k, blocks=blocks, device=device, **target)
 
     def to_arviz(self, num_draws: int = 1000, seed: int = 0):
         """Posterior draws of every latent as arviz InferenceData: :func:`ppn_bayes.bayes.diagnostics.to_inference_data`."""
-        from ppn_bayes.bayes.diagnostics import to_inference_data
-
         return to_inference_data(self.posterior, num_draws=num_draws, seed=seed)
 
     def plot_traces(self, stem=None):
         """ELBO and token-loss traces (PNG + SVG); returns the paths."""
-        from ppn_bayes.analysis.plots import plot_traces
-
         return plot_traces(self.metrics, stem or self.path / "plots" / "traces")
 
     def plot_layer_scores(self, stem=None, num_draws: int = 256, lam: float | None = None):
         """Forest plot of layer scores with credible intervals (and tau_l(lam) if given)."""
-        from ppn_bayes.analysis.plots import plot_layer_forest
-
         draws = self.posterior.draws(num_draws)
         tau = self.posterior.thresholds(lam)["layers"] if lam is not None else None
         return plot_layer_forest(draws["layers"], stem or self.path / "plots" / "layer_forest", tau, lam)
 
     def plot_heads(self, stem=None, num_draws: int = 256):
         """Layer x head heat maps of the posterior mean and sd of head scores."""
-        from ppn_bayes.analysis.plots import plot_unit_heatmaps
-
         return plot_unit_heatmaps(self.posterior.draws(num_draws)["heads"], stem or self.path / "plots" / "head_heatmaps")
 
     def plot_puppet(self, sizes=(0.25, 0.5, 0.75), stem=None, num_draws: int = 256, quantile: float = 0.5):
         """The puppet chart: keep-sets across sizes shaded by inclusion probability."""
-        from ppn_bayes.analysis.plots import plot_puppet
-
         return plot_puppet(self.keepsets(list(sizes), quantile, num_draws), stem or self.path / "plots" / "puppet")
 
 
-_NOT_YET = "the run has not reached its first checkpoint yet (resume it: ppn fit --resume --out RUN)"
-
-
-def load_run_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A trained-weights or adapter file of a run: readable, finite (one-line errors)."""
-    return load_tensors(path, RUN_FIX, missing=_NOT_YET)
-
-
-def check_adapter_header(path: Path, rank: int) -> None:
-    """``adapter.safetensors`` holds ``<module>.A`` [rank, in] / ``<module>.B`` [out, rank] pairs."""
-    header = tensor_header(path, RUN_FIX, missing=_NOT_YET)
-    modules: dict[str, set[str]] = {}
-    for name, (shape, _) in header.items():
-        module, _, part = name.rpartition(".")
-        axis = {"A": 0, "B": 1}.get(part)
-        if axis is None or len(shape) != 2 or shape[axis] != rank:
-            raise RunError(f"{path}: tensor {name} {list(shape)} is not a LoRA factor of rank {rank} "
-                           f"(<module>.A [{rank}, in], <module>.B [out, {rank}]); {RUN_FIX}")
-        modules.setdefault(module, set()).add(part)
-    broken = [m for m, parts in modules.items() if parts != {"A", "B"}]
-    if broken or not modules:
-        raise RunError(f"{path} lacks adapter pairs (e.g. {(broken or ['any'])[0]}); {RUN_FIX}")
-
-
-@torch.no_grad()
-def apply_full_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy trained decoder tensors (keyed by base parameter names) into ``model``, after checking
-    that every one is a parameter of it, of its shape."""
-    params = dict(model.named_parameters())
-    check_shapes({k: tuple(v.shape) for k, v in tensors.items()},
-                 {k: tuple(params[k].shape) for k in tensors if k in params}, "the run's trained weights",
-                 "the run belongs to another architecture; pass its own base model")
-    for name, value in tensors.items():
-        params[name].copy_(value.to(params[name].dtype))
-
-
-def load_run(path: str | os.PathLike[str] | Run) -> Run:
-    """Open a run directory written by :func:`ppn_bayes.training.loop.fit`, checked as a whole (:meth:`Run.check`).
+def load_run(path: str | os.PathLike[str] | RunDir) -> Run:
+    """Open a run directory written by :func:`fit`, checked as a whole (:meth:`Run.check`).
 
     A :class:`Run` passes through unchanged (it was checked when it was opened), so functions that take
     "a run or its directory" call this once instead of testing the type themselves.
     """
-    return path if isinstance(path, Run) else Run(path).check()
+    if isinstance(path, Run):
+        return path
+    return Run(path.path if isinstance(path, RunDir) else path).check()
 
 
-def recipe_fields_changed(old: Recipe, new: Recipe) -> list[str]:
-    """Keys outside ``train`` (and ``name``) that differ: these define the model and cannot change on resume."""
-    a, b = dataclasses.asdict(old), dataclasses.asdict(new)
-    out = []
-    for section in ("preset", "model", "units", "prior", "push", "guide", "data"):
-        if isinstance(a[section], dict):
-            out += [f"{section}.{k}" for k in a[section] if a[section][k] != b[section][k] and k != "val_blocks"]
-        elif a[section] != b[section]:
-            out.append(section)
-    for key in ("weights", "lora_rank", "lora_alpha", "tempering"):
-        if a["train"][key] != b["train"][key]:
-            out.append(f"train.{key}")
-    return out
+def fit(recipe: Recipe | str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+        resume: bool = False, progress: bool = True, overrides: list[str] | None = None,
+        callbacks: list[Callable[[Session, int], None]] | None = None) -> Run:
+    """Train a push puppet network (:func:`ppn_bayes.training.loop.fit`: the arguments are documented
+    there) and open the finished run as a :class:`Run`."""
+    return Run(loop.fit(recipe, out, resume=resume, progress=progress, overrides=overrides, callbacks=callbacks).path)

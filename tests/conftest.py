@@ -69,7 +69,7 @@ def tiny_run(tiny_llama_dir, tmp_path_factory) -> Path:
     that it stays unchanged)."""
     from ppn_bayes.config import recipe_from_dict
     from ppn_bayes.data.corpus import load_corpus
-    from ppn_bayes.training.loop import fit
+    from ppn_bayes.run import fit
 
     root = tmp_path_factory.mktemp("tinyrun")
     corpus = root / "tiny.txt"

@@ -18,19 +18,13 @@ from ppn_bayes.baselines import (
     is_nested,
     keepsets_from_order,
 )
-from ppn_bayes.baselines.gisp import (
-    ChoiceExample,
-    choice_scores,
-    gisp,
-    margin_loss,
-    perplexity_loss,
-    taylor_importance,
-)
+from ppn_bayes.baselines.gisp import choice_scores, gisp, margin_loss, perplexity_loss, taylor_importance
 from ppn_bayes.baselines.prunepath import balanced_kmeans, cumulative_mass_mask, gather_mlp, moefy
 from ppn_bayes.baselines.random import random_keepsets
 from ppn_bayes.baselines.shortgpt import block_influence, shortgpt
 from ppn_bayes.baselines.sparsegpt import Hessian, sparsegpt, sparsegpt_prune
 from ppn_bayes.baselines.wanda import ColumnNorms, n_m_mask, row_mask, wanda, wanda_scores
+from ppn_bayes.data.tasks.choices import ChoiceExample
 from ppn_bayes.errors import ConfigError, SizeError
 
 
@@ -342,8 +336,8 @@ def test_peers_on_smollm2(smollm2_path):
     """On SmolLM2-135M: Wanda at 90% keeps perplexity within 5% of dense (the paper's low-sparsity
     regime is nearly lossless), and GISP's informed 90% keep-set beats a random one of the same size."""
     from ppn_bayes.backbone.materialize import materialize
+    from ppn_bayes.backbone.perplexity import perplexity
     from ppn_bayes.data.corpus import calibration_blocks, token_blocks
-    from ppn_bayes.evaluation.targets import perplexity
     from ppn_bayes.hub.zoo import load_model
 
     model, tok = load_model(smollm2_path)

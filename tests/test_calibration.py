@@ -141,7 +141,7 @@ def test_blocks_are_grouped_by_chapter(tiny_tokenizer, chapter_corpus, tmp_path)
 @pytest.fixture(scope="module")
 def chapter_run(tiny_llama_dir, chapter_corpus, tmp_path_factory) -> Path:
     from ppn_bayes.config import recipe_from_dict
-    from ppn_bayes.training.loop import fit
+    from ppn_bayes.run import fit
 
     recipe = recipe_from_dict({"name": "tiny", "model": {"name": str(tiny_llama_dir)},
                                "units": {"kinds": ["layers", "heads"]},

@@ -112,7 +112,7 @@ def test_ppn_rows_from_a_run(tiny_run, tiny_llama_dir, tiny_tokenizer):
     ks = {float(s): KeepSet.from_dict(k) for s, k in out["keepsets"]["ppn"].items()}
     assert is_nested(ks)
     # The PPN perplexity is the gated network's with the same masks (and amplitudes at lambda*).
-    from ppn_bayes.evaluation.targets import perplexity
+    from ppn_bayes.backbone.perplexity import perplexity
     from ppn_bayes.run import load_run
 
     run = load_run(tiny_run)
@@ -161,8 +161,8 @@ def test_cli_errors_are_one_line(argv, needle, tiny_llama_dir, tmp_path, capsys)
 def test_transfer_blocks_are_measured_for_every_row(tiny_llama_dir, tmp_path, capsys):
     """``--transfer-data kjv``: every row is also measured on the other domain's test blocks, and the
     value is the perplexity of that row's model there (the dense row recomputed independently)."""
+    from ppn_bayes.backbone.perplexity import perplexity
     from ppn_bayes.data.corpus import token_blocks
-    from ppn_bayes.evaluation.targets import perplexity
     from ppn_bayes.hub.zoo import load_model
 
     code = main(["compare", "--model", str(tiny_llama_dir), "--sizes", "0.7", "--methods", "shortgpt",
@@ -189,7 +189,7 @@ MARGIN_ARGV = ["--sizes", "0.7", "--methods", "gisp", "--gisp-objective", "margi
 
 def test_cli_gisp_margin_reaches_gisp(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     import ppn_bayes.baselines.gisp as gisp_mod
-    from ppn_bayes.baselines.gisp import ChoiceExample
+    from ppn_bayes.data.tasks.choices import ChoiceExample
 
     seen = {}
     real = gisp_mod.gisp

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from ppn_bayes.bayes.model import PPNModel, sequence_kl, sequence_nll
 from ppn_bayes.config import recipe_from_dict
 from ppn_bayes.errors import ConfigError
+from ppn_bayes.run import fit
 from ppn_bayes.training.build import build
-from ppn_bayes.training.loop import fit, sandwich_prices, train_step
+from ppn_bayes.training.loop import sandwich_prices, train_step
 from ppn_bayes.training.schedule import step_seed
 
 
@@ -199,7 +200,7 @@ def test_sandwich_draws_dense_smallest_and_random_prices_into_one_optimizer_step
     assert teachers == [False, True, True, True]  # the pruned passes got the dense pass's logits
     assert record["prices"] == prices and [p["lambda"] for p in record["sandwich"]] == prices
     assert record["lambda"] == prices[1] and "distill_kl" in record and "distill_kl" not in record["sandwich"][0]
-    from ppn_bayes.run import METRICS_SCHEMA
+    from ppn_bayes.training.rundir import METRICS_SCHEMA
 
     METRICS_SCHEMA.check(json.loads(json.dumps(record)), "")
 
@@ -216,7 +217,7 @@ def test_sandwich_with_distillation_resumes_like_an_uninterrupted_run(tiny_llama
 
     with pytest.raises(KeyboardInterrupt):
         fit(r, out=tmp_path / "cut", progress=False, callbacks=[stop])
-    from ppn_bayes import run as rundir
+    from ppn_bayes.training import rundir
 
     assert rundir.load_checkpoint(rundir.find_checkpoint(tmp_path / "cut"))["trainer"]["step"] == 2
     resumed = fit(None, out=tmp_path / "cut", resume=True, progress=False)  # step 3 only, from the checkpoint

@@ -28,8 +28,8 @@ def _eval(capsys, *argv) -> dict:
 def _masked_ppl(model_dir, keep, inventory) -> float:
     """Perplexity (same blocks as PPL) of the base model with the keep-set's hard masks."""
     from ppn_bayes.backbone import gate
+    from ppn_bayes.backbone.perplexity import perplexity
     from ppn_bayes.data.corpus import token_blocks
-    from ppn_bayes.evaluation.targets import perplexity
     from ppn_bayes.hub.zoo import load_model
 
     model, tok = load_model(model_dir)
@@ -61,8 +61,8 @@ def test_run_dense_is_the_base_model_and_a_size_is_the_gated_subnetwork(tiny_run
     run = load_run(tiny_run)
     result = run.keepset(size=0.5, quantile=0.3)
     gated = run.load_model()
+    from ppn_bayes.backbone.perplexity import perplexity
     from ppn_bayes.data.corpus import token_blocks
-    from ppn_bayes.evaluation.targets import perplexity
 
     blocks = token_blocks(run.load_tokenizer(), "validation", 32, "kjv", max_blocks=3)
     with gated.gates(**gates_for(run.posterior, result.keep, result.lam)):

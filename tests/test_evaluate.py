@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
+from ppn_bayes.backbone.perplexity import perplexity
 from ppn_bayes.cli import main
 from ppn_bayes.device import autocast_context, resolve_device
 from ppn_bayes.errors import ConfigError
-from ppn_bayes.evaluation.targets import perplexity
 
 
 def by_hand(model, blocks: torch.Tensor) -> float:

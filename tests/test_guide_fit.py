@@ -17,7 +17,7 @@ from ppn_bayes.bayes.guides import (
     kl_estimate,
     make_guide,
 )
-from ppn_bayes.training.loop import fit
+from ppn_bayes.run import fit
 from ppn_bayes.training.schedule import group_multiplier, guide_lr_spent
 from tests.test_train import tiny_recipe
 

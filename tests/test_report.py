@@ -66,7 +66,7 @@ def test_calibration_line_reads_the_manifest():
 @pytest.mark.slow  # a tiny fit (the fixture) and two reports: ~20 s on loaded cores
 def test_report_labels_pi_and_adds_the_band(tiny_run):
     from ppn_bayes.analysis.report import write_report
-    from ppn_bayes.run import update_manifest
+    from ppn_bayes.training.rundir import update_manifest
 
     md = write_report(tiny_run, sizes=(0.5,), num_draws=16, band_samples=3, band_blocks=2).read_text()
     assert "**not calibrated** — beta = 1 per token assumed" in md and "These π are **not calibrated**" in md

@@ -50,7 +50,7 @@ def _perturb(path: Path, keys, scale: float, seed: int) -> None:
 def _fit(model_dir: Path, root: Path, weights: str) -> Path:
     from ppn_bayes.config import recipe_from_dict
     from ppn_bayes.data.corpus import load_corpus
-    from ppn_bayes.training.loop import fit
+    from ppn_bayes.run import fit
 
     corpus = root / "tiny.txt"
     corpus.write_text(load_corpus("bundled", "validation")[0][:8_000], encoding="utf-8")

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppn_bayes import run as rundir
 from ppn_bayes.config import recipe_from_dict
 from ppn_bayes.errors import RunError
-from ppn_bayes.run import load_run
-from ppn_bayes.training.loop import fit
+from ppn_bayes.run import fit, load_run
+from ppn_bayes.training import rundir
 
 
 def recipe(model_dir, corpus, **train):

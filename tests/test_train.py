@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from ppn_bayes.config import recipe_from_dict
-from ppn_bayes.training.schedule import batch_indices, lr_multiplier, step_seed
+from ppn_bayes.run import fit
 from ppn_bayes.training.build import build
+from ppn_bayes.training.schedule import batch_indices, lr_multiplier, step_seed
 from ppn_bayes.training.session import elbo_terms
-from ppn_bayes.training.loop import fit
 
 TRAIN_FIELDS = {"step", "elbo", "token_loss", "lambda", "sampled_size", "expected_size", "lr", "grad_norm", "seconds"}
 

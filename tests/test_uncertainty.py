@@ -107,7 +107,7 @@ def test_evaluate_keepset_band(setup):
 def fitted(tiny_llama_dir, tmp_path_factory):
     from ppn_bayes.config import recipe_from_dict
     from ppn_bayes.data.corpus import load_corpus
-    from ppn_bayes.training.loop import fit
+    from ppn_bayes.run import fit
 
     corpus = tmp_path_factory.mktemp("corpus") / "tiny.txt"
     corpus.write_text(load_corpus("bundled", "validation")[0][:12_000], encoding="utf-8")

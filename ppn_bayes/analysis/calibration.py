@@ -384,13 +384,13 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
     starts from the posterior the run was trained with."""
     if beta is not None and not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ConfigError(f"--beta must be a finite number > 0, got {beta}")
-    from ppn_bayes import run as rundir
     from ppn_bayes.config import recipe_from_dict
     from ppn_bayes.files import writer_lock
+    from ppn_bayes.training import rundir
 
     run_dir = Path(run_dir)
     with writer_lock(run_dir, "ppn calibrate"):
-        run = rundir.Run(run_dir)
+        run = rundir.RunDir(run_dir)
         if run.status != "finished":
             raise RunError(f"run {run_dir} is not finished (status {run.status}); let `ppn fit` finish or "
                            "--resume it, then calibrate")

@@ -44,8 +44,12 @@ from typing import Any
 
 import torch
 
+from ppn_bayes.analysis import plots
+from ppn_bayes.analysis.uncertainty import evaluate_keepset, run_test_blocks
+from ppn_bayes.bayes import diagnostics as diag
+from ppn_bayes.bayes.guides import convergence_warning, guide_convergence
 from ppn_bayes.bayes.keepsets import KeepsetResult, KeepsetSolver, check_quantile, parse_target
-from ppn_bayes.errors import OutputError
+from ppn_bayes.errors import ConfigError, OutputError, RunError
 from ppn_bayes.files import (
     atomic_write_bytes,
     check_no_overlap,
@@ -54,6 +58,7 @@ from ppn_bayes.files import (
     real,
     writer_lock,
 )
+from ppn_bayes.training.rundir import MANIFEST, RunDir, open_run, read_json, read_metrics
 
 #: What a report writes into its directory.
 REPORT_ENTRIES = ("report.md", "keepsets.json", "posterior.nc", "plots")
@@ -111,7 +116,6 @@ def _diagnostics(posterior, num_draws: int, seed: int, out: Path, manifest: dict
     heads and groups included, is in the NetCDF. PSIS needs the model and a held-out batch, so the
     report shows a k-hat the run recorded (manifest ``psis`` or a metrics record with ``khat``).
     """
-    from ppn_bayes.bayes import diagnostics as diag
 
     lines: list[str] = []
     nc = None
@@ -145,7 +149,6 @@ def _run_facts(run_dir: Path) -> tuple[dict, list[dict]]:
     """(manifest, metrics) when the directory is a full run; empty when it only holds a posterior.
     Both are validated (:mod:`ppn_bayes.run`'s schemas): a damaged file is a one-line RunError before
     anything is written."""
-    from ppn_bayes.run import MANIFEST, read_json, read_metrics
 
     manifest = read_json(run_dir / MANIFEST) if (run_dir / MANIFEST).is_file() else {}
     return manifest, read_metrics(run_dir)
@@ -198,7 +201,6 @@ def calibration_line(manifest: dict) -> tuple[bool, str]:
 def fit_warning(run: Any) -> str | None:
     """The one-line warning when the run's score posterior has not flattened (guides.guide_convergence),
     or ``None`` (converged, or a run without guide records to judge)."""
-    from ppn_bayes.bayes.guides import convergence_warning, guide_convergence
 
     run_dir = Path(getattr(run, "path", run))
     _, metrics = _run_facts(run_dir)
@@ -207,7 +209,6 @@ def fit_warning(run: Any) -> str | None:
 
 def _fit_lines(metrics: list[dict]) -> list[str]:
     """The report's "Is the posterior fitted?" section."""
-    from ppn_bayes.bayes.guides import convergence_warning, guide_convergence
 
     recs = [m for m in metrics if m.get("type") == "guide"]
     if not recs:
@@ -233,7 +234,6 @@ def _fit_lines(metrics: list[dict]) -> list[str]:
 
 def check_band(band_samples: int, band_blocks: int, num_draws: int) -> None:
     """Eager checks of the credible-band options (one-line ConfigError)."""
-    from ppn_bayes.errors import ConfigError
 
     if isinstance(band_samples, bool) or not isinstance(band_samples, int) or band_samples < 0:
         raise ConfigError(f"--band must be a whole number of sampled sub-networks >= 0 (0 = no band), got {band_samples!r}")
@@ -255,18 +255,16 @@ def write_report(run: Any, sizes: Sequence[float] = (0.25, 0.5, 0.75), num_draws
     validation blocks with the 5-95 % band over that many sampled sub-networks (loads the model on
     ``device``; needs a full run directory).
     """
-    from ppn_bayes.errors import RunError
-    from ppn_bayes.run import MANIFEST, Run, load_run
 
     check_band(band_samples, band_blocks, num_draws)
     run_dir = Path(getattr(run, "path", run))
-    if band_samples and not isinstance(run, Run) and not (run_dir / MANIFEST).is_file():
+    if band_samples and not isinstance(run, RunDir) and not (run_dir / MANIFEST).is_file():
         raise RunError(f"{run_dir} holds a posterior but no run (manifest.json, weights), so a held-out band "
                        "cannot be computed; pass a run directory written by `ppn fit`, or drop --band")
-    if isinstance(run, Run):
+    if isinstance(run, RunDir):
         run.check()
     elif not hasattr(run, "posterior") and (run_dir / MANIFEST).is_file():
-        run = load_run(run_dir)  # a full run: every file checked, as a whole, before anything is written
+        run = open_run(run_dir)  # a full run: every file checked, as a whole, before anything is written
     out = Path(out) if out is not None else run_dir
     check_report_out(run_dir, out, overwrite)
     with writer_lock(out, "ppn report"):
@@ -283,7 +281,6 @@ def write_report(run: Any, sizes: Sequence[float] = (0.25, 0.5, 0.75), num_draws
 
 def _write_report(run: Any, run_dir: Path, out: Path, sizes: Sequence[float], num_draws: int, quantile: float,
                   seed: int, band_samples: int = 0, band_blocks: int = 4, device: str = "cpu") -> Path:
-    from ppn_bayes.analysis import plots
 
     solver = KeepsetSolver(run_dir if not hasattr(run, "posterior") else run.posterior, num_draws, seed)
     for s in sizes:  # every size and the quantile before the draws, which the first solve takes
@@ -293,7 +290,6 @@ def _write_report(run: Any, run_dir: Path, out: Path, sizes: Sequence[float], nu
     inv, post = solver.inventory, solver.posterior
     manifest, metrics = _run_facts(run_dir)
     if band_samples:
-        from ppn_bayes.analysis.uncertainty import evaluate_keepset, run_test_blocks
 
         gated = run.load_model(device)
         blocks = run_test_blocks(run, band_blocks, split="validation")

@@ -22,7 +22,12 @@ from typing import Any
 
 import torch
 
+from ppn_bayes.backbone.perplexity import perplexity
 from ppn_bayes.backbone.units import KeepSet
+from ppn_bayes.bayes.keepsets import keepset
+from ppn_bayes.data.corpus import token_blocks
+from ppn_bayes.errors import ConfigError
+from ppn_bayes.training.rundir import open_run
 
 ECE_BINS = 15
 
@@ -125,7 +130,6 @@ def subnetwork_logprobs(gated, posterior, keepsets: list[KeepSet], lam: float, b
 @torch.no_grad()
 def keepset_nll(gated, posterior, keep: KeepSet, lam: float, blocks: torch.Tensor) -> float:
     """Mean next-token NLL of ``blocks [N, T]`` under one keep-set."""
-    from ppn_bayes.evaluation.targets import perplexity
 
     with gated.gates(**gates_for(posterior, keep, lam)):
         return float(perplexity(gated, blocks, batch_size=4)["nll"])
@@ -221,8 +225,6 @@ def predictive_uncertainty(gated, result, blocks: torch.Tensor, k: int = 8) -> P
 
 def run_test_blocks(run, blocks: int, tokenizer=None, split: str = "test") -> torch.Tensor:
     """The first ``blocks`` blocks of the run's corpus (``split``: test by default) at its block size."""
-    from ppn_bayes.data.corpus import token_blocks
-    from ppn_bayes.errors import ConfigError
 
     if blocks < 1:
         raise ConfigError(f"--blocks must be >= 1, got {blocks}")
@@ -232,9 +234,7 @@ def run_test_blocks(run, blocks: int, tokenizer=None, split: str = "test") -> to
 
 
 def _load(run_or_path):
-    from ppn_bayes.run import load_run
-
-    return load_run(run_or_path)
+    return open_run(run_or_path)
 
 
 def evaluate_run_keepset(run, result, blocks: int = 4, samples: int = 8, device: str = "cpu") -> dict[str, Any]:
@@ -248,7 +248,6 @@ def run_uncertainty(run, size: float | None = None, params: float | None = None,
                     flops: float | None = None, k: int = 8, blocks: int = 4, quantile: float = 0.5,
                     num_draws: int = 256, seed: int = 0, device: str = "cpu") -> PredictiveReport:
     """``ppn uncertainty``: the posterior predictive of a run at one size on its test blocks."""
-    from ppn_bayes.bayes.keepsets import keepset
 
     run = _load(run)
     result = keepset(run, size, params, layers, flops, quantile=quantile, num_draws=max(num_draws, k), seed=seed)

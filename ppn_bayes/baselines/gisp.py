@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,17 +50,8 @@ from ppn_bayes.baselines import (
     keepsets_from_order,
     timed,
 )
+from ppn_bayes.data.tasks.choices import ChoiceExample
 from ppn_bayes.errors import ConfigError
-
-
-@dataclass
-class ChoiceExample:
-    """One multiple-choice example in token ids: ``context``, candidate ``choices``, correct ``label``."""
-
-    context: list[int]
-    choices: list[list[int]]
-    label: int
-
 
 # ----------------------------------------------------------------------------- objectives
 

@@ -102,8 +102,8 @@ def load_target(args: argparse.Namespace, device: Any):
 
 def eval_perplexity(target: Any, args: argparse.Namespace, device: Any) -> dict[str, Any]:
     """Perplexity of the target on ``--data``/``--split`` blocks."""
+    from ppn_bayes.backbone.perplexity import perplexity
     from ppn_bayes.data.corpus import token_blocks
-    from ppn_bayes.evaluation.targets import perplexity
 
     blocks = token_blocks(target.tokenizer, args.split, args.block_size, args.data, max_blocks=args.max_blocks,
                           max_context=target.max_context)

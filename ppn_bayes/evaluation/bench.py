@@ -39,9 +39,14 @@ import torch
 from torch import nn
 
 from ppn_bayes.backbone.gated import GatedLM
+from ppn_bayes.backbone.materialize import materialize
 from ppn_bayes.backbone.units import KeepSet, UnitInventory
-from ppn_bayes.errors import ConfigError, SizeError
-from ppn_bayes.files import atomic_write_bytes
+from ppn_bayes.bayes.keepsets import keepset
+from ppn_bayes.device import synchronize
+from ppn_bayes.errors import ConfigError, OutputError, SizeError
+from ppn_bayes.evaluation.speculative import cache_kwarg, output_cache
+from ppn_bayes.files import atomic_write_bytes, check_no_overlap, check_writable
+from ppn_bayes.training.rundir import open_run
 
 # ------------------------------------------------------------------------------------ keep-sets
 
@@ -67,11 +72,9 @@ def layer_keepset_by_norm(model: nn.Module, size: float) -> tuple[KeepSet, UnitI
 
 def run_keepsets(run: str | os.PathLike, sizes: list[float], quantile: float = 0.5
                  ) -> tuple[dict[float, KeepSet], UnitInventory]:
-    """Keep-sets of a fitted run (``ppn_bayes.run.load_run(run).keepset(size=, quantile=)``)."""
-    from ppn_bayes.run import load_run
-
-    loaded = load_run(run)
-    return {s: loaded.keepset(size=s, quantile=quantile).keep for s in sizes}, loaded.inventory
+    """Keep-sets of a fitted run (:func:`ppn_bayes.bayes.keepsets.keepset` at each size)."""
+    loaded = open_run(run)
+    return {s: keepset(loaded.posterior, size=s, quantile=quantile).keep for s in sizes}, loaded.inventory
 
 
 # ------------------------------------------------------------------------------------ FLOPs
@@ -133,8 +136,6 @@ def _cache_bytes(cache: Any) -> int:
 @torch.inference_mode()
 def time_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
     """One prefill and ``new_tokens`` greedy decode steps with a KV cache: seconds of each, cache bytes."""
-    from ppn_bayes.device import synchronize
-    from ppn_bayes.evaluation.speculative import cache_kwarg, output_cache
 
     device = prompt.device
     kw = cache_kwarg(model)
@@ -216,7 +217,6 @@ def speed_benchmark(
     :func:`~ppn_bayes.backbone.materialize.materialize` (the same tensors :func:`ppn_bayes.export.resize.resize`
     writes), so their speed is what a standard ``transformers`` load of the export would give.
     """
-    from ppn_bayes.backbone.materialize import materialize
 
     if min(batch_sizes) < 1 or prompt_len < 1 or new_tokens < 1 or repeats < 1 or warmup < 0:
         raise ConfigError("batch sizes, prompt length, new tokens and repeats must be >= 1 (warmup >= 0)")
@@ -308,8 +308,6 @@ def plot_speed(result: dict[str, Any], path: str | os.PathLike) -> Path:
 
 def check_plot_path(path: str | os.PathLike, inputs: list[tuple[str, Any]]) -> None:
     """Before the model loads: ``--plot`` names a writable file that is none of the inputs nor inside one."""
-    from ppn_bayes.errors import OutputError
-    from ppn_bayes.files import check_no_overlap, check_writable
 
     check_writable(path, "--plot")
     if Path(path).is_dir():

@@ -1,103 +1,23 @@
-"""Held-out perplexity on token blocks.
-
-Perplexity is ``exp`` of the mean negative log-likelihood per *predicted token*: every position of a
-block but the first is predicted from the ones before it.  The loss is summed over tokens in float64
-and divided once at the end, so the number does not depend on the batch size (a mean of batch means
-would weight a short last batch wrongly).
-
-The model may be any callable that maps ``input_ids [B, T]`` to an object with ``.logits [B, T, V]``
-(a ``transformers`` causal LM, or a gated view of one) or to the logits tensor itself.
-
-The second half loads *what* ``ppn eval`` evaluates (:class:`EvalTarget`): a dense model, a resized
-export, or a run's network at a size; zero-shot tasks on any of them go through
-:func:`ppn_bayes.evaluation.lmeval.evaluate_tasks`.
+"""What ``ppn eval`` evaluates (:class:`EvalTarget`): a dense model, a resized export, or a run's
+network at a size. Perplexity on any of them is :func:`ppn_bayes.backbone.perplexity.perplexity`;
+zero-shot tasks go through :func:`ppn_bayes.evaluation.lmeval.evaluate_tasks`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ppn_bayes.device import autocast_context
-from ppn_bayes.errors import ModelError
+from ppn_bayes.bayes.keepsets import keepset
+from ppn_bayes.errors import ConfigError, ModelError
+from ppn_bayes.export.resize import MANIFEST, SHAPES_KEY, load_resized
+from ppn_bayes.hub.zoo import load_model, resolve_model
 from ppn_bayes.schema import AnyValue, List, Num, Obj, Opt, Str, load_json
-
-
-def _model_device(model: Any) -> torch.device:
-    params = getattr(model, "parameters", None)
-    if callable(params):
-        for p in params():
-            return p.device
-    return torch.device("cpu")
-
-
-def _logits(output: Any) -> torch.Tensor:
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, torch.Tensor):
-        logits = output
-    if logits is None and isinstance(output, (tuple, list)) and output:
-        logits = output[0]
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
-        raise TypeError(f"model output has no [batch, seq, vocab] logits (got {type(output).__name__})")
-    return logits
-
-
-def block_nll(model: Callable[..., Any], input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL of each block: a float64 tensor ``[B]``."""
-    logits = _logits(model(input_ids))[:, :-1].float()
-    targets = input_ids[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return nll.view(targets.shape).double().sum(dim=1)
-
-
-def perplexity(
-    model: Callable[..., Any],
-    blocks: torch.Tensor,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = False,
-) -> dict[str, float | int]:
-    """Perplexity of ``model`` on ``blocks [N, T]``: ``{"perplexity", "nll", "tokens", "blocks"}``.
-
-    ``device`` defaults to the model's; ``autocast_dtype`` (e.g. ``torch.bfloat16``) enables autocast
-    on CUDA only.  A module is put in eval mode for the pass and restored afterwards, so calling this
-    mid-training does not leave dropout switched off.
-    """
-    if blocks.ndim != 2 or blocks.shape[1] < 2 or blocks.shape[0] == 0:
-        raise ValueError(f"blocks must be a non-empty [N, T>=2] tensor, got shape {tuple(blocks.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device) if device is not None else _model_device(model)
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
-    total = 0.0
-    starts = range(0, blocks.shape[0], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="perplexity", unit="batch", leave=False)
-    try:
-        with torch.inference_mode(), autocast_context(device, autocast_dtype):
-            for start in starts:
-                batch = blocks[start:start + batch_size].to(device, non_blocking=True)
-                total += float(block_nll(model, batch).sum())
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
-    tokens = blocks.shape[0] * (blocks.shape[1] - 1)
-    nll = total / tokens
-    ppl = math.exp(nll) if nll < 700 else float("inf")
-    return {"perplexity": ppl, "nll": nll, "tokens": int(tokens), "blocks": int(blocks.shape[0])}
-
+from ppn_bayes.training.rundir import open_run
 
 # ------------------------------------------------------------------------------------ eval targets
 #
@@ -141,7 +61,6 @@ RESIZE_FACTS = Obj(optional={
 
 def _resize_facts(path: Path) -> dict[str, Any]:
     """What a ``ppn resize`` export says about itself (``ppn-resize.json``), or ``{}`` for other dirs."""
-    from ppn_bayes.export.resize import MANIFEST
 
     manifest = path / MANIFEST
     if not manifest.is_file():
@@ -166,7 +85,6 @@ def load_model_target(name: str, device: str | torch.device = "cpu", trust_remot
     be built by ``AutoModelForCausalLM`` and goes through :func:`ppn_bayes.export.resize.load_resized`;
     every other directory, exports of the standard form included, loads as an ordinary checkpoint.
     """
-    from ppn_bayes.hub.zoo import load_model, resolve_model
 
     path = resolve_model(name, trust_remote_code=trust_remote_code)
     facts = _resize_facts(path)
@@ -179,7 +97,6 @@ def load_model_target(name: str, device: str | torch.device = "cpu", trust_remot
 
 
 def _has_layer_shapes(path: Path) -> bool:
-    from ppn_bayes.export.resize import SHAPES_KEY
 
     config = path / "config.json"
     try:
@@ -190,9 +107,6 @@ def _has_layer_shapes(path: Path) -> bool:
 
 def _load_shaped_export(path: Path, device: str | torch.device) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
-
-    from ppn_bayes.errors import ModelError
-    from ppn_bayes.export.resize import load_resized
 
     model = load_resized(path, device=device)
     try:
@@ -211,17 +125,15 @@ def load_run_target(run: Any, size: float | None = None, quantile: float = 0.5, 
     0/1 masks times the push's amplitude corrections at the keep-set's ``lambda*``. The keep-set is
     solved from the posterior *before* the model is loaded, so an impossible size fails in a second.
     """
-    from ppn_bayes.errors import ConfigError
-    from ppn_bayes.run import load_run
 
     if dense == (size is not None):
         raise ConfigError("give a run either a size (--size S, a fraction in (0, 1]) or --dense, not "
                           f"{'both' if dense else 'neither'}")
-    run = load_run(run)
+    run = open_run(run)
     info: dict[str, Any] = {"target": "run", "run": str(run.path), "base": run.manifest.get("base", {}).get("name")}
     result = None
     if not dense:
-        result = run.keepset(size=size, quantile=quantile, num_draws=num_draws, seed=seed)
+        result = keepset(run.posterior, size=size, quantile=quantile, num_draws=num_draws, seed=seed)
         info.update(size=float(size), achieved_size=float(result.achieved_size), quantile=float(quantile),
                     keep=keep_summary(run.inventory, result.keep), **{"lambda": float(result.lam)})
     else:

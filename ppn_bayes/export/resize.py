@@ -717,7 +717,7 @@ def run_weights(run) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
     (:mod:`ppn_bayes.training.lora`); :func:`resize` takes ``{module: {"A", "B", "scale"}}`` with
     ``scale = alpha / rank`` from the run's recipe, as :meth:`ppn_bayes.run.Run.load_model` merges them.
     """
-    from ppn_bayes.run import ADAPTER, WEIGHTS, check_adapter_header, load_run_tensors
+    from ppn_bayes.training.rundir import ADAPTER, WEIGHTS, check_adapter_header, load_run_tensors
 
     mode = run.recipe.train.weights
     if mode == "full":

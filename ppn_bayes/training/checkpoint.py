@@ -4,7 +4,7 @@
 memory, one tensor at a time) the posterior files, the trained weights
 (``weights.safetensors`` or ``adapter.safetensors``) and the checkpoint (tensors, RNG states,
 optimizer state, trainer counters; written next to the current one and swapped in, see
-:func:`ppn_bayes.run.save_checkpoint`). :func:`restore` loads a checkpoint back into a session on
+:func:`ppn_bayes.training.rundir.save_checkpoint`). :func:`restore` loads a checkpoint back into a session on
 every rank. The file formats are :mod:`ppn_bayes.run`'s; this module maps a session onto them.
 """
 
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ppn_bayes import run as rundir
 from ppn_bayes.config import dump_recipe
 from ppn_bayes.errors import RunError
 from ppn_bayes.schema import check_shapes
+from ppn_bayes.training import rundir
 from ppn_bayes.training.distributed import barrier, gather_to_host, is_sharded, shard_like
 
 if TYPE_CHECKING:

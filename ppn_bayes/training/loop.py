@@ -40,10 +40,10 @@ import pyro
 import torch
 import torch.distributed as dist
 
-from ppn_bayes import run as rundir
 from ppn_bayes.config import Recipe, apply_overrides, load_recipe, recipe_from_dict
 from ppn_bayes.device import synchronize
 from ppn_bayes.errors import ConfigError, NumericalError, RunError
+from ppn_bayes.training import rundir
 from ppn_bayes.training.build import build, group_hparams
 from ppn_bayes.training.checkpoint import restore, save
 from ppn_bayes.training.distributed import (
@@ -329,8 +329,8 @@ def _manifest_start(s: Session) -> None:
 
 def fit(recipe: Recipe | str | os.PathLike | None = None, out: str | os.PathLike | None = None,
         resume: bool = False, progress: bool = True, overrides: list[str] | None = None,
-        callbacks: list[Callable[[Session, int], None]] | None = None) -> rundir.Run:
-    """Train a push puppet network from a recipe and return the finished :class:`~ppn_bayes.run.Run`.
+        callbacks: list[Callable[[Session, int], None]] | None = None) -> rundir.RunDir:
+    """Train a push puppet network from a recipe and return the finished run directory (:class:`~ppn_bayes.training.rundir.RunDir`; :func:`ppn_bayes.run.fit` returns it as a :class:`~ppn_bayes.run.Run`).
 
     ``recipe``: a :class:`Recipe`, a YAML path, or ``None`` to resume ``out`` from its snapshot.
     ``out``: the run directory (default ``runs/<recipe name>``). ``resume``: continue from the last
@@ -403,9 +403,9 @@ def _discard_unstarted(run_dir: Path, err: BaseException, existed: bool) -> None
 
 
 def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, resume: bool, progress: bool,
-         callbacks: list) -> rundir.Run:
+         callbacks: list) -> rundir.RunDir:
     if resume and _already_finished(run_dir, total_steps(r.train)):
-        return rundir.load_run(run_dir)
+        return rundir.open_run(run_dir)
     # The checkpoint is read and validated before the model loads, and restored (its shapes checked
     # against the session) before the run directory is touched: a damaged checkpoint changes nothing.
     ckpt_dir = rundir.find_checkpoint(run_dir) if resume else None
@@ -462,7 +462,7 @@ def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, 
     if s.main:
         rundir.update_manifest(run_dir, status="finished", steps_done=total, error=None, final_eval=True)
     barrier(s)
-    return rundir.load_run(run_dir)
+    return rundir.open_run(run_dir)
 
 
 def _already_finished(run_dir: Path, steps: int) -> bool:

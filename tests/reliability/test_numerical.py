@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ppn_bayes import run as rundir
 from ppn_bayes.config import recipe_from_dict
 from ppn_bayes.errors import NumericalError
-from ppn_bayes.training.loop import fit
+from ppn_bayes.run import fit
+from ppn_bayes.training import rundir
 
 POISON_AT = 3  # 0-based index of the step that goes wrong, i.e. step 4; checkpoints every 2 steps
 

@@ -174,7 +174,7 @@ def test_disk_full_after_a_checkpoint_leaves_a_resumable_run(own_run, text_corpu
                                                              monkeypatch):
     """Once a checkpoint exists the run is kept (marked failed); a plain rerun says to resume, and
     ``--resume`` finishes it."""
-    import ppn_bayes.run as rundir
+    from ppn_bayes.training import rundir
 
     recipe = write(inputs / "four.yaml", recipe_text(own_run.parent / "base", text_corpus).replace(
         "steps: 2", "steps: 4\n  checkpoint_every: 2"))

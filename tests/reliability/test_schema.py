@@ -109,7 +109,7 @@ def test_posterior_tensors(file, edit, needles, run, work, capsys):
 def other_run(tiny_llama_dir, text_corpus, tmp_path_factory) -> Path:
     """A run of the same base with another unit inventory (group size 32, not 16)."""
     from ppn_bayes.config import recipe_from_dict
-    from ppn_bayes.training.loop import fit
+    from ppn_bayes.run import fit
 
     return fit(recipe_from_dict({"model": {"name": str(tiny_llama_dir)}, "units": {"group_size": 32},
                                  "data": {"corpus": str(text_corpus), "block_size": 32, "val_blocks": 1},
@@ -305,7 +305,7 @@ def test_intact_run_still_passes(run, capsys):
 @pytest.fixture(scope="module")
 def lora_run(tiny_llama_dir, text_corpus, tmp_path_factory) -> Path:
     from ppn_bayes.config import recipe_from_dict
-    from ppn_bayes.training.loop import fit
+    from ppn_bayes.run import fit
 
     recipe = recipe_from_dict({"model": {"name": str(tiny_llama_dir)}, "units": {"group_size": 16},
                                "data": {"corpus": str(text_corpus), "block_size": 32, "val_blocks": 1},

@@ -25,11 +25,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ppn_bayes.data.corpus import CHAPTER_HEADING
 from ppn_bayes.errors import ConfigError, DataError
+
+
+@dataclass
+class ChoiceExample:
+    """One multiple-choice example in token ids: ``context``, candidate ``choices``, correct ``label``."""
+
+    context: list[int]
+    choices: list[list[int]]
+    label: int
 
 CALIBRATION_SEED = "ppn-gisp-calibration-v1"
 CALIBRATION_DATA = "bundled"
@@ -127,14 +137,12 @@ def overlap_with_task(items: Sequence[dict[str, Any]], task_file: str | Path | N
 
 
 def to_examples(items: Sequence[dict[str, Any]], tokenizer: Any, max_length: int | None = None) -> list:
-    """Token-id :class:`~ppn_bayes.baselines.gisp.ChoiceExample` s, tokenized as lm-eval scores them.
+    """Token-id :class:`ChoiceExample` s, tokenized as lm-eval scores them.
 
     As lm-eval's ``multiple_choice`` with ``target_delimiter: " "``: a candidate's tokens are those
     of ``context + " " + choice`` after the context's own tokens, no special tokens. ``max_length``
     (the model's context): contexts are cut from the left so that the longest candidate fits.
     """
-    from ppn_bayes.baselines.gisp import ChoiceExample
-
     def enc(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
