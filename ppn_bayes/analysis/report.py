@@ -44,7 +44,8 @@ from typing import Any
 
 import torch
 
-from ppn_bayes.bayes.keepsets import KeepsetResult, KeepsetSolver, check_quantile, parse_target
+from ppn_bayes.bayes.keepsets import KeepsetResult, KeepsetSolver, check_quantile
+from ppn_bayes.bayes.unit_table import parse_target
 from ppn_bayes.errors import OutputError
 from ppn_bayes.files import (
     atomic_write_bytes,
