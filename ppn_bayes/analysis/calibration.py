@@ -48,6 +48,7 @@ re-analysis), and the run's ``manifest.json`` records how (``calibration``).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -60,13 +61,17 @@ import numpy as np
 import pyro
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ppn_bayes.analysis.information_match import information_match
+from ppn_bayes.bayes.guides import guide_marginals
 from ppn_bayes.bayes.model import PPNModel, sequence_nll
 from ppn_bayes.bayes.posterior import FILES as POSTERIOR_FILES
 from ppn_bayes.bayes.posterior import Posterior, save_posterior
+from ppn_bayes.config import recipe_from_dict
 from ppn_bayes.data.corpus import block_units
 from ppn_bayes.errors import ConfigError, DataError, RunError
+from ppn_bayes.files import atomic_save_tensors, writer_lock
 
 METHOD = "information matching, k / tr(J^-1 I) over chapters, Gauss-Newton curvature"
 GRADIENTS = "calibration.safetensors"
@@ -222,9 +227,7 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
     starts from the posterior the run was trained with."""
     if beta is not None and not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ConfigError(f"--beta must be a finite number > 0, got {beta}")
-    from ppn_bayes import run as rundir
-    from ppn_bayes.config import recipe_from_dict
-    from ppn_bayes.files import writer_lock
+    from ppn_bayes import run as rundir  # run.py -> training/rundir.py (lead)
 
     run_dir = Path(run_dir)
     with writer_lock(run_dir, "ppn calibrate"):
@@ -309,8 +312,6 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
 def _estimate(run_dir: Path, ppn: PPNModel, post: Posterior, blocks: torch.Tensor, rows: torch.Tensor,
               sizes: torch.Tensor, c, device: str, progress: bool) -> dict[str, Any]:
     """The gradient pass and :func:`information_match`: ``beta`` and the manifest's ``details``."""
-    from ppn_bayes.files import atomic_save_tensors
-
     tic = time.perf_counter()
     scores = post.median_scores()
     draws = price_draws(post.push.config.rate, c.draws, c.seed)
@@ -337,21 +338,13 @@ def _estimate(run_dir: Path, ppn: PPNModel, post: Posterior, blocks: torch.Tenso
 def _bar(enabled: bool, total: int, desc: str, unit: str):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
 
 def _guide_sds(guide) -> torch.Tensor:
-    from ppn_bayes.bayes.guides import guide_marginals
-
     return guide_marginals(guide)[1].cpu().clamp_min(1e-30)
 
 
 def _guide_cfg(source: Path):
     """The guide configuration recorded in ``source/posterior.json`` (already validated on load)."""
-    import json
-
-    from ppn_bayes.config import recipe_from_dict
-
     return recipe_from_dict({"guide": json.loads((source / "posterior.json").read_text())["guide"]}).guide

@@ -24,6 +24,7 @@ import torch
 from ppn_bayes.backbone.units import KeepSet, UnitInventory
 from ppn_bayes.bayes.exit_order import drop_empty_layers, exit_coordinates, fill, quantile_rows, unit_order
 from ppn_bayes.bayes.lambda_star import solve_lambda
+from ppn_bayes.bayes.posterior import Posterior
 from ppn_bayes.bayes.unit_table import KIND_ORDER, Target, UnitTable, parse_target
 from ppn_bayes.config import check_seed
 from ppn_bayes.errors import ConfigError, SizeError
@@ -247,8 +248,6 @@ def boundary_units(table: UnitTable, pi: torch.Tensor, keep_row: torch.Tensor, l
 
 def _as_posterior(obj):
     """Accept a Posterior, a Run (anything with ``.posterior``) or a run directory path."""
-    from ppn_bayes.bayes.posterior import Posterior
-
     if isinstance(obj, (str, Path)):
         return Posterior.from_dir(obj)
     if hasattr(obj, "posterior") and not hasattr(obj, "draws"):
