@@ -50,8 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ppn_bayes.analysis import calibration_checks as cc
-from ppn_bayes.bayes.keepsets import KIND_ORDER, KeepsetSolver, UnitTable
+from ppn_bayes.bayes.keepsets import KeepsetSolver
 from ppn_bayes.bayes.posterior import Posterior
+from ppn_bayes.bayes.unit_table import KIND_ORDER, UnitTable
 from ppn_bayes.files import atomic_write_bytes
 
 DEMO = ROOT / "inference" / "smollm2-demo.yaml"

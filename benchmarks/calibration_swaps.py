@@ -17,7 +17,7 @@ only gated kind (a layer with gated heads and groups brings or takes them along,
 them). Swaps that fail these rules are skipped and counted.
 
 **The forecast.** In posterior draw ``k`` each unit has an exit price ``e_u^k``: the price at which
-the push drops it, ``tau^{-1}(a_u^k)`` (``keepsets.exit_coordinates``; the keep-set rule keeps the
+the push drops it, ``tau^{-1}(a_u^k)`` (``exit_order.exit_coordinates``; the keep-set rule keeps the
 units with the highest exit prices that fit). For layers it is the nested price the keep-set rule
 uses; for heads and groups the unit's *own* price, its layer ignored: a swap happens inside kept
 layers, so a draw in which the layer would leave first (and the two nested prices tie at the
@@ -56,7 +56,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.calibration_refits import keep_row, parse_sizes, refit, tiny_setup
 from ppn_bayes.analysis import calibration_checks as cc
-from ppn_bayes.bayes.keepsets import KIND_ORDER, KeepsetSolver, exit_coordinates
+from ppn_bayes.bayes.exit_order import exit_coordinates
+from ppn_bayes.bayes.keepsets import KeepsetSolver
+from ppn_bayes.bayes.unit_table import KIND_ORDER
 from ppn_bayes.files import atomic_write_bytes
 
 SIZES = (0.3, 0.4, 0.5, 0.6, 0.7)

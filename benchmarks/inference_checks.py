@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ppn_bayes.backbone.gated import gate
-from ppn_bayes.bayes.diagnostics import fit_svi, layer_score_draws, nuts_check, psis_khat
 from ppn_bayes.bayes.model import PPNModel
+from ppn_bayes.bayes.nuts_check import fit_svi, layer_score_draws, nuts_check
+from ppn_bayes.bayes.psis import psis_khat
 from ppn_bayes.config import PriorConfig, PushConfig
 from ppn_bayes.files import atomic_write_bytes
 from tests.synthetic import NUTS_CHECK, RECOVERY, sample_sequences, synthetic_stack

@@ -32,7 +32,8 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule
 
-from ppn_bayes.analysis.calibration import BACKUP, information_match, rederive_guide
+from ppn_bayes.analysis.calibration import BACKUP, rederive_guide
+from ppn_bayes.analysis.information_match import information_match
 from ppn_bayes.cli import main
 from ppn_bayes.errors import RunError
 

@@ -14,10 +14,7 @@ import torch
 from ppn_bayes.backbone.gated import gate
 from ppn_bayes.bayes.diagnostics import (
     convergence,
-    khat_reading,
     load_netcdf,
-    nuts_check,
-    psis_khat,
     samples_to_inference_data,
     save_netcdf,
     summary,
@@ -25,7 +22,9 @@ from ppn_bayes.bayes.diagnostics import (
 )
 from ppn_bayes.bayes.guides import make_guide
 from ppn_bayes.bayes.model import PPNModel
+from ppn_bayes.bayes.nuts_check import nuts_check
 from ppn_bayes.bayes.posterior import Posterior, save_posterior
+from ppn_bayes.bayes.psis import khat_reading, psis_khat
 from ppn_bayes.config import GuideConfig, PriorConfig, PushConfig
 from ppn_bayes.errors import ConfigError
 from tests.tiny_models import VOCAB, tiny_model
@@ -196,7 +195,7 @@ def test_price_quadrature_integrates_the_price_law():
     """Independent reference: the price law's closed-form moments, E[lambda] = (1 - p) / rate,
     E[lambda^2] = 2 (1 - p) / rate^2, E[exp(-lambda)] = p + (1 - p) rate / (rate + 1). Gauss-Laguerre
     with n nodes is exact for polynomials of degree < 2n; a smooth exponential e^(-lambda) = e^(-x / rate) to 1e-6 at n = 16 (measured 4e-7)."""
-    from ppn_bayes.bayes.diagnostics import price_quadrature
+    from ppn_bayes.bayes.psis import price_quadrature
 
     cfg = PushConfig(rate=0.3, p_dense=1 / 3)
     lams, w = price_quadrature(cfg, 16)
@@ -216,7 +215,7 @@ def test_fitted_log_weights_are_the_price_averaged_elbo_terms(ppn):
     Tolerance 1e-6 relative (the reference sums in float32, the weights in float64)."""
     import dataclasses
 
-    from ppn_bayes.bayes.diagnostics import fitted_log_weights, price_quadrature
+    from ppn_bayes.bayes.psis import fitted_log_weights, price_quadrature
     from ppn_bayes.training.session import elbo_terms
 
     model, guide, _ = ppn
@@ -249,7 +248,7 @@ def test_fitted_log_weights_with_sampled_masks_are_smooth_and_deterministic(ppn)
     Power: the same perturbation of 1.0 moves them by more than 1e-3. Same seed, same weights."""
     import copy
 
-    from ppn_bayes.bayes.diagnostics import fitted_log_weights
+    from ppn_bayes.bayes.psis import fitted_log_weights
 
     model, guide, _ = ppn
     assert model.push.config.mask == "sample"
@@ -279,7 +278,7 @@ def test_log_weights_carry_the_jacobian_of_the_positive_latents():
     the estimate has finite variance; tolerance 0.15 = 3 x its standard error sqrt((1 / ESS - 1) / n)
     at the measured IS-ESS of 0.3. Power: the same draws without the guide's Jacobian terms miss 0
     by more than 0.5."""
-    from ppn_bayes.bayes.diagnostics import khat_of
+    from ppn_bayes.bayes.psis import khat_of
 
     hf = tiny_model("llama", seed=0, num_hidden_layers=2)
     g = gate(hf, kinds=("layers",))
@@ -330,7 +329,8 @@ def test_fitted_khat_reads_a_converged_guide_ok_and_the_same_guide_narrowed_10x_
     (log s, e) that a product of Normals cannot follow), and a low-rank guide after 500 instead of
     800 steps still reads 1.2: k-hat measures convergence too. Fixed seeds; measured ~0.3 (fitted)
     and ~1 (narrowed)."""
-    from ppn_bayes.bayes.diagnostics import fit_svi, psis_khat_fitted
+    from ppn_bayes.bayes.nuts_check import fit_svi
+    from ppn_bayes.bayes.psis import psis_khat_fitted
     from tests.synthetic import NUTS_CHECK, sample_sequences, synthetic_stack
 
     importance, targets = NUTS_CHECK

@@ -158,7 +158,7 @@ def test_bad_distillation_keys_are_one_line_errors(tiny_llama_dir, corpus, key, 
 
 
 def test_sandwich_draws_dense_smallest_and_random_prices_into_one_optimizer_step(tiny_llama_dir, corpus, tmp_path):
-    from ppn_bayes.bayes.keepsets import expected_cost
+    from ppn_bayes.bayes.lambda_star import expected_cost
     from ppn_bayes.training.heldout import median_scores
 
     r = tiny_recipe(tiny_llama_dir, corpus, weights="lora", sandwich=True, sandwich_min_size=0.5,

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from scipy import stats
 
 from ppn_bayes.backbone.gated import gate
-from ppn_bayes.bayes.diagnostics import fit_svi, layer_score_draws, nuts_check
 from ppn_bayes.bayes.model import PPNModel
+from ppn_bayes.bayes.nuts_check import fit_svi, layer_score_draws, nuts_check
 from ppn_bayes.config import PriorConfig, PushConfig
 from tests.synthetic import NUTS_CHECK, RECOVERY, sample_sequences, synthetic_stack
 

@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from ppn_bayes.backbone.units import KeepSet
-from ppn_bayes.bayes.keepsets import (
-    KeepsetSolver,
-    UnitTable,
-    exit_coordinates,
-    fill,
-    keepset,
-    keepsets,
-    parse_target,
-    quantile_rows,
-    x_to_lambda,
-)
+from ppn_bayes.bayes.exit_order import exit_coordinates, fill, quantile_rows
+from ppn_bayes.bayes.keepsets import KeepsetSolver, keepset, keepsets
+from ppn_bayes.bayes.lambda_star import x_to_lambda
+from ppn_bayes.bayes.unit_table import UnitTable, parse_target
 from ppn_bayes.errors import ConfigError, SizeError
 from tests.posterior_fixtures import StubPosterior, make_run_dir, small_inventory
 
@@ -190,9 +183,9 @@ def test_quantile_property(solver):
         keys_lo = solver.priority(0.1)
         assert torch.all(keys_lo <= solver.priority(0.5))
         sure = (keys_lo > hi.cut_key).unsqueeze(0)
-        from ppn_bayes.bayes.keepsets import _drop_empty_layers
+        from ppn_bayes.bayes.exit_order import drop_empty_layers
 
-        sure_units = _units(table.keepset(_drop_empty_layers(table, sure)[0]))
+        sure_units = _units(table.keepset(drop_empty_layers(table, sure)[0]))
         assert sure_units <= _units(lo.keep)
 
 
@@ -253,7 +246,7 @@ def test_quantile_rows_matches_torch_and_is_monotone_to_the_ulp():
 
 def test_exit_coordinates_unnested_are_each_units_own(solver):
     """``nested=False`` gives every unit its own exit price; nesting is then the minimum with its layer's."""
-    from ppn_bayes.bayes.keepsets import exit_coordinates
+    from ppn_bayes.bayes.exit_order import exit_coordinates
 
     own = exit_coordinates(solver.posterior, solver.table, solver.scores, nested=False)
     t = solver.table

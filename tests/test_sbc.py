@@ -27,8 +27,8 @@ import torch
 from scipy import stats
 
 from ppn_bayes.backbone.gated import gate
-from ppn_bayes.bayes.diagnostics import fit_svi
 from ppn_bayes.bayes.model import PPNModel
+from ppn_bayes.bayes.nuts_check import fit_svi
 from ppn_bayes.config import PriorConfig, PushConfig
 from tests.synthetic import synthetic_stack
 

@@ -5,7 +5,7 @@ and heads the push removes first (the priority order every keep-set is a prefix 
 decisions the posterior is unsure about (boundary units per size, probability that a posterior draw
 gives the reported keep-set); a per-size table (lambda*, achieved vs requested size in params and
 FLOPs); optionally the held-out loss of each keep-set with a credible band; the arviz summary and
-PSIS k-hat when :mod:`ppn_bayes.bayes.diagnostics` is available; plots.
+PSIS k-hat when :mod:`ppn_bayes.bayes.diagnostics` and :mod:`ppn_bayes.bayes.psis` are available; plots.
 
 **Saying how sure it is, truthfully** (issue 12). The inclusion probabilities pi are shares of
 posterior draws, so they mean "the chance another fit keeps the unit" only if the posterior's width
@@ -48,7 +48,9 @@ from ppn_bayes.analysis import plots
 from ppn_bayes.analysis.uncertainty import evaluate_keepset, run_test_blocks
 from ppn_bayes.bayes import diagnostics as diag
 from ppn_bayes.bayes.guides import convergence_warning, guide_convergence
-from ppn_bayes.bayes.keepsets import KeepsetResult, KeepsetSolver, check_quantile, parse_target
+from ppn_bayes.bayes.keepsets import KeepsetResult, KeepsetSolver, check_quantile
+from ppn_bayes.bayes.psis import khat_reading
+from ppn_bayes.bayes.unit_table import parse_target
 from ppn_bayes.errors import ConfigError, OutputError, RunError
 from ppn_bayes.files import (
     atomic_write_bytes,
@@ -132,12 +134,12 @@ def _diagnostics(posterior, num_draws: int, seed: int, out: Path, manifest: dict
     psis = manifest.get("psis") or next((m for m in reversed(metrics) if "khat" in m), None)
     if psis and psis.get("khat") is not None:
         k = float(psis["khat"])
-        reading = diag.khat_reading(k)
+        reading = khat_reading(k)
         lines.append(f"PSIS k-hat of the variational approximation: **{k:.3f}** ({reading}; k < 0.5 good, "
                      "0.5-0.7 questionable, > 0.7 bad).")
     else:
         lines.append("PSIS k-hat: not recorded by this run (it needs the model and a held-out batch: "
-                     "`ppn_bayes.bayes.diagnostics.psis_khat`, see notebooks/02_posterior_diagnostics.ipynb).")
+                     "`ppn_bayes.bayes.psis.psis_khat`, see notebooks/02_posterior_diagnostics.ipynb).")
     return lines, nc
 
 

@@ -47,6 +47,7 @@ from ppn_bayes.baselines import (
 )
 from ppn_bayes.baselines.gisp import loss_closures, taylor_importance
 from ppn_bayes.baselines.shortgpt import block_influence
+from ppn_bayes.bayes.prior import centred_log_norms
 from ppn_bayes.errors import ConfigError
 
 ANCHORS = ("norm", "data")
@@ -98,8 +99,6 @@ def anchor_order(anchors: dict[str, torch.Tensor]) -> list[tuple[str, object]]:
     """Removal order (first to go first) of the anchor alone: the score prior's centre ``z_u`` with
     every offset 0 and one threshold for all kinds, nested like the push (a child leaves no later
     than its layer: key ``min(z_child, z_layer)``; on ties the layer goes first, taking its children)."""
-    from ppn_bayes.bayes.prior import centred_log_norms
-
     z = centred_log_norms(anchors)
     keyed: list[tuple[float, int, tuple, tuple[str, object]]] = []
     lay = z.get("layers")

@@ -2,32 +2,13 @@
 
 Reads only the run's small posterior files (:class:`~ppn_bayes.bayes.posterior.Posterior`), never the model.
 
-**Target.** A size is asked for in one currency: a fraction of decoder parameters (``size``), a
-decoder parameter count (``params``), a number of layers (``layers``) or a FLOPs-per-token budget
-(``flops``: a fraction when <= 1, else FLOPs per token). Embeddings and the LM head are never pruned
-and are not part of the budget.
-
-**lambda\\*.** The push's expected kept cost ``E_posterior[sum_u cost_u * rho_u(lambda)]`` (nested
-``rho``) falls monotonically as the price grows (thresholds are non-decreasing in lambda), so
-``lambda*`` is found by bisection on ``x = lambda / (1 + lambda)`` in ``[0, 1]``.
-
-**Order (why keep-sets nest).** Ranking by a quantile of ``a_u - tau_l(lambda*)`` at each size's own
-``lambda*`` would give a different order per size (``tau_l`` differs per layer, so curves cross) and
-keep-sets would not nest. Instead each unit gets its *exit price*: in posterior draw ``k`` the push
-keeps unit ``u`` at price ``x`` iff ``a_u^k > tau_l(x)`` (and its layer is kept), so it leaves at
-``x_u^k = tau_l^{-1}(a_u^k)``, nested as ``min(own, layer's)``. The unit's priority is the
-``q``-quantile of ``x_u^k`` over joint draws. Because ``tau`` does not depend on the draw, *at every
-price at once* the units whose ``q``-quantile margin ``Q_q(a_u - tau_l(x))`` is positive are exactly
-those with priority above ``x``: one global order agrees with the brief's per-``lambda*`` ranking on
-which side of zero every unit is, for every ``lambda*``. Beyond the spline's range the exit
-coordinate continues with the margin itself (``x < 0``: ``a - tau(0)``; ``x > 1``: ``1 + a - tau(1)``),
-so the key is continuous and strictly increasing in the score.
-
-**Fill.** The keep-set is the longest prefix of that order whose *exact* cost
-(:meth:`UnitInventory.kept_cost`: a layer's own cost when it enters, a GQA KV head once with its
-first query head) fits the budget; layers left with no head and no channel group are dropped. A
-prefix of one order is nested across budgets and currencies by construction and never exceeds the
-budget. See ``docs/keepsets.md`` for the quantile property.
+The steps live in their own modules: :mod:`~ppn_bayes.bayes.unit_table` (the target and every
+unit's exact cost), :mod:`~ppn_bayes.bayes.lambda_star` (the price that meets it in expectation) and
+:mod:`~ppn_bayes.bayes.exit_order` (why keep-sets nest: one priority order of exit prices, filled to
+the budget). This module ties them together in :class:`KeepsetSolver`: one set of joint posterior
+draws, hence one order per quantile and nested keep-sets at every size, each with its inclusion
+probabilities (the share of draws whose own keep-set, filled by the same rule, keeps the unit) and the
+units whose decision is uncertain. See ``docs/keepsets.md`` for the quantile property.
 """
 
 from __future__ import annotations
@@ -41,378 +22,15 @@ from typing import Any
 import torch
 
 from ppn_bayes.backbone.units import KeepSet, UnitInventory
+from ppn_bayes.bayes.exit_order import drop_empty_layers, exit_coordinates, fill, quantile_rows, unit_order
+from ppn_bayes.bayes.lambda_star import solve_lambda
+from ppn_bayes.bayes.posterior import Posterior
+from ppn_bayes.bayes.unit_table import KIND_ORDER, Target, UnitTable, parse_target
 from ppn_bayes.config import check_seed
 from ppn_bayes.errors import ConfigError, SizeError
 
-KIND_ORDER = ("layers", "heads", "groups")
-GRID = 4096  # spline grid for inverting tau_l(x); piecewise-linear error ~1e-7 in x
-X_MAX = 1.0 - 1e-9  # largest price the bisection reports: lambda ~ 1e9, beyond any trained price
 CHUNK = 64  # posterior draws filled at once (bounds memory for neuron-level inventories)
 MAX_DRAWS = 100_000  # posterior draws held at once: draws x units float32 scores (1e5 x 1e3 units = 400 MB)
-
-
-# ------------------------------------------------------------------------------------------ targets
-
-
-@dataclass(frozen=True)
-class Target:
-    """A requested size: ``kind`` as the user gave it, the ``currency`` it is measured in, the
-    absolute ``budget`` in that currency and the ``total`` (whole decoder) in it."""
-
-    kind: str  # size | params | layers | flops
-    value: float
-    currency: str  # params | flops | layers
-    budget: float
-    total: float
-
-    @property
-    def fraction(self) -> float:
-        return self.budget / self.total
-
-
-def parse_target(inventory: UnitInventory, size: float | None = None, params: float | None = None,
-                 layers: int | None = None, flops: float | None = None) -> Target:
-    """Validate exactly one target and convert it to an absolute budget (one-line SizeError otherwise)."""
-    given = {k: v for k, v in (("size", size), ("params", params), ("layers", layers), ("flops", flops))
-             if v is not None}
-    if len(given) != 1:
-        raise SizeError(f"give exactly one target (size, params, layers or flops), got {sorted(given) or 'none'}")
-    kind, value = next(iter(given.items()))
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise SizeError(f"{kind} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise SizeError(f"{kind} {value:g} is not a finite number; ask for a size such as --size 0.5")
-    if value <= 0:
-        raise SizeError(f"{kind} must be > 0, got {value:g}; ask for a positive size such as --size 0.5")
-    if kind == "size":
-        if value > 1:
-            raise SizeError(f"size {value:g} is a fraction of the decoder's parameters and must be in (0, 1]; "
-                            "use --params for a parameter count")
-        total = inventory.total_cost("params")
-        return Target(kind, value, "params", value * total, total)
-    if kind == "params":
-        total = inventory.total_cost("params")
-        if value > total:
-            raise SizeError(f"params {value:.0f} exceeds the decoder's {total:.0f} parameters "
-                            "(embeddings are not pruned); ask for at most that")
-        return Target(kind, value, "params", value, total)
-    if kind == "flops":
-        total = inventory.total_cost("flops")
-        budget = value * total if value <= 1 else value
-        if budget > total:
-            raise SizeError(f"flops {value:g} exceeds the decoder's {total:.0f} FLOPs per token; ask for at most "
-                            "that, or a fraction in (0, 1]")
-        return Target(kind, value, "flops", budget, total)
-    if "layers" not in inventory.kinds:
-        raise SizeError("this run does not gate whole layers, so a layer count cannot be met; "
-                        "ask for --size, --params or --flops")
-    L = inventory.num_layers
-    if value != int(value) or not 1 <= value <= L:
-        raise SizeError(f"layers must be a whole number between 1 and {L}, got {value:g}")
-    return Target(kind, value, "layers", float(int(value)), float(L))
-
-
-# -------------------------------------------------------------------------------------- unit table
-
-
-@dataclass
-class UnitTable:
-    """Every gated unit in one flat, canonical order (layers, then heads, then groups, row-major)
-    with its exact incremental costs; converts between flat ``[..., N]`` and per-kind tensors."""
-
-    inventory: UnitInventory
-    kinds: tuple[str, ...]
-    kind_id: torch.Tensor  # [N] index into KIND_ORDER
-    layer: torch.Tensor  # [N]
-    index: torch.Tensor  # [N] layer index, head index or group index
-    kv_id: torch.Tensor  # [N] global KV-head id of a head, -1 otherwise
-    base_cost: dict[str, torch.Tensor]  # currency -> [N] cost without the KV share
-    kv_cost: dict[str, float]  # currency -> K/V cost charged with a KV head's first query head
-    fixed_cost: dict[str, float]  # currency -> cost of what is never gated (ungated layers and their units)
-
-    @classmethod
-    def build(cls, inventory: UnitInventory) -> UnitTable:
-        inv, L = inventory, inventory.num_layers
-        H, G = inv.num_heads, inv.num_groups
-        kinds = tuple(k for k in KIND_ORDER if k in inv.kinds)
-        widths = {"layers": 1, "heads": H, "groups": G}
-        kid, lay, idx = [], [], []
-        for k in kinds:
-            w = widths[k]
-            kid.append(torch.full((L * w,), KIND_ORDER.index(k)))
-            lay.append(torch.arange(L).repeat_interleave(w))
-            idx.append(torch.arange(L) if k == "layers" else torch.arange(w).repeat(L))
-        kind_id, layer, index = torch.cat(kid), torch.cat(lay), torch.cat(idx)
-        is_head = kind_id == 1
-        kv_id = torch.where(is_head, layer * inv.dims.num_kv_heads + index // inv.dims.kv_group, -1)
-        base, kv = {}, {}
-        for cur in ("params", "flops"):
-            base[cur], kv[cur] = cls._costs(inv, kind_id, index, cur)
-        base["layers"] = (kind_id == 0).to(torch.float64)
-        kv["layers"] = 0.0
-        fixed = {cur: inv.kept_cost(KeepSet(), cur) for cur in ("params", "flops")}
-        fixed["layers"] = 0.0
-        return cls(inv, kinds, kind_id, layer, index, kv_id, base, kv, fixed)
-
-    @staticmethod
-    def _costs(inv: UnitInventory, kind_id: torch.Tensor, index: torch.Tensor, cur: str
-               ) -> tuple[torch.Tensor, float]:
-        """Exact incremental costs, measured with :meth:`UnitInventory.kept_cost` itself (so the two
-        can never disagree): a layer's own cost, a head's own q/o cost (+ the KV share on its group's
-        first head), a group's channels."""
-        c = inv.kept_cost
-        layer_own = c(KeepSet(layers=[0]), cur)
-        cost = torch.zeros(kind_id.shape[0], dtype=torch.float64)
-        cost[kind_id == 0] = layer_own
-        kv = 0.0
-        if "heads" in inv.kinds:
-            first = c(KeepSet(layers=[0], heads=[(0, 0)]), cur) - layer_own
-            if inv.dims.kv_group > 1:
-                own = c(KeepSet(layers=[0], heads=[(0, 0), (0, 1)]), cur) - layer_own - first
-            else:
-                own = first
-            kv = first - own
-            cost[kind_id == 1] = own
-        if "groups" in inv.kinds:
-            G = inv.num_groups
-            by_group = torch.empty(G, dtype=torch.float64)
-            for g in _distinct_groups(inv):  # group 0 stands for every full-width group
-                value = c(KeepSet(layers=[0], groups=[(0, g)]), cur) - layer_own
-                by_group[g:] = value
-            cost[kind_id == 2] = by_group[index[kind_id == 2]]
-        return cost, float(kv)
-
-    @property
-    def size(self) -> int:
-        return int(self.kind_id.shape[0])
-
-    def flatten(self, per_kind: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``{kind: [..., L(, W)]}`` -> ``[..., N]`` in the canonical order."""
-        L = self.inventory.num_layers
-        parts = []
-        for k in self.kinds:
-            v = per_kind[k]
-            lead = v.shape[: v.ndim - (1 if k == "layers" else 2)]
-            parts.append(v.reshape(*lead, -1) if k != "layers" else v.reshape(*lead, L))
-        return torch.cat(parts, dim=-1)
-
-    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``[..., N]`` -> ``{kind: [..., L(, W)]}``."""
-        inv = self.inventory
-        widths = {"layers": 1, "heads": inv.num_heads, "groups": inv.num_groups}
-        out, start = {}, 0
-        for k in self.kinds:
-            n = inv.num_layers * widths[k]
-            v = flat[..., start:start + n]
-            out[k] = v if k == "layers" else v.reshape(*flat.shape[:-1], inv.num_layers, widths[k])
-            start += n
-        return out
-
-    def keepset(self, keep: torch.Tensor) -> KeepSet:
-        """A ``[N]`` boolean row -> the canonical :class:`KeepSet` (ungated kinds filled in)."""
-        sel = keep.nonzero().flatten()
-        k, l, i = self.kind_id[sel].tolist(), self.layer[sel].tolist(), self.index[sel].tolist()
-        ks = KeepSet(layers=[li for kk, li in zip(k, l) if kk == 0],
-                     heads=[(li, ii) for kk, li, ii in zip(k, l, i) if kk == 1],
-                     groups=[(li, ii) for kk, li, ii in zip(k, l, i) if kk == 2])
-        return self.inventory.complete(ks)
-
-    def unit_name(self, u: int) -> str:
-        k, l, i = int(self.kind_id[u]), int(self.layer[u]), int(self.index[u])
-        return f"layer {l}" if k == 0 else (f"head {l}.{i}" if k == 1 else f"group {l}.{i}")
-
-
-def _distinct_groups(inv: UnitInventory) -> list[int]:
-    """Group 0 and, when the last group is narrower, the last one (all others equal group 0)."""
-    G = inv.num_groups
-    sizes = inv.group_sizes()
-    return [0] if G == 1 or int(sizes[-1]) == int(sizes[0]) else [0, G - 1]
-
-
-# ---------------------------------------------------------------------------------------- ordering
-
-
-def _invert(tau: torch.Tensor, xs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Exit coordinates of scores ``a [R, n]`` against increasing grids ``tau [R, M]`` at ``xs [M]``.
-
-    Inside the spline's range: the ``x`` where ``tau(x) = a`` (linear between grid points); below
-    ``tau(0)``: ``a - tau(0)`` (< 0); above ``tau(1)``: ``1 + a - tau(1)`` (> 1). Continuous and
-    strictly increasing in ``a``.
-    """
-    tau, a = tau.double().contiguous(), a.double().contiguous()
-    M = tau.shape[1]
-    j = torch.searchsorted(tau, a).clamp(1, M - 1)
-    t0, t1 = tau.gather(1, j - 1), tau.gather(1, j)
-    x0, x1 = xs[j - 1], xs[j]
-    frac = ((a - t0) / (t1 - t0).clamp_min(1e-300)).clamp(0.0, 1.0)
-    inside = x0 + frac * (x1 - x0)
-    lo, hi = tau[:, :1], tau[:, -1:]
-    return torch.where(a <= lo, a - lo, torch.where(a >= hi, 1.0 + (a - hi), inside))
-
-
-def threshold_grid(posterior, points: int = GRID) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``x`` grid ``[M]`` on [0, 1] and ``tau_{l,kind}(x)`` on it: ``{kind: [L, M]}``."""
-    xs = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
-    push = posterior.push
-    with torch.no_grad():
-        vals = push.threshold_values(xs).double()  # [M, kinds, L]
-    return xs, {k: vals[:, i, :].transpose(0, 1).contiguous() for i, k in enumerate(push.kinds)}
-
-
-def exit_coordinates(posterior, table: UnitTable, scores: dict[str, torch.Tensor], nested: bool = True
-                     ) -> torch.Tensor:
-    """Per-draw exit prices ``[K, N]`` (in ``x = lambda / (1 + lambda)`` units), nested through layers
-    (``nested=False``: each unit's own exit price, its layer ignored)."""
-    xs, tau = threshold_grid(posterior)
-    L = posterior.inventory.num_layers
-    out = {}
-    for k in table.kinds:
-        s = scores[k].double()
-        K = s.shape[0]
-        rows = s.reshape(K, L, -1).permute(1, 0, 2).reshape(L, -1)  # [L, K * width]
-        e = _invert(tau[k], xs, rows).reshape(L, K, -1).permute(1, 0, 2)  # [K, L, width]
-        out[k] = e[..., 0] if k == "layers" else e
-    if nested and "layers" in out:
-        for k in ("heads", "groups"):
-            if k in out:
-                out[k] = torch.minimum(out[k], out["layers"].unsqueeze(-1))
-    return table.flatten(out)
-
-
-def quantile_rows(x: torch.Tensor, q: float) -> torch.Tensor:
-    """The ``q``-quantile over dim 0 with linear interpolation (torch.quantile's rule, no size limit);
-    non-decreasing in ``q`` and in every entry."""
-    s = x.sort(dim=0).values
-    pos = q * (s.shape[0] - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, s.shape[0] - 1)
-    w = pos - lo
-    if w == 0.0:
-        return s[lo].clone()
-    # ``a + w (b - a)``, capped at ``b``, is non-decreasing in ``q`` even after rounding (the textbook
-    # ``a (1 - w) + b w`` is not: two quantiles 4e-18 apart could swap by an ulp). Equal neighbours,
-    # infinite ones included, give ``a`` itself.
-    gap = s[hi] - s[lo]
-    return torch.where(gap > 0, torch.minimum(s[lo] + w * gap, s[hi]), s[lo])
-
-
-# ------------------------------------------------------------------------------------------- filling
-
-
-@dataclass
-class Fill:
-    keep: torch.Tensor  # [B, N] bool
-    cut_key: torch.Tensor  # [B] key of the first unit left out (-inf when all fit)
-
-
-def fill(table: UnitTable, keys: torch.Tensor, budget: float, currency: str) -> Fill:
-    """Longest prefix of each row's order (keys descending; ties: canonical order, layers first)
-    whose exact cost fits ``budget``; then drop layers with neither heads nor groups left."""
-    B, N = keys.shape
-    order = _order(table, keys, currency)
-    pos = torch.empty_like(order)
-    pos.scatter_(1, order, torch.arange(N).expand(B, N))
-    cost = table.base_cost[currency].expand(B, N).clone()
-    heads = (table.kv_id >= 0).nonzero().flatten()
-    if heads.numel() and table.kv_cost[currency] > 0:
-        kv = table.kv_id[heads]
-        n_kv = int(kv.max()) + 1
-        first = torch.full((B, n_kv), N, dtype=pos.dtype)
-        first.scatter_reduce_(1, kv.expand(B, -1), pos[:, heads], reduce="amin")
-        charged = pos[:, heads] == first.gather(1, kv.expand(B, -1))
-        cost[:, heads] += charged.to(torch.float64) * table.kv_cost[currency]
-    cum = cost.gather(1, order).cumsum(1)
-    n_keep = (cum <= budget - table.fixed_cost[currency]).sum(1)  # costs >= 0, so cum is non-decreasing
-    keep = pos < n_keep.unsqueeze(1)
-    sorted_keys = keys.gather(1, order)
-    cut = torch.where(n_keep < N, sorted_keys.gather(1, n_keep.clamp(max=N - 1).unsqueeze(1)).squeeze(1),
-                      torch.full((B,), -math.inf, dtype=keys.dtype))
-    return Fill(_drop_empty_layers(table, keep), cut)
-
-
-def _order(table: UnitTable, keys: torch.Tensor, currency: str) -> torch.Tensor:
-    """Units by descending key; ties keep the canonical order (a layer before its children).
-
-    For a layer-count target every unit takes its layer's key and ties go by layer index, so a
-    layer and all its heads and groups enter together: ``--layers n`` keeps the n layers that stay
-    longest, whole (children cost no layers, and a prefix that stopped at a layer would strand
-    them).
-    """
-    if currency == "layers" and "layers" in table.kinds:
-        L = table.inventory.num_layers
-        layer_keys = keys[:, :L]  # layers come first in the canonical order
-        keys = layer_keys.gather(1, table.layer.expand(keys.shape[0], -1))
-        by_layer = torch.sort(table.layer, stable=True).indices
-        order = torch.sort(keys[:, by_layer], dim=1, descending=True, stable=True).indices
-        return by_layer[order]
-    return torch.sort(keys, dim=1, descending=True, stable=True).indices
-
-
-def _drop_empty_layers(table: UnitTable, keep: torch.Tensor) -> torch.Tensor:
-    """A kept layer whose heads and groups are all gated and all dropped does nothing but cost norms."""
-    kinds = set(table.kinds)
-    if "layers" not in kinds or not {"heads", "groups"} <= kinds:
-        return keep
-    L = table.inventory.num_layers
-    child = table.kind_id > 0
-    counts = torch.zeros(keep.shape[0], L, dtype=torch.long)
-    counts.index_add_(1, table.layer[child], keep[:, child].long())
-    is_layer = (table.kind_id == 0).nonzero().flatten()
-    keep = keep.clone()
-    keep[:, is_layer] &= counts[:, table.layer[is_layer]] > 0
-    return keep
-
-
-# ------------------------------------------------------------------------------------------ lambda*
-
-
-def expected_cost(posterior, table: UnitTable, scores: dict[str, torch.Tensor], lam: float, currency: str
-                  ) -> torch.Tensor:
-    """Per-draw expected kept cost ``[K]`` at price ``lam`` (nested rho, linear unit costs)."""
-    rho = posterior.inclusion(scores, lam)
-    inv = posterior.inventory
-    if currency == "layers":
-        costs = {"layers": torch.ones(inv.num_layers, dtype=torch.float64)}
-    else:
-        costs = inv.unit_costs(currency)
-    K = next(iter(scores.values())).shape[0]
-    lay = rho.get("layers", torch.ones(K, inv.num_layers)).double()
-    total = torch.zeros(K, dtype=torch.float64)
-    for k, c in costs.items():
-        r = rho[k].double() if k in rho else (lay if k == "layers" else lay.unsqueeze(-1).expand(K, *c.shape))
-        total += (r * c).reshape(K, -1).sum(1)
-    return total
-
-
-def x_to_lambda(x: float) -> float:
-    return x / (1.0 - x)
-
-
-def solve_lambda(posterior, table: UnitTable, scores: dict[str, torch.Tensor], target: Target,
-                 iters: int = 50) -> tuple[float, float, bool]:
-    """``(lambda*, expected fraction at lambda*, saturated)``: bisection on x in [0, X_MAX].
-
-    ``saturated`` is True when even the largest price leaves more than the target expected (the
-    run's thresholds never pushed that far); lambda* is then X_MAX's price and the fill alone meets
-    the budget.
-    """
-    def frac(x: float) -> float:
-        return float(expected_cost(posterior, table, scores, x_to_lambda(x), target.currency).mean()) / target.total
-
-    if frac(0.0) <= target.fraction:
-        return 0.0, frac(0.0), False
-    if frac(X_MAX) > target.fraction:
-        return x_to_lambda(X_MAX), frac(X_MAX), True
-    lo, hi = 0.0, X_MAX
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if frac(mid) > target.fraction:
-            lo = mid
-        else:
-            hi = mid
-    return x_to_lambda(hi), frac(hi), False
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -588,11 +206,11 @@ class KeepsetSolver:
     def _min_cost(self, keys: torch.Tensor, currency: str) -> float:
         """Exact cost of the shortest non-empty prefix (after dropping empty layers) of the order."""
         N = self.table.size
-        order = _order(self.table, keys.unsqueeze(0), currency)[0]
+        order = unit_order(self.table, keys.unsqueeze(0), currency)[0]
         for n in range(1, N + 1):
             keep = torch.zeros(1, N, dtype=torch.bool)
             keep[0, order[:n]] = True
-            if _drop_empty_layers(self.table, keep).any():
+            if drop_empty_layers(self.table, keep).any():
                 raw = self.table.keepset(keep[0])
                 return self.inventory.kept_cost(raw, currency) if currency != "layers" else float(len(raw.layers))
         return 0.0  # pragma: no cover - a non-empty inventory always has a content unit
@@ -630,8 +248,6 @@ def boundary_units(table: UnitTable, pi: torch.Tensor, keep_row: torch.Tensor, l
 
 def _as_posterior(obj):
     """Accept a Posterior, a Run (anything with ``.posterior``) or a run directory path."""
-    from ppn_bayes.bayes.posterior import Posterior
-
     if isinstance(obj, (str, Path)):
         return Posterior.from_dir(obj)
     if hasattr(obj, "posterior") and not hasattr(obj, "draws"):

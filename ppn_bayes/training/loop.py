@@ -121,12 +121,13 @@ def sandwich_prices(s: Session, step: int) -> list[float]:
 
     ``0`` is the dense network; ``lambda_min`` the price at which the *current* push keeps
     ``train.sandwich_min_size`` of the decoder's parameters in expectation at the guide's median scores
-    (the keep-set step's bisection, :func:`ppn_bayes.bayes.keepsets.solve_lambda`, reused); ``r_i ~ Exp(rate)``
+    (the keep-set step's bisection, :func:`ppn_bayes.bayes.lambda_star.solve_lambda`, reused); ``r_i ~ Exp(rate)``
     from a generator seeded by ``(seed, step)`` alone (stream 2), so a resumed run draws the same prices.
     """
     from types import SimpleNamespace
 
-    from ppn_bayes.bayes.keepsets import parse_target, solve_lambda
+    from ppn_bayes.bayes.lambda_star import solve_lambda
+    from ppn_bayes.bayes.unit_table import parse_target
     from ppn_bayes.training.heldout import median_scores
 
     t, ppn = s.recipe.train, s.ppn

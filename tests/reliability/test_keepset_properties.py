@@ -9,7 +9,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from ppn_bayes.bayes.keepsets import KeepsetSolver, _drop_empty_layers
+from ppn_bayes.bayes.exit_order import drop_empty_layers
+from ppn_bayes.bayes.keepsets import KeepsetSolver
 from ppn_bayes.bayes.push import Push
 from ppn_bayes.config import PushConfig
 from ppn_bayes.errors import SizeError
@@ -102,5 +103,5 @@ def test_quantile_property(solver, size, qa, qb):
     assert torch.all(k1 <= k2)
     hi = _solve(solver, size=size, quantile=q2)
     lo = _solve(solver, size=size, quantile=q1)
-    sure = _drop_empty_layers(solver.table, (k1 > hi.cut_key).unsqueeze(0))[0]
+    sure = drop_empty_layers(solver.table, (k1 > hi.cut_key).unsqueeze(0))[0]
     assert _units(solver.table.keepset(sure)) <= _units(lo.keep)
