@@ -163,7 +163,7 @@ def load_model_target(name: str, device: str | torch.device = "cpu", trust_remot
     """A dense model (alias, directory or Hub id) or a resized export directory.
 
     An export whose per-layer head/channel counts differ (``ppn_layer_shapes`` in its config) cannot
-    be built by ``AutoModelForCausalLM`` and goes through :func:`ppn_bayes.export.resize.load_resized`;
+    be built by ``AutoModelForCausalLM`` and goes through :func:`ppn_bayes.export.load.load_resized`;
     every other directory, exports of the standard form included, loads as an ordinary checkpoint.
     """
     from ppn_bayes.hub.zoo import load_model, resolve_model
@@ -179,7 +179,7 @@ def load_model_target(name: str, device: str | torch.device = "cpu", trust_remot
 
 
 def _has_layer_shapes(path: Path) -> bool:
-    from ppn_bayes.export.resize import SHAPES_KEY
+    from ppn_bayes.export.plan import SHAPES_KEY
 
     config = path / "config.json"
     try:
@@ -192,7 +192,7 @@ def _load_shaped_export(path: Path, device: str | torch.device) -> tuple[Any, An
     from transformers import AutoTokenizer
 
     from ppn_bayes.errors import ModelError
-    from ppn_bayes.export.resize import load_resized
+    from ppn_bayes.export.load import load_resized
 
     model = load_resized(path, device=device)
     try:
