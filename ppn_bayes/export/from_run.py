@@ -163,7 +163,8 @@ def resize_keepset_file(base: str | os.PathLike, keepset_file: str | os.PathLike
                         group_size: int, kinds: tuple[str, ...] = ("layers", "heads", "groups"),
                         overwrite: bool = False, tokenizer: bool = True) -> dict[str, Any]:
     """:func:`resize` for a keep-set saved as JSON, without a run (no trained weights, no amplitudes)."""
-    from ppn_bayes.hub.zoo import check_checkpoint, resolve_model
+    from ppn_bayes.hub.safetensors_files import check_checkpoint
+    from ppn_bayes.hub.zoo import resolve_model
 
     out = Path(out)
     base_path = resolve_model(base)

@@ -38,7 +38,8 @@ def load_resized(path: str | os.PathLike, dtype: torch.dtype | None = None,
     fix = "re-export it with ppn resize"
     raw = load_json(path / "config.json", Map(), fix, ModelError)
     if SHAPES_KEY not in raw:
-        from ppn_bayes.hub.zoo import check_checkpoint, check_loading_report
+        from ppn_bayes.hub.safetensors_files import check_checkpoint
+        from ppn_bayes.hub.zoo import check_loading_report
 
         check_checkpoint(path)
         kwargs = {"dtype": dtype} if dtype is not None else {}

@@ -140,7 +140,7 @@ def _resize(base: Path, keep: KeepSet, inventory: UnitInventory, out: Path, *, a
             tokenizer: bool, overwrite: bool, extra: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    from ppn_bayes.hub.zoo import check_checkpoint
+    from ppn_bayes.hub.safetensors_files import check_checkpoint
 
     check_checkpoint(base)  # a missing or truncated weights file fails here, in one line, before any read
     config = AutoConfig.from_pretrained(base)

@@ -1,4 +1,9 @@
-"""The safetensors files of a checkpoint, read lazily and written tensor by tensor.
+"""The safetensors files of a checkpoint: which they are, their headers, lazy reads, a streaming write.
+
+:func:`weight_files` names the files ``from_pretrained(..., use_safetensors=True)`` reads (the shards of
+``model.safetensors.index.json``, the one place that index is read, else ``model.safetensors``);
+:func:`check_checkpoint` checks a directory is a complete checkpoint from the headers alone
+(:func:`read_safetensors_header`), so a truncated download fails in one line before any load.
 
 :class:`LazyCheckpoint` never loads a model. It opens a checkpoint's safetensors file(s) with
 ``safe_open`` (:func:`weight_map` says which file holds which tensor) and reads whole tensors, or only
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +28,77 @@ import torch
 from ppn_bayes.errors import ModelError
 
 
+def read_safetensors_header(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """Read and sanity-check a safetensors header without touching the tensor data.
+
+    Checking the header against the file size catches a truncated download in microseconds, with a
+    message that names the file, instead of a deep error from the loader.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > min(size - 8, 100 << 20):
+                raise ValueError("header length beyond end of file")
+            raw = fh.read(n)
+        header = json.loads(raw)
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"{size} bytes but the header needs {8 + n + end}")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        raise ModelError(f"weights file {path} is truncated or corrupt ({err}); delete it and fetch again "
+                         "(for an alias: ppn models fetch ALIAS --force)") from None
+    return raw, header
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, exactly those ``from_pretrained(..., use_safetensors=True)``
+    reads: the shards named by ``model.safetensors.index.json``, else ``model.safetensors``. Nothing else
+    in the folder counts (another ``*.safetensors`` file next to a pickle does not make it loadable)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            files = [path / s for s in shards]
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelError(f"{index} is not a valid weights index ({str(err)[:80]}); fetch the model again") from None
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelError(f"{path} lacks weight shard(s) {', '.join(missing[:3])}; fetch the model again")
+        return files
+    single = path / "model.safetensors"
+    if not single.is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        also = f" ({pickles[0]} is a pickle and is never loaded)" if pickles else ""
+        raise ModelError(f"no safetensors weights (model.safetensors or model.safetensors.index.json) in {path}"
+                         f"{also}; ppn-bayes loads safetensors checkpoints only (convert with transformers' "
+                         "save_pretrained)")
+    return [single]
+
+
+def check_checkpoint(path: Path) -> list[Path]:
+    """Raise a one-line ModelError unless ``path`` looks like a complete checkpoint; return its weights."""
+    from ppn_bayes.schema import check_path
+
+    check_path(path, ModelError)
+    if not path.is_dir():
+        raise ModelError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} has no config.json, so it is not a transformers checkpoint; "
+                         "pass the directory written by save_pretrained, an alias or a Hub id")
+    files = weight_files(path)
+    for f in files:
+        read_safetensors_header(f)
+    return files
+
+
 def weight_map(base: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file: the files :func:`ppn_bayes.hub.zoo.check_checkpoint` accepts (the
+    """Tensor name -> safetensors file: the files :func:`check_checkpoint` accepts (the
     index's shards, else ``model.safetensors``), read by header."""
     from safetensors import safe_open
-
-    from ppn_bayes.hub.zoo import check_checkpoint
 
     out: dict[str, Path] = {}
     for f in check_checkpoint(base):
