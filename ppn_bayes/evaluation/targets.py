@@ -27,6 +27,9 @@ import torch.nn.functional as F
 
 from ppn_bayes.device import autocast_context
 from ppn_bayes.errors import ModelError
+from ppn_bayes.export.load import load_resized
+from ppn_bayes.export.plan import SHAPES_KEY
+from ppn_bayes.export.resize import MANIFEST
 from ppn_bayes.schema import AnyValue, List, Num, Obj, Opt, Str, load_json
 
 
@@ -141,8 +144,6 @@ RESIZE_FACTS = Obj(optional={
 
 def _resize_facts(path: Path) -> dict[str, Any]:
     """What a ``ppn resize`` export says about itself (``ppn-resize.json``), or ``{}`` for other dirs."""
-    from ppn_bayes.export.resize import MANIFEST
-
     manifest = path / MANIFEST
     if not manifest.is_file():
         return {}
@@ -179,8 +180,6 @@ def load_model_target(name: str, device: str | torch.device = "cpu", trust_remot
 
 
 def _has_layer_shapes(path: Path) -> bool:
-    from ppn_bayes.export.plan import SHAPES_KEY
-
     config = path / "config.json"
     try:
         return config.is_file() and SHAPES_KEY in json.loads(config.read_text(encoding="utf-8"))
@@ -192,7 +191,6 @@ def _load_shaped_export(path: Path, device: str | torch.device) -> tuple[Any, An
     from transformers import AutoTokenizer
 
     from ppn_bayes.errors import ModelError
-    from ppn_bayes.export.load import load_resized
 
     model = load_resized(path, device=device)
     try:

@@ -15,10 +15,15 @@ from typing import Any
 
 import torch
 
+from ppn_bayes.backbone.gated import gate
 from ppn_bayes.backbone.units import KeepSet, UnitInventory
+from ppn_bayes.bayes.keepsets import keepset
 from ppn_bayes.errors import ConfigError
 from ppn_bayes.export.plan import meta_model
 from ppn_bayes.export.resize import check_output, resize
+from ppn_bayes.hub.safetensors_files import check_checkpoint
+from ppn_bayes.hub.zoo import resolve_model
+from ppn_bayes.schema import parse_json, read_text
 
 
 def run_amplitudes(run, lam: float) -> dict[str, torch.Tensor] | None:
@@ -42,6 +47,7 @@ def run_weights(run) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
     (:mod:`ppn_bayes.training.lora`); :func:`resize` takes ``{module: {"A", "B", "scale"}}`` with
     ``scale = alpha / rank`` from the run's recipe, as :meth:`ppn_bayes.run.Run.load_model` merges them.
     """
+    # run.py -> training/rundir.py (lead)
     from ppn_bayes.run import ADAPTER, WEIGHTS, check_adapter_header, load_run_tensors
 
     mode = run.recipe.train.weights
@@ -84,7 +90,7 @@ def resize_run(
     Args:
         run: a run directory or :class:`~ppn_bayes.run.Run`.
         out: output directory (complete or absent, as for :func:`resize`).
-        size, params, layers, flops: exactly one target, as for :meth:`~ppn_bayes.run.Run.keepset`.
+        size, params, layers, flops: exactly one target, as for :func:`~ppn_bayes.bayes.keepsets.keepset`.
         quantile, num_draws, seed: how the keep-set is solved from the posterior.
         base: the base checkpoint, when it is no longer where the run recorded it (checked against
             the run's manifest hashes all the same).
@@ -93,7 +99,7 @@ def resize_run(
     ``requested_size``, ``achieved_size``, ``lambda``, ``quantile``, ...); they are also in
     ``ppn-resize.json``.
     """
-    from ppn_bayes.hub.zoo import resolve_model
+    # run.py -> training/rundir.py (lead)
     from ppn_bayes.run import load_run
 
     run = load_run(run)
@@ -102,8 +108,8 @@ def resize_run(
     inputs = [("run directory", run.path), ("base model", base_path)]
     check_output(out, overwrite, inputs)
     run.check_base(base_path)
-    result = run.keepset(size=size, params=params, layers=layers, flops=flops, quantile=quantile,
-                         num_draws=num_draws, seed=seed)
+    result = keepset(run.posterior, size=size, params=params, layers=layers, flops=flops, quantile=quantile,
+                     num_draws=num_draws, seed=seed)
     amplitudes = run_amplitudes(run, result.lam)
     weights, lora = run_weights(run)
     t = result.target
@@ -126,8 +132,6 @@ def resize_run(
 def read_keepset_file(path: str | os.PathLike) -> KeepSet:
     """A keep-set from JSON: ``KeepSet.to_dict()``, ``ppn keepset --json`` output or a ``ppn-resize.json``
     (UTF-8, valid JSON, integer indices: :meth:`KeepSet.from_dict`; one-line ConfigErrors)."""
-    from ppn_bayes.schema import parse_json, read_text
-
     path = Path(path)
     fix = "write one with `ppn keepset RUN --json`"
     if not path.exists():
@@ -141,9 +145,6 @@ def read_keepset_file(path: str | os.PathLike) -> KeepSet:
 def inventory_for(base: str | os.PathLike, group_size: int, kinds: tuple[str, ...]) -> UnitInventory:
     """The unit inventory of a checkpoint, read off a meta-device model (no weights loaded)."""
     from transformers import AutoConfig
-
-    from ppn_bayes.backbone.gated import gate
-    from ppn_bayes.hub.zoo import resolve_model
 
     config = AutoConfig.from_pretrained(resolve_model(base))
     return gate(meta_model(config), group_size=int(group_size), kinds=tuple(kinds)).inventory
@@ -163,9 +164,6 @@ def resize_keepset_file(base: str | os.PathLike, keepset_file: str | os.PathLike
                         group_size: int, kinds: tuple[str, ...] = ("layers", "heads", "groups"),
                         overwrite: bool = False, tokenizer: bool = True) -> dict[str, Any]:
     """:func:`resize` for a keep-set saved as JSON, without a run (no trained weights, no amplitudes)."""
-    from ppn_bayes.hub.safetensors_files import check_checkpoint
-    from ppn_bayes.hub.zoo import resolve_model
-
     out = Path(out)
     base_path = resolve_model(base)
     inputs = [("keep-set file", keepset_file), ("base model", base_path)]

@@ -14,8 +14,12 @@ import torch
 from torch import nn
 
 from ppn_bayes.backbone.families import family_for
+from ppn_bayes.backbone.materialize import cut_layer
 from ppn_bayes.errors import ModelError
 from ppn_bayes.export.plan import SHAPES_KEY, meta_model
+from ppn_bayes.hub.safetensors_files import check_checkpoint
+from ppn_bayes.hub.zoo import check_loading_report
+from ppn_bayes.schema import Int, List, Map, Obj, load_json, load_tensors, tensor_mismatch, validate
 
 
 def load_resized(path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -33,14 +37,9 @@ def load_resized(path: str | os.PathLike, dtype: torch.dtype | None = None,
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} has no config.json; pass a directory written by ppn resize")
-    from ppn_bayes.schema import Map, load_json
-
     fix = "re-export it with ppn resize"
     raw = load_json(path / "config.json", Map(), fix, ModelError)
     if SHAPES_KEY not in raw:
-        from ppn_bayes.hub.safetensors_files import check_checkpoint
-        from ppn_bayes.hub.zoo import check_loading_report
-
         check_checkpoint(path)
         kwargs = {"dtype": dtype} if dtype is not None else {}
         model, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, output_loading_info=True,
@@ -52,9 +51,6 @@ def load_resized(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
 def _load_shaped(path: Path, raw: dict, dtype: torch.dtype | None, device: torch.device) -> nn.Module:
     from transformers import AutoConfig
-
-    from ppn_bayes.backbone.materialize import cut_layer
-    from ppn_bayes.schema import Int, List, Obj, load_tensors, tensor_mismatch, validate
 
     config = AutoConfig.from_pretrained(path)
     layer = Obj(required={"heads": List(Int(0)), "channels": Int(0)})

@@ -28,7 +28,7 @@ import torch
 from ppn_bayes.backbone.families import family_for
 from ppn_bayes.backbone.family import Family
 from ppn_bayes.backbone.units import KeepSet, UnitInventory
-from ppn_bayes.errors import ConfigError, ModelError, RunError
+from ppn_bayes.errors import ConfigError, ModelError, OutputError, RunError
 from ppn_bayes.export.fold import TensorSource, check_amplitudes, fold_amplitudes, layer_tensors
 from ppn_bayes.export.plan import (
     SHAPES_KEY,
@@ -40,7 +40,10 @@ from ppn_bayes.export.plan import (
     standard_config,
     with_layers,
 )
-from ppn_bayes.hub.safetensors_files import LazyCheckpoint, save_streaming
+from ppn_bayes.files import check_no_overlap, check_owned, check_writable, writer_lock
+from ppn_bayes.hub.safetensors_files import LazyCheckpoint, check_checkpoint, save_streaming
+from ppn_bayes.hub.zoo import WEIGHTS_FIX, resolve_model
+from ppn_bayes.schema import tensor_mismatch
 
 #: Files copied next to the weights when ``tokenizer=True`` (whatever of them the base has).
 TOKENIZER_FILES = (
@@ -60,9 +63,6 @@ def check_weights_match(base: Path, config, ckpt: LazyCheckpoint) -> None:
     no memory). Every parameter must be in the file with its shape (tied ones once), and the file may
     hold nothing the model does not know (bare-model names such as GPT-2's ``h.0...`` map to the
     CausalLM's ``transformer.h.0...``, as ``from_pretrained`` maps them)."""
-    from ppn_bayes.hub.zoo import WEIGHTS_FIX
-    from ppn_bayes.schema import tensor_mismatch
-
     model = meta_model(config)
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     prefix = getattr(model, "base_model_prefix", "")
@@ -123,9 +123,6 @@ def resize(
 
     The export is written under ``out``'s writer lock (:func:`ppn_bayes.files.writer_lock`).
     """
-    from ppn_bayes.files import writer_lock
-    from ppn_bayes.hub.zoo import resolve_model
-
     base = resolve_model(base)
     out = Path(out)
     inputs = [("base model", base), *inputs]
@@ -139,8 +136,6 @@ def resize(
 def _resize(base: Path, keep: KeepSet, inventory: UnitInventory, out: Path, *, amplitudes, weights, lora,
             tokenizer: bool, overwrite: bool, extra: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoConfig
-
-    from ppn_bayes.hub.safetensors_files import check_checkpoint
 
     check_checkpoint(base)  # a missing or truncated weights file fails here, in one line, before any read
     config = AutoConfig.from_pretrained(base)
@@ -223,9 +218,6 @@ def check_output(out: Path, overwrite: bool, inputs: list[tuple[str, Any]] = ())
     """Before any work: the output can be written, is none of the ``(what, path)`` inputs (nor holds
     or lies in one), and exists only if ``overwrite`` and it is an earlier export (see
     :mod:`ppn_bayes.files`). ``--force`` replaces an export, never an input or someone's directory."""
-    from ppn_bayes.errors import OutputError
-    from ppn_bayes.files import check_no_overlap, check_owned, check_writable
-
     check_writable(out)
     check_no_overlap(out, inputs)
     if not os.path.lexists(out):

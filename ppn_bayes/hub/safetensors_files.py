@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from ppn_bayes.errors import ModelError
+from ppn_bayes.schema import check_path
 
 
 def read_safetensors_header(path: Path) -> tuple[bytes, dict[str, Any]]:
@@ -81,8 +83,6 @@ def weight_files(path: Path) -> list[Path]:
 
 def check_checkpoint(path: Path) -> list[Path]:
     """Raise a one-line ModelError unless ``path`` looks like a complete checkpoint; return its weights."""
-    from ppn_bayes.schema import check_path
-
     check_path(path, ModelError)
     if not path.is_dir():
         raise ModelError(f"model directory {path} does not exist")
@@ -98,8 +98,6 @@ def check_checkpoint(path: Path) -> list[Path]:
 def weight_map(base: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file: the files :func:`check_checkpoint` accepts (the
     index's shards, else ``model.safetensors``), read by header."""
-    from safetensors import safe_open
-
     out: dict[str, Path] = {}
     for f in check_checkpoint(base):
         with safe_open(str(f), framework="pt") as fh:
@@ -146,8 +144,6 @@ class LazyCheckpoint:
 
     @contextlib.contextmanager
     def _open(self, name: str) -> Iterator[Any]:
-        from safetensors import safe_open
-
         with safe_open(str(self.where[name]), framework="pt") as fh:
             yield fh
 
@@ -189,8 +185,6 @@ def save_streaming(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[
     from shapes alone and then each tensor's buffer directly; the result is read back by
     ``safetensors`` itself in every test.
     """
-    import struct
-
     names = sorted(tensors)
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0

@@ -36,9 +36,11 @@ from typing import Any
 import torch
 import yaml
 
+from ppn_bayes.device import resolve_device
 from ppn_bayes.errors import ModelError
 from ppn_bayes.files import sha256_file
 from ppn_bayes.hub.safetensors_files import check_checkpoint, read_safetensors_header
+from ppn_bayes.schema import tensor_mismatch
 from ppn_bayes.shipped import shipped_folder
 
 #: Written into every directory that :func:`fetch` builds; lets :func:`model_identity` name it.
@@ -269,8 +271,6 @@ def check_loading_report(path: Path, model: Any, info: dict[str, Any]) -> None:
     says every parameter of the model came from the checkpoint, with its shape, and the checkpoint
     held nothing else. A tensor the config expects but the file lacks would otherwise be randomly
     initialised and evaluated without a word; one the config does not know would be dropped."""
-    from ppn_bayes.schema import tensor_mismatch
-
     ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
     unexpected = [k for k in info.get("unexpected_keys", []) if not any(p.search(k) for p in ignore)]
     shaped = [(k, list(a), list(b)) for k, a, b in info.get("mismatched_keys", [])]
@@ -341,8 +341,6 @@ def load_model(
     (:func:`check_loading_report`), before any number is computed with them.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from ppn_bayes.device import resolve_device
 
     target = resolve_device(device)
     path = resolve_model(name_or_path, trust_remote_code=trust_remote_code)
