@@ -3,7 +3,7 @@
 The recipes (``inference/``) and model cards (``models/``) are top-level folders of the repository,
 where users look for them, and their only copy: the wheel carries them as the data packages
 ``ppn_bayes.recipes`` and ``ppn_bayes.cards`` (``package_dir`` maps them), so an installed
-``ppn`` finds them without a second hand-kept copy. ``ppn_bayes.paths`` resolves both layouts.
+``ppn`` finds them without a second hand-kept copy. ``ppn_bayes.shipped`` resolves both layouts.
 """
 
 from setuptools import find_packages, setup

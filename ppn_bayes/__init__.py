@@ -38,8 +38,8 @@ _EXPORTS: dict[str, str] = {
     # after training
     "keepset": "ppn_bayes.bayes.keepsets",
     "resize": "ppn_bayes.export.resize",
-    "resize_run": "ppn_bayes.export.resize",
-    "load_resized": "ppn_bayes.export.resize",
+    "resize_run": "ppn_bayes.export.from_run",
+    "load_resized": "ppn_bayes.export.load",
     "perplexity": "ppn_bayes.backbone.perplexity",
 }
 

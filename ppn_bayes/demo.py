@@ -113,7 +113,8 @@ def _run_demo(out: Path, sizes: tuple[float, ...], resize_size: float, eval_bloc
     from ppn_bayes.backbone.perplexity import perplexity
     from ppn_bayes.data.corpus import token_blocks
     from ppn_bayes.evaluation.bench import ideal_ratios
-    from ppn_bayes.export.resize import load_resized, resize_run
+    from ppn_bayes.export.from_run import resize_run
+    from ppn_bayes.export.load import load_resized
     from ppn_bayes.hub.zoo import load_model, resolve_model
     from ppn_bayes.run import fit
 

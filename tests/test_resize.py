@@ -17,8 +17,11 @@ from tiny_models import VOCAB, tiny_model
 from ppn_bayes.backbone import ALL_KINDS, KeepSet, gate
 from ppn_bayes.backbone.materialize import materialize
 from ppn_bayes.errors import ConfigError, RunError
-from ppn_bayes.export.resize import SHAPES_KEY, LazyCheckpoint, load_resized, resize, runs
+from ppn_bayes.export.load import load_resized
+from ppn_bayes.export.plan import SHAPES_KEY
+from ppn_bayes.export.resize import resize
 from ppn_bayes.export.switch import SubnetSwitch, switch
+from ppn_bayes.hub.safetensors_files import LazyCheckpoint, runs
 
 # The exported model sums the same products in a different order (fewer columns, fused reads),
 # so logits agree to float32 round-off of 3-layer stacks (observed <= 5e-7), not bit for bit.
@@ -348,7 +351,7 @@ def test_switch_generates_with_kv_cache_like_the_materialized_model():
 def test_output_form_rules():
     """Standard only when one transformers config can describe every kept layer."""
     from ppn_bayes.backbone.slicing import layer_cut
-    from ppn_bayes.export.resize import output_form
+    from ppn_bayes.export.plan import output_form
 
     g = gate(tiny_model("llama"), group_size=8)
     inv, fam, dims = g.inventory, g.family, g.inventory.dims

@@ -27,7 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from ppn_bayes.cli import main
 from ppn_bayes.errors import ConfigError, ModelError, RunError, SizeError
-from ppn_bayes.export.resize import MANIFEST, load_resized, resize_run
+from ppn_bayes.export.from_run import resize_run
+from ppn_bayes.export.load import load_resized
+from ppn_bayes.export.resize import MANIFEST
 
 ATOL = 2e-5
 VOCAB = 320

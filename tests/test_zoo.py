@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from ppn_bayes.errors import ModelError
-from ppn_bayes.hub import zoo
+from ppn_bayes.hub import safetensors_files, zoo
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS = REPO / "models"
@@ -143,7 +143,7 @@ def test_sharded_index_with_missing_shard(tiny_llama_dir, tmp_path):
                                             "b": "model-00002-of-00002.safetensors"}}
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelError) as err:
-        zoo.check_checkpoint(d)
+        safetensors_files.check_checkpoint(d)
     assert "lacks weight shard" in one_line(err)
 
 

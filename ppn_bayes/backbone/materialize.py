@@ -70,7 +70,7 @@ def materialize(model: nn.Module, keep: KeepSet, inventory: UnitInventory) -> nn
 
     ``inventory`` fixes the group size and gated kinds that ``keep`` refers to. The returned model's
     ``config.num_hidden_layers`` (or ``n_layer``) is the kept layer count; per-layer head and channel
-    counts live in the weights' shapes (see :mod:`ppn_bayes.export.resize` for how they are saved).
+    counts live in the weights' shapes (see :mod:`ppn_bayes.export.plan` for how they are saved).
     """
     family = family_for(model.config)
     keep = inventory.complete(keep)

@@ -2,7 +2,7 @@
 
 Also ``ppn resize --model M --keepset FILE.json --group-size G --out DIR`` for a keep-set without a run
 (the base weights, cut; no trained weights or amplitudes). The work is
-:func:`ppn_bayes.export.resize.resize_run` / :func:`~ppn_bayes.export.resize.resize_keepset_file`.
+:func:`ppn_bayes.export.from_run.resize_run` / :func:`~ppn_bayes.export.from_run.resize_keepset_file`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppn_bayes.export.resize import resize_keepset_file, resize_run
+    from ppn_bayes.export.from_run import resize_keepset_file, resize_run
 
     target = {k: getattr(args, k) for k in ("size", "params", "layers", "flops")}
     given = [k for k, v in target.items() if v is not None]

@@ -14,7 +14,9 @@ import torch
 
 from ppn_bayes.bayes.keepsets import keepset
 from ppn_bayes.errors import ConfigError, ModelError
-from ppn_bayes.export.resize import MANIFEST, SHAPES_KEY, load_resized
+from ppn_bayes.export.load import load_resized
+from ppn_bayes.export.plan import SHAPES_KEY
+from ppn_bayes.export.resize import MANIFEST
 from ppn_bayes.hub.zoo import load_model, resolve_model
 from ppn_bayes.schema import AnyValue, List, Num, Obj, Opt, Str, load_json
 from ppn_bayes.training.rundir import open_run
@@ -82,7 +84,7 @@ def load_model_target(name: str, device: str | torch.device = "cpu", trust_remot
     """A dense model (alias, directory or Hub id) or a resized export directory.
 
     An export whose per-layer head/channel counts differ (``ppn_layer_shapes`` in its config) cannot
-    be built by ``AutoModelForCausalLM`` and goes through :func:`ppn_bayes.export.resize.load_resized`;
+    be built by ``AutoModelForCausalLM`` and goes through :func:`ppn_bayes.export.load.load_resized`;
     every other directory, exports of the standard form included, loads as an ordinary checkpoint.
     """
 

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -37,8 +36,11 @@ from typing import Any
 import torch
 import yaml
 
+from ppn_bayes.device import resolve_device
 from ppn_bayes.errors import ModelError
 from ppn_bayes.files import sha256_file
+from ppn_bayes.hub.safetensors_files import check_checkpoint, read_safetensors_header
+from ppn_bayes.schema import tensor_mismatch
 from ppn_bayes.shipped import shipped_folder
 
 #: Written into every directory that :func:`fetch` builds; lets :func:`model_identity` name it.
@@ -260,57 +262,6 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, trust_remote_code: bo
 # --------------------------------------------------------------------------------------------- checks
 
 
-def _read_safetensors_header(path: Path) -> tuple[bytes, dict[str, Any]]:
-    """Read and sanity-check a safetensors header without touching the tensor data.
-
-    Checking the header against the file size catches a truncated download in microseconds, with a
-    message that names the file, instead of a deep error from the loader.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise ValueError("file shorter than its 8-byte header length")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > min(size - 8, 100 << 20):
-                raise ValueError("header length beyond end of file")
-            raw = fh.read(n)
-        header = json.loads(raw)
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"{size} bytes but the header needs {8 + n + end}")
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
-        raise ModelError(f"weights file {path} is truncated or corrupt ({err}); delete it and fetch again "
-                         "(for an alias: ppn models fetch ALIAS --force)") from None
-    return raw, header
-
-
-def _weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, exactly those ``from_pretrained(..., use_safetensors=True)``
-    reads: the shards named by ``model.safetensors.index.json``, else ``model.safetensors``. Nothing else
-    in the folder counts (another ``*.safetensors`` file next to a pickle does not make it loadable)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            files = [path / s for s in shards]
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ModelError(f"{index} is not a valid weights index ({str(err)[:80]}); fetch the model again") from None
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise ModelError(f"{path} lacks weight shard(s) {', '.join(missing[:3])}; fetch the model again")
-        return files
-    single = path / "model.safetensors"
-    if not single.is_file():
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        also = f" ({pickles[0]} is a pickle and is never loaded)" if pickles else ""
-        raise ModelError(f"no safetensors weights (model.safetensors or model.safetensors.index.json) in {path}"
-                         f"{also}; ppn-bayes loads safetensors checkpoints only (convert with transformers' "
-                         "save_pretrained)")
-    return [single]
-
-
 WEIGHTS_FIX = ("its config.json and its weights come from different models: fetch the model again "
                "(for an alias: ppn models fetch ALIAS --force), or restore the checkpoint's own config.json")
 
@@ -320,29 +271,11 @@ def check_loading_report(path: Path, model: Any, info: dict[str, Any]) -> None:
     says every parameter of the model came from the checkpoint, with its shape, and the checkpoint
     held nothing else. A tensor the config expects but the file lacks would otherwise be randomly
     initialised and evaluated without a word; one the config does not know would be dropped."""
-    from ppn_bayes.schema import tensor_mismatch
-
     ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
     unexpected = [k for k in info.get("unexpected_keys", []) if not any(p.search(k) for p in ignore)]
     shaped = [(k, list(a), list(b)) for k, a, b in info.get("mismatched_keys", [])]
     tensor_mismatch(f"the weights in {path} and its config.json", WEIGHTS_FIX, list(info.get("missing_keys", [])),
                     unexpected, shaped, ModelError)
-
-
-def check_checkpoint(path: Path) -> list[Path]:
-    """Raise a one-line ModelError unless ``path`` looks like a complete checkpoint; return its weights."""
-    from ppn_bayes.schema import check_path
-
-    check_path(path, ModelError)
-    if not path.is_dir():
-        raise ModelError(f"model directory {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{path} has no config.json, so it is not a transformers checkpoint; "
-                         "pass the directory written by save_pretrained, an alias or a Hub id")
-    files = _weight_files(path)
-    for f in files:
-        _read_safetensors_header(f)
-    return files
 
 
 def model_identity(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -357,7 +290,7 @@ def model_identity(path: str | os.PathLike[str]) -> dict[str, str]:
     config_sha = sha256_file(path / "config.json")
     digest = hashlib.sha256()
     for f in files:
-        raw, _ = _read_safetensors_header(f)
+        raw, _ = read_safetensors_header(f)
         digest.update(f.name.encode() + b"\0" + raw + b"\0")
     return {"name": _display_name(path), "path": str(path.resolve()),
             "config_sha256": config_sha, "weights_sha256": digest.hexdigest()}
@@ -408,8 +341,6 @@ def load_model(
     (:func:`check_loading_report`), before any number is computed with them.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from ppn_bayes.device import resolve_device
 
     target = resolve_device(device)
     path = resolve_model(name_or_path, trust_remote_code=trust_remote_code)

@@ -140,7 +140,8 @@ def test_matching_checkpoints_still_load(tiny_llama_dir, tmp_path):
     checks, and the resize check accepts GPT-2's bare-model tensor names."""
     from transformers import AutoConfig
 
-    from ppn_bayes.export.resize import LazyCheckpoint, check_weights_match
+    from ppn_bayes.export.resize import check_weights_match
+    from ppn_bayes.hub.safetensors_files import LazyCheckpoint
     from ppn_bayes.hub.zoo import check_loading_report, load_model
     from tests.tiny_models import tiny_model
 
