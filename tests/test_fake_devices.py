@@ -385,7 +385,7 @@ def test_decode_timers_synchronize_the_device(tiny_gated, monkeypatch):
     """``ppn compare``'s decode time and the speed bench share one timer, which waits for the device
     before reading the clock (CUDA kernels run asynchronously)."""
     import ppn_bayes.device as device_mod
-    from ppn_bayes.compare import decode_seconds
+    from ppn_bayes.compare.bench import decode_seconds
 
     calls = []
     monkeypatch.setattr(device_mod, "synchronize", lambda device: calls.append(torch.device(device)))
