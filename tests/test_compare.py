@@ -191,6 +191,7 @@ MARGIN_ARGV = ["--sizes", "0.7", "--methods", "gisp", "--gisp-objective", "margi
 
 def test_cli_gisp_margin_reaches_gisp(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     import ppn_bayes.baselines.gisp as gisp_mod
+    import ppn_bayes.compare.comparison as comparison_mod
     from ppn_bayes.baselines.gisp import ChoiceExample
 
     seen = {}
@@ -200,7 +201,7 @@ def test_cli_gisp_margin_reaches_gisp(tiny_llama_dir, tmp_path, capsys, monkeypa
         seen.update(kw)
         return real(*args, **kw)
 
-    monkeypatch.setattr(gisp_mod, "gisp", spy)
+    monkeypatch.setattr(comparison_mod, "gisp", spy)  # where compare() calls it
     code = main(["compare", "--model", str(tiny_llama_dir), *MARGIN_ARGV, "--gisp-choices", "3",
                  "--out", str(tmp_path / "o"), "--json"])
     assert code == 0

@@ -15,14 +15,13 @@ from torch import nn
 
 from ppn_bayes.baselines import timed
 from ppn_bayes.compare.healing import check_heal_loss, heal
+from ppn_bayes.evaluation.bench import time_generation
 from ppn_bayes.evaluation.targets import perplexity
 
 
 def decode_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int, trials: int = 3) -> float:
     """Best-of-``trials`` seconds for ``new_tokens`` greedy batch-1 decode steps with a KV cache (the
     speed bench's timer, synchronized on CUDA)."""
-    from ppn_bayes.evaluation.bench import time_generation
-
     return min(time_generation(model, prompt, new_tokens)["decode_s"] for _ in range(trials))
 
 

@@ -14,7 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ppn_bayes.backbone.families import family_for
 from ppn_bayes.baselines import check_blocks, check_sizes
+from ppn_bayes.baselines.gisp import gisp
+from ppn_bayes.baselines.shortgpt import shortgpt
+from ppn_bayes.baselines.sparsegpt import sparsegpt
+from ppn_bayes.baselines.wanda import wanda
+from ppn_bayes.bayes.anchor import anchor_pruning
 from ppn_bayes.compare.bench import Bench
 from ppn_bayes.compare.options import (
     METHODS,
@@ -57,8 +63,6 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
     o = compare_options(options, **overrides).check(methods)
     calib, test = check_blocks(calib), check_blocks(test, "test")
     transfer = None if o.transfer is None else check_blocks(o.transfer, "transfer")
-    from ppn_bayes.backbone.families import family_for
-
     family_for(model.config)  # an unsupported architecture fails here, before minutes of dense evaluation
     bench = Bench(model, test, o.heal_blocks, o.decode_tokens, o.batch_size, heal_loss=o.heal_loss, transfer=transfer)
     if (o.run_dir is None and o.fit_dir is not None and o.model_path is not None
@@ -106,21 +110,15 @@ def _method_rows(bench: Bench, method: str, calib: torch.Tensor, sizes: list[flo
         return ppn_rows(bench, method, o.paper_run_dir if method == "ppn-paper" else o.run_dir, sizes,
                         o.model_path, o.fit_dir)
     if method == "gisp":
-        from ppn_bayes.baselines.gisp import gisp
-
         objective = o.gisp_objective
         res = gisp(model, calib, sizes, objective=objective, choices=o.gisp_choices,
                    step=o.gisp_step, group_size=o.group_size)
         res.method = gisp_label(objective)
         return structured_rows(bench, res, {"objective": objective})
     if method == "anchor":
-        from ppn_bayes.bayes.anchor import anchor_pruning
-
         res = anchor_pruning(model, calib, sizes, kinds=o.anchor_kinds, group_size=o.group_size)
         return structured_rows(bench, res, {"kinds": list(o.anchor_kinds)})
     if method == "shortgpt":
-        from ppn_bayes.baselines.shortgpt import shortgpt
-
         return structured_rows(bench, shortgpt(model, calib, sizes, group_size=o.group_size))
     if method == "random":
         return random_rows(bench, sizes, o.seeds, o.group_size)
@@ -128,9 +126,6 @@ def _method_rows(bench: Bench, method: str, calib: torch.Tensor, sizes: list[flo
         return prunepath_rows(bench, calib, sizes, o.prunepath_experts)
     if method not in ("wanda", "sparsegpt"):  # check_methods refuses these first; never a silent fallback
         raise ConfigError(f"unknown method {method!r}; choose from {','.join(METHODS)}")
-    from ppn_bayes.baselines.sparsegpt import sparsegpt
-    from ppn_bayes.baselines.wanda import wanda
-
     fn = wanda if method == "wanda" else sparsegpt
     rows = [unstructured_row(bench, fn(model, calib, s, "unstructured"), s) for s in sizes]
     rows.append(unstructured_row(bench, fn(model, calib, 0.5, "2:4"), 0.5))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ppn_bayes.backbone.families import family_for
+from ppn_bayes.bayes.model import sequence_kl
 from ppn_bayes.errors import ConfigError
 
 HEAL_LOSSES = ("data", "distill")
@@ -33,9 +35,6 @@ def heal(model: nn.Module, blocks: torch.Tensor, lr: float = 5e-5, batch_size: i
     ``teacher``'s next-token distribution, the teacher under ``torch.no_grad``: what Minitron heals
     with, and what PPN's in-place distillation trains its sub-networks with; see docs/method.md).
     """
-    from ppn_bayes.backbone.families import family_for
-    from ppn_bayes.bayes.model import sequence_kl
-
     check_heal_loss(loss)
     if loss == "distill" and teacher is None:
         raise ConfigError("heal(loss='distill') needs the dense model as teacher=")

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ppn_bayes.files import atomic_write_bytes, atomic_write_many
+from ppn_bayes.errors import OutputError
+from ppn_bayes.files import (
+    atomic_write_bytes,
+    atomic_write_many,
+    check_no_overlap,
+    check_owned,
+    check_writable,
+)
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -44,9 +52,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
 
 def plot_png(result: dict[str, Any]) -> bytes:
     """The PNG bytes of :func:`plot`'s figure."""
-    import io
-
-    import matplotlib
+    import matplotlib  # lazy: heavy, and only the figure needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -96,9 +102,6 @@ def check_out(out_dir: str | os.PathLike, inputs: list[tuple[str, Any]], fits: S
     earlier comparison fitted there is never refitted over; the user is told now how to reuse it,
     not after the peers have been measured.
     """
-    from ppn_bayes.errors import OutputError
-    from ppn_bayes.files import check_no_overlap, check_owned, check_writable
-
     check_writable(out_dir)
     check_no_overlap(out_dir, inputs, writes=COMPARE_ENTRIES)
     check_owned(out_dir, COMPARE_ENTRIES, "ppn compare")

@@ -16,12 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ppn_bayes.backbone.materialize import materialize
 from ppn_bayes.backbone.units import KeepSet
-from ppn_bayes.baselines import NestedKeepSets, UnstructuredResult, timed
+from ppn_bayes.baselines import NestedKeepSets, UnstructuredResult, decoder_param_fraction, timed
+from ppn_bayes.baselines.prunepath import moefy
+from ppn_bayes.baselines.random import random_keepsets
+from ppn_bayes.bayes.keepsets import keepsets
 from ppn_bayes.compare.bench import Bench
-from ppn_bayes.errors import ConfigError, RunError
+from ppn_bayes.config import bundled_recipe, recipe_from_dict
+from ppn_bayes.errors import ConfigError, RunError, SizeError
+from ppn_bayes.run import load_run  # the Bayesian core's run directory API
+from ppn_bayes.training.loop import fit
 
 
 def structured_rows(bench: Bench, res: NestedKeepSets, extra: dict | None = None) -> list[dict]:
@@ -41,8 +48,6 @@ def structured_rows(bench: Bench, res: NestedKeepSets, extra: dict | None = None
 
 def unstructured_row(bench: Bench, res: UnstructuredResult, size: float) -> dict:
     model, healing = bench.maybe_heal(res.model)
-    from ppn_bayes.baselines import decoder_param_fraction
-
     frac = decoder_param_fraction(model)
     name = res.method if res.pattern == "unstructured" else f"{res.method}-2:4"
     return {"method": name, "size": size, "pattern": res.pattern, **bench.ppl(model), "param_fraction": frac,
@@ -51,8 +56,6 @@ def unstructured_row(bench: Bench, res: UnstructuredResult, size: float) -> dict
 
 
 def random_rows(bench: Bench, sizes: list[float], seeds: Sequence[int], group_size: int) -> list[dict]:
-    from ppn_bayes.baselines.random import random_keepsets
-
     per_seed = [structured_rows(bench, random_keepsets(bench.model, sizes, s, group_size)) for s in seeds]
     rows = []
     for i, size in enumerate(sizes):
@@ -70,9 +73,6 @@ def random_rows(bench: Bench, sizes: list[float], seeds: Sequence[int], group_si
 
 
 def prunepath_rows(bench: Bench, calib: torch.Tensor, sizes: list[float], n_experts: int) -> list[dict]:
-    from ppn_bayes.baselines.prunepath import moefy
-    from ppn_bayes.errors import SizeError
-
     pp = moefy(bench.model, calib, n_experts=n_experts)
     rows = []
     for size in sizes:
@@ -121,11 +121,6 @@ def ppn_rows(bench: Bench, method: str, run_dir: str | os.PathLike | None, sizes
     (adapters merged) is fine-tuned under that size's fixed gates (masks times amplitudes), so the
     pruned units stay out, and restored before the next size.
     """
-    try:
-        from ppn_bayes.run import load_run  # the Bayesian core's run directory API
-    except ImportError:
-        raise ConfigError(f"method {method} needs ppn_bayes.run (the PPN run API), which this install lacks; "
-                          "drop ppn,ppn-paper from --methods") from None
     fit_seconds = 0.0
     if run_dir is None and fit_dir is not None and model_path is not None:
         run_dir, fit_seconds = fit_ppn_run("ppn-paper" if method == "ppn-paper" else "ppn", model_path, fit_dir)
@@ -135,7 +130,7 @@ def ppn_rows(bench: Bench, method: str, run_dir: str | os.PathLike | None, sizes
     run = load_run(run_dir)
     if model_path is not None:
         run.check_base(model_path)
-    solved = _ppn_keepsets(run, sizes, method)
+    solved = _ppn_keepsets(run, sizes)
     with timed() as t:
         gated = run.load_model(device=str(next(bench.model.parameters()).device))
     inv, push = run.inventory, run.posterior.push
@@ -183,11 +178,6 @@ def fit_ppn_run(method: str, model_path: str | os.PathLike, out_dir: str | os.Pa
     training budget, with the ``paper`` preset supplying units, prior and push (the recipe's own
     units/prior/push sections are dropped so they do not override the preset).
     """
-    import yaml
-
-    from ppn_bayes.config import bundled_recipe, recipe_from_dict
-    from ppn_bayes.training.loop import fit
-
     path = bundled_recipe(DEMO_RECIPE) if recipe is None else Path(recipe)
     if not path.is_file():
         raise ConfigError(f"no --run given and the recipe {path} is missing; pass --run RUN_DIR")
@@ -204,12 +194,7 @@ def fit_ppn_run(method: str, model_path: str | os.PathLike, out_dir: str | os.Pa
     return run_dir, t.seconds
 
 
-def _ppn_keepsets(run: Any, sizes: list[float], method: str) -> dict[float, tuple[KeepSet, float]]:
+def _ppn_keepsets(run: Any, sizes: list[float]) -> dict[float, tuple[KeepSet, float]]:
     """``size -> (KeepSet, lambda*)`` from the run's posterior (:func:`ppn_bayes.bayes.keepsets.keepsets`)."""
-    try:
-        from ppn_bayes.bayes.keepsets import keepsets
-    except ImportError:
-        raise ConfigError(f"method {method} needs the posterior-to-keep-set step (ppn_bayes.bayes.keepsets), which this "
-                          "install lacks; drop ppn,ppn-paper from --methods") from None
     results = keepsets(run, list(sizes))
     return {s: (run.inventory.complete(r.keep), float(r.lam)) for s, r in zip(sizes, results)}
