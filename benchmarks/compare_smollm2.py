@@ -159,7 +159,7 @@ def merge() -> dict:
 
 def write_merged(result: dict) -> None:
     sys.path.insert(0, str(ROOT))
-    from ppn_bayes.compare import markdown_table, plot
+    from ppn_bayes.compare.outputs import markdown_table, plot
 
     _write_json(HERE / "compare_smollm2.json", result)
     from ppn_bayes.files import atomic_write_bytes

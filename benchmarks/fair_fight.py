@@ -8,7 +8,7 @@
 At 0.75 / 0.5 / 0.4 of decoder parameters on SmolLM2-135M, on the calibration and test blocks of
 ``benchmarks/compare_smollm2.py`` (8 x 128 train tokens drawn with seed 0; the first 16 x 128 test
 tokens), with **one per-size token budget**: the training tokens of the PPN run
-(:func:`ppn_bayes.compare.run_tokens`, ``steps x batch x accumulation x block``), given to every
+(:func:`ppn_bayes.compare.rows.run_tokens`, ``steps x batch x accumulation x block``), given to every
 healed row *per size*. Stages (each one ``ppn compare`` call, its JSON under
 ``benchmarks/fair_fight/<tag>/<stage>.json`` with its command):
 
@@ -59,7 +59,7 @@ def fit_run(recipe: str, runs: Path) -> Path:
 
 
 def budget(run: Path) -> int:
-    from ppn_bayes.compare import run_tokens
+    from ppn_bayes.compare.rows import run_tokens
     from ppn_bayes.config import load_recipe
     from ppn_bayes.training.rundir import CONFIG
 

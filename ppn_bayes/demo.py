@@ -25,8 +25,16 @@ from typing import Any
 
 import torch
 
+from ppn_bayes.backbone.perplexity import perplexity
 from ppn_bayes.config import bundled_recipe
+from ppn_bayes.data.corpus import token_blocks
 from ppn_bayes.errors import SizeError
+from ppn_bayes.evaluation.bench import ideal_ratios, time_generation
+from ppn_bayes.export.from_run import resize_run
+from ppn_bayes.export.load import load_resized
+from ppn_bayes.files import atomic_write_bytes, check_owned, check_writable, writer_lock
+from ppn_bayes.hub.zoo import load_model, resolve_model
+from ppn_bayes.run import fit
 
 DEMO_RECIPE = "smollm2-demo"
 #: What ``ppn demo`` writes into ``--out`` (a rerun reuses the run and replaces the rest).
@@ -81,8 +89,6 @@ def decode_speeds(models: list[torch.nn.Module], prompt: torch.Tensor, new_token
     The models are timed in alternation, round after round, so that a load spike on a shared machine
     hits all of them alike instead of skewing the ratio.
     """
-    from ppn_bayes.evaluation.bench import time_generation
-
     for model in models:
         time_generation(model, prompt, min(4, new_tokens))
     times: list[list[float]] = [[] for _ in models]
@@ -99,8 +105,6 @@ def run_demo(out: str | Path = "runs/demo", sizes: tuple[float, ...] = (0.75, 0.
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not 0 < resize_size < 1 or any(not 0 < s <= 1 for s in sizes):
         raise SizeError(f"demo sizes must be fractions in (0, 1]; got sizes={list(sizes)}, resize={resize_size}")
-    from ppn_bayes.files import check_owned, check_writable, writer_lock
-
     out = Path(out)
     check_writable(out)
     check_owned(out, DEMO_ENTRIES, "ppn demo")  # a rerun reuses its own run; nobody else's directory
@@ -110,14 +114,6 @@ def run_demo(out: str | Path = "runs/demo", sizes: tuple[float, ...] = (0.75, 0.
 
 def _run_demo(out: Path, sizes: tuple[float, ...], resize_size: float, eval_blocks: int, new_tokens: int,
               overrides: list[str] | None, progress: bool, log: Callable[[str], None]) -> DemoResult:
-    from ppn_bayes.backbone.perplexity import perplexity
-    from ppn_bayes.data.corpus import token_blocks
-    from ppn_bayes.evaluation.bench import ideal_ratios
-    from ppn_bayes.export.from_run import resize_run
-    from ppn_bayes.export.load import load_resized
-    from ppn_bayes.hub.zoo import load_model, resolve_model
-    from ppn_bayes.run import fit
-
     res = DemoResult(run_dir=out / "run")
     secs = res.seconds
 
@@ -176,8 +172,6 @@ def _run_demo(out: Path, sizes: tuple[float, ...], resize_size: float, eval_bloc
         f"resized model ({info['form']})": str(resized_dir),
         "demo summary (JSON)": str(out / "demo.json"),
     }
-    from ppn_bayes.files import atomic_write_bytes
-
     atomic_write_bytes(out / "demo.json", json.dumps(res.to_dict(), indent=2).encode())
     return res
 

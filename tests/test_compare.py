@@ -12,7 +12,9 @@ from tiny_models import VOCAB, tiny_model
 from ppn_bayes.backbone.units import KeepSet
 from ppn_bayes.baselines import is_nested
 from ppn_bayes.cli import main
-from ppn_bayes.compare import PEERS, compare, markdown_table, write_outputs
+from ppn_bayes.compare.comparison import compare
+from ppn_bayes.compare.options import PEERS
+from ppn_bayes.compare.outputs import markdown_table, write_outputs
 from ppn_bayes.errors import ConfigError, RunError
 
 SIZES = [0.8, 0.55]
@@ -189,6 +191,7 @@ MARGIN_ARGV = ["--sizes", "0.7", "--methods", "gisp", "--gisp-objective", "margi
 
 def test_cli_gisp_margin_reaches_gisp(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     import ppn_bayes.baselines.gisp as gisp_mod
+    import ppn_bayes.compare.comparison as comparison_mod
     from ppn_bayes.data.tasks.choices import ChoiceExample
 
     seen = {}
@@ -198,7 +201,7 @@ def test_cli_gisp_margin_reaches_gisp(tiny_llama_dir, tmp_path, capsys, monkeypa
         seen.update(kw)
         return real(*args, **kw)
 
-    monkeypatch.setattr(gisp_mod, "gisp", spy)
+    monkeypatch.setattr(comparison_mod, "gisp", spy)  # where compare() calls it
     code = main(["compare", "--model", str(tiny_llama_dir), *MARGIN_ARGV, "--gisp-choices", "3",
                  "--out", str(tmp_path / "o"), "--json"])
     assert code == 0
@@ -295,7 +298,7 @@ def test_cli_choices_file_is_used(tiny_llama_dir, tmp_path, capsys):
 def test_a_dense_model_that_cannot_decode_says_why_and_a_pruned_one_raises():
     """The speedup column is blank only when the dense model itself cannot decode, with the reason in
     the config; a pruned model failing where the dense one decodes is a bug and is not swallowed."""
-    from ppn_bayes.compare import Bench
+    from ppn_bayes.compare.bench import Bench
 
     class NoCache(torch.nn.Module):
         def __init__(self, inner):
@@ -321,7 +324,7 @@ def test_a_dense_model_that_cannot_decode_says_why_and_a_pruned_one_raises():
 def test_compare_takes_a_typed_options_object_and_refuses_unknown_options():
     """``compare(..., options)`` and the same fields as keywords are one thing; a misspelt option is a
     one-line error naming the known ones, not a silently ignored keyword."""
-    from ppn_bayes.compare import CompareOptions
+    from ppn_bayes.compare.options import CompareOptions
 
     model = tiny_model("llama")
     b = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))

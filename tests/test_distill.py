@@ -243,7 +243,7 @@ def test_heal_with_distillation_lowers_the_kl_to_the_dense_model_and_the_teacher
 
     from ppn_bayes.backbone.materialize import materialize
     from ppn_bayes.baselines.shortgpt import shortgpt
-    from ppn_bayes.compare import heal
+    from ppn_bayes.compare.healing import heal
 
     dense = tiny_model("llama", intermediate_size=128)
     g = torch.Generator().manual_seed(0)
@@ -267,7 +267,7 @@ def test_heal_with_distillation_lowers_the_kl_to_the_dense_model_and_the_teacher
 
 
 def test_ppn_healed_rows_heal_each_size_from_the_same_run(tiny_run, tiny_llama_dir, tiny_tokenizer):
-    from ppn_bayes.compare import compare
+    from ppn_bayes.compare.comparison import compare
     from ppn_bayes.hub.zoo import load_model
 
     model, _ = load_model(tiny_llama_dir)

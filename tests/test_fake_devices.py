@@ -385,11 +385,11 @@ def test_bf16_threshold_arithmetic_would_be_caught():
 def test_decode_timers_synchronize_the_device(tiny_gated, monkeypatch):
     """``ppn compare``'s decode time and the speed bench share one timer, which waits for the device
     before reading the clock (CUDA kernels run asynchronously)."""
-    import ppn_bayes.device as device_mod
-    from ppn_bayes.compare import decode_seconds
+    import ppn_bayes.evaluation.bench as bench_mod
+    from ppn_bayes.compare.bench import decode_seconds
 
     calls = []
-    monkeypatch.setattr(device_mod, "synchronize", lambda device: calls.append(torch.device(device)))
+    monkeypatch.setattr(bench_mod, "synchronize", lambda device: calls.append(torch.device(device)))
     prompt = torch.zeros(1, 4, dtype=torch.long)
     assert decode_seconds(tiny_gated.remove_hooks(), prompt, 3, trials=2) >= 0
     assert calls == [torch.device("cpu")] * 6  # before prefill, after prefill, after decode; per trial

@@ -1,6 +1,6 @@
 """``ppn compare``: PPN and its peers on the same model, calibration and test data (one table).
 
-Thin: parses flags, loads the model and the blocks, calls :func:`ppn_bayes.compare.compare` and
+Thin: parses flags, loads the model and the blocks, calls :func:`ppn_bayes.compare.comparison.compare` and
 writes/prints what it returns. See ``docs/compare.md``.
 """
 
@@ -81,7 +81,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError("--gisp-choices and --gisp-choices-file apply to the margin objective; "
                           "add --gisp-objective margin")
     from ppn_bayes.baselines.gisp import check_step
-    from ppn_bayes.compare import check_heal_loss
+    from ppn_bayes.compare.healing import check_heal_loss
     from ppn_bayes.config import check_seed
 
     check_heal_loss(args.heal_loss)
@@ -130,7 +130,7 @@ def _choice_items(args: argparse.Namespace, methods: list[str]) -> tuple[list[di
 
 
 def _methods(args: argparse.Namespace) -> list[str]:
-    from ppn_bayes.compare import PEERS, check_methods
+    from ppn_bayes.compare.options import PEERS, check_methods
 
     if args.methods:
         return check_methods(args.methods.split(","))
@@ -148,7 +148,7 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     from ppn_bayes.baselines import check_sizes
-    from ppn_bayes.compare import check_out
+    from ppn_bayes.compare.outputs import check_out
     from ppn_bayes.device import resolve_device
     from ppn_bayes.files import writer_lock
 
@@ -168,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, sizes: list[float], methods: list[str], items: list[dict] | None,
          choice_info: dict[str, Any], device: Any) -> int:
-    from ppn_bayes.compare import CompareOptions, compare, markdown_table, write_outputs
+    from ppn_bayes.compare.comparison import compare
+    from ppn_bayes.compare.options import CompareOptions
+    from ppn_bayes.compare.outputs import markdown_table, write_outputs
     from ppn_bayes.data.corpus import calibration_blocks, token_blocks
     from ppn_bayes.hub.zoo import load_model, resolve_model
 

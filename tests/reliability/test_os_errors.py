@@ -37,12 +37,14 @@ def enospc(path) -> OSError:
 @pytest.fixture
 def no_load(monkeypatch):
     """Fail the test if a model is loaded: the error must come before the expensive work."""
+    from ppn_bayes import demo
     from ppn_bayes.hub import zoo
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the output was checked")
 
     monkeypatch.setattr(zoo, "load_model", boom)
+    monkeypatch.setattr(demo, "load_model", boom)  # ppn demo's own reference (imported at its top)
 
 
 def commands(tmp: Path, out: Path, own_run: Path, recipe: Path) -> dict[str, list]:
