@@ -217,9 +217,9 @@ def test_sandwich_with_distillation_resumes_like_an_uninterrupted_run(tiny_llama
 
     with pytest.raises(KeyboardInterrupt):
         fit(r, out=tmp_path / "cut", progress=False, callbacks=[stop])
-    from ppn_bayes.training import rundir
+    from ppn_bayes.training import checkpoint_files
 
-    assert rundir.load_checkpoint(rundir.find_checkpoint(tmp_path / "cut"))["trainer"]["step"] == 2
+    assert checkpoint_files.load_checkpoint(checkpoint_files.find_checkpoint(tmp_path / "cut"))["trainer"]["step"] == 2
     resumed = fit(None, out=tmp_path / "cut", resume=True, progress=False)  # step 3 only, from the checkpoint
     for name in ("guide.safetensors", "push.safetensors", "adapter.safetensors"):
         a, b = load_file(str(whole.path / name)), load_file(str(resumed.path / name))

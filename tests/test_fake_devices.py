@@ -136,6 +136,7 @@ def test_build_and_one_objective_pass_on_meta(tiny_llama_dir, corpus, tmp_path, 
     """``train.build`` with the model on a non-CPU device, then the ELBO's forward pass: every tensor the
     session makes is on that device (a CPU tensor mixed in raises on meta as it would on CUDA)."""
     from ppn_bayes.hub import zoo
+    from ppn_bayes.training import build as build_mod
     from ppn_bayes.training.build import build
 
     load = zoo.load_model
@@ -144,7 +145,7 @@ def test_build_and_one_objective_pass_on_meta(tiny_llama_dir, corpus, tmp_path, 
         model, tok = load(path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
         return model.to(META), tok
 
-    monkeypatch.setattr(zoo, "load_model", load_on_meta)
+    monkeypatch.setattr(build_mod, "load_model", load_on_meta)  # build's own reference (imported at its top)
     for weights, guide in (("lora", "mean_field"), ("full", "low_rank")):
         recipe = recipe_from_dict({
             # the data score anchor needs real activations (a meta tensor has no values): norms here

@@ -12,7 +12,7 @@ import torch
 from ppn_bayes.config import recipe_from_dict
 from ppn_bayes.errors import RunError
 from ppn_bayes.run import fit, load_run
-from ppn_bayes.training import rundir
+from ppn_bayes.training import checkpoint_files, rundir
 
 
 def recipe(model_dir, corpus, **train):
@@ -27,7 +27,7 @@ def finished(tiny_llama_dir, corpus, tmp_path_factory):
 
 
 def _ckpt(run_dir: Path, step: int) -> None:
-    rundir.save_checkpoint(run_dir, {"w": torch.full((3,), float(step))}, {"torch_cpu": torch.get_rng_state()},
+    checkpoint_files.save_checkpoint(run_dir, {"w": torch.full((3,), float(step))}, {"torch_cpu": torch.get_rng_state()},
                            {"state": {}, "param_groups": []}, {"step": step})
 
 
@@ -35,15 +35,15 @@ def test_checkpoint_swap_keeps_one_complete_checkpoint(tmp_path):
     _ckpt(tmp_path, 1)
     _ckpt(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # old one removed after the swap
-    assert rundir.load_checkpoint(rundir.find_checkpoint(tmp_path))["trainer"]["step"] == 2
+    assert checkpoint_files.load_checkpoint(checkpoint_files.find_checkpoint(tmp_path))["trainer"]["step"] == 2
     # A kill between the two renames leaves only checkpoint.old (complete) and a finished temp dir.
     os.replace(tmp_path / "checkpoint", tmp_path / "checkpoint.old")
-    assert rundir.find_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
+    assert checkpoint_files.find_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
     # A half-written temp dir is never taken for a checkpoint, and is cleaned on resume.
     (tmp_path / "checkpoint.tmp-123").mkdir()
     (tmp_path / "checkpoint.tmp-123" / "state.safetensors").write_bytes(b"\x00" * 5)
-    assert rundir.find_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
-    rundir.clean_stale(tmp_path)
+    assert checkpoint_files.find_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
+    checkpoint_files.clean_stale(tmp_path)
     assert not (tmp_path / "checkpoint.tmp-123").exists() and (tmp_path / "checkpoint.old").is_dir()
 
 
@@ -52,7 +52,7 @@ def test_truncated_checkpoint_file_is_a_one_line_run_error(tmp_path):
     path = tmp_path / "checkpoint" / "state.safetensors"
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(RunError, match="unreadable"):
-        rundir.load_checkpoint(tmp_path / "checkpoint")
+        checkpoint_files.load_checkpoint(tmp_path / "checkpoint")
 
 
 def test_manifest_and_files_of_a_finished_run(finished, tiny_llama_dir):

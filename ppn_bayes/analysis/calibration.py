@@ -72,6 +72,7 @@ from ppn_bayes.config import recipe_from_dict
 from ppn_bayes.data.corpus import block_units
 from ppn_bayes.errors import ConfigError, DataError, RunError
 from ppn_bayes.files import atomic_save_tensors, writer_lock
+from ppn_bayes.training import rundir
 
 METHOD = "information matching, k / tr(J^-1 I) over chapters, Gauss-Newton curvature"
 GRADIENTS = "calibration.safetensors"
@@ -227,7 +228,6 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
     starts from the posterior the run was trained with."""
     if beta is not None and not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ConfigError(f"--beta must be a finite number > 0, got {beta}")
-    from ppn_bayes.training import rundir
 
     run_dir = Path(run_dir)
     with writer_lock(run_dir, "ppn calibrate"):

@@ -31,6 +31,9 @@ from typing import Literal
 
 import torch
 
+from ppn_bayes.errors import ConfigError, SizeError
+from ppn_bayes.schema import Int, List, Obj, validate
+
 UnitKind = Literal["layers", "heads", "groups"]
 ALL_KINDS: tuple[UnitKind, ...] = ("layers", "heads", "groups")
 
@@ -82,8 +85,6 @@ class KeepSet:
     def from_dict(cls, d: dict, where: str = "keep-set") -> KeepSet:
         """The JSON form back, strictly: indices must be JSON integers (``1.7`` or ``true`` is an error,
         never read as layer 1), pairs must be pairs; a one-line ConfigError names ``where`` and the field."""
-        from ppn_bayes.errors import ConfigError
-        from ppn_bayes.schema import Int, List, Obj, validate
 
         pair = List(Int(0), length=2)
         validate(d, Obj(required={"layers": List(Int(0))}, optional={"heads": List(pair), "groups": List(pair)}),
@@ -122,12 +123,10 @@ class UnitInventory:
     def __post_init__(self) -> None:
         bad = [k for k in self.kinds if k not in ALL_KINDS]
         if bad:
-            from ppn_bayes.errors import ConfigError
 
             raise ConfigError(f"unknown unit kind(s) {bad}; choose from {list(ALL_KINDS)}")
         self.kinds = tuple(k for k in ALL_KINDS if k in self.kinds)
         if self.group_size < 1 or self.group_size > self.dims.intermediate:
-            from ppn_bayes.errors import ConfigError
 
             raise ConfigError(
                 f"group_size {self.group_size} must be between 1 and the MLP width {self.dims.intermediate}"
@@ -240,7 +239,6 @@ class UnitInventory:
         Heads/groups of dropped layers are removed; if heads (groups) are not gated, every head
         (group) of each kept layer is kept. Out-of-range indices raise a one-line error.
         """
-        from ppn_bayes.errors import SizeError
 
         L, H, G = self.num_layers, self.num_heads, self.num_groups
         layers = sorted({int(l) for l in keep.layers}) if "layers" in self.kinds else list(range(L))

@@ -42,6 +42,7 @@ import torch
 
 from ppn_bayes.errors import DataError
 from ppn_bayes.files import atomic_write_with, sha256_file
+from ppn_bayes.hub.zoo import ppn_home
 from ppn_bayes.schema import short
 
 BUNDLED_DIR = Path(__file__).resolve().parent
@@ -61,7 +62,6 @@ _FORMAT = 1  # bump when the packing rule changes, to invalidate old cache entri
 
 
 def _ppn_home() -> Path:
-    from ppn_bayes.hub.zoo import ppn_home
 
     return ppn_home()
 

@@ -122,7 +122,6 @@ def group_hparams(recipe: Recipe, name: str) -> dict[str, Any]:
 def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: torch.device | None = None
           ) -> Session:
     """Load the base model and data and build model, guide, adapters, optimizer (one process's share)."""
-    from ppn_bayes.hub.zoo import load_model
 
     t = recipe.train
     device = device or torch.device("cpu")

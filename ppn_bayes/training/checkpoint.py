@@ -4,7 +4,7 @@
 memory, one tensor at a time) the posterior files, the trained weights
 (``weights.safetensors`` or ``adapter.safetensors``) and the checkpoint (tensors, RNG states,
 optimizer state, trainer counters; written next to the current one and swapped in, see
-:func:`ppn_bayes.training.rundir.save_checkpoint`). :func:`restore` loads a checkpoint back into a session on
+:func:`ppn_bayes.training.checkpoint_files.save_checkpoint`). :func:`restore` loads a checkpoint back into a session on
 every rank. The file formats are :mod:`ppn_bayes.run`'s; this module maps a session onto them.
 """
 
@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ppn_bayes.bayes.posterior import save_posterior
 from ppn_bayes.config import dump_recipe
 from ppn_bayes.errors import RunError
 from ppn_bayes.schema import check_shapes
-from ppn_bayes.training import rundir
+from ppn_bayes.training import checkpoint_files, rundir
 from ppn_bayes.training.distributed import barrier, gather_to_host, is_sharded, shard_like
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def restore(s: Session, ckpt: dict[str, Any]) -> int:
     hyperparameters come back as saved (:func:`ppn_bayes.training.loop.fit` then applies the recipe's).
     Checkpoints hold whole tensors, so one written by any number of processes, DDP or FSDP, loads
     into any other."""
-    fix = rundir.checkpoint_fix(s.run_dir / rundir.CHECKPOINT)
+    fix = checkpoint_files.checkpoint_fix(s.run_dir / rundir.CHECKPOINT)
     try:
         check_shapes({k: tuple(v.shape) for k, v in ckpt["tensors"].items()}, state_shapes(s),
                      f"{s.run_dir / rundir.CHECKPOINT}/state.safetensors", fix)
@@ -87,7 +88,7 @@ def restore(s: Session, ckpt: dict[str, Any]) -> int:
                     if torch.is_tensor(v) and v.shape == p.shape:
                         state[k] = shard_like(p, v)
     rng = ckpt["rng"]
-    lost = [k for k in rundir.RNG_STATES if k not in rng]
+    lost = [k for k in checkpoint_files.RNG_STATES if k not in rng]
     if lost:
         raise RunError(f"{s.run_dir / rundir.CHECKPOINT}/rng.safetensors lacks the random state {lost[0]}; {fix}")
     torch.set_rng_state(rng["torch_cpu"])
@@ -140,7 +141,6 @@ def save(s: Session, step: int) -> None:
     the longest wait of a run (minutes for a multi-GB checkpoint): the process group's timeout,
     :data:`~ppn_bayes.training.distributed.DIST_TIMEOUT_S` (``PPN_DIST_TIMEOUT_S``), is sized to cover it.
     """
-    from ppn_bayes.bayes.posterior import save_posterior
 
     r = s.recipe
     tensors = state_tensors(s)
@@ -154,6 +154,6 @@ def save(s: Session, step: int) -> None:
         rng = {"torch_cpu": torch.get_rng_state(), "model_generator": s.generator.get_state()}
         trainer = {"step": step, "seconds": s.seconds, "world_size": s.world,
                    "recipe_sha256": hashlib.sha256(dump_recipe(r).encode()).hexdigest()}
-        rundir.save_checkpoint(s.run_dir, tensors, rng, opt, trainer)
+        checkpoint_files.save_checkpoint(s.run_dir, tensors, rng, opt, trainer)
         rundir.update_manifest(s.run_dir, steps_done=step, checkpoint_step=step)
     barrier(s)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ppn_bayes.config import Recipe
+from ppn_bayes.device import resolve_device
 from ppn_bayes.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -80,7 +81,6 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
     makes it current before the process group and FSDP's device mesh exist (both use the current
     device); the group waits up to :func:`dist_timeout` in any collective.
     """
-    from ppn_bayes.device import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pyro import poutine
 
+from ppn_bayes.backbone.perplexity import perplexity
 from ppn_bayes.training import rundir
 from ppn_bayes.training.distributed import barrier, is_sharded
 
@@ -36,7 +37,6 @@ def heldout(gated, ppn, guide, blocks: torch.Tensor, lambdas: list[float], batch
     above 1/2 (nesting applied), with the amplitude corrections of that price; ``size`` is the kept
     fraction of decoder FLOPs (exact, GQA-aware).
     """
-    from ppn_bayes.backbone.perplexity import perplexity
 
     out: dict[str, Any] = {"dense": perplexity(gated, blocks, batch_size, autocast_dtype=autocast_dtype)["nll"],
                            "lambdas": []}

@@ -40,10 +40,15 @@ import pyro
 import torch
 import torch.distributed as dist
 
+from ppn_bayes.bayes.guides import guide_summary
+from ppn_bayes.bayes.lambda_star import solve_lambda
+from ppn_bayes.bayes.unit_table import parse_target
 from ppn_bayes.config import Recipe, apply_overrides, load_recipe, recipe_from_dict
 from ppn_bayes.device import synchronize
-from ppn_bayes.errors import ConfigError, NumericalError, RunError
-from ppn_bayes.training import rundir
+from ppn_bayes.errors import ConfigError, NumericalError, OutputError, RunError
+from ppn_bayes.files import check_no_overlap, check_owned, check_writable, writer_lock
+from ppn_bayes.hub.zoo import model_identity
+from ppn_bayes.training import checkpoint_files, rundir
 from ppn_bayes.training.build import build, group_hparams
 from ppn_bayes.training.checkpoint import restore, save
 from ppn_bayes.training.distributed import (
@@ -54,7 +59,7 @@ from ppn_bayes.training.distributed import (
     is_sharded,
     reduce_mean,
 )
-from ppn_bayes.training.heldout import evaluate
+from ppn_bayes.training.heldout import evaluate, median_scores
 from ppn_bayes.training.schedule import (
     batch_indices,
     group_multiplier,
@@ -63,11 +68,11 @@ from ppn_bayes.training.schedule import (
     total_steps,
 )
 from ppn_bayes.training.session import Session
+from ppn_bayes.version import __version__
 
 
 def log_guide(s: Session, step: int) -> dict[str, Any] | None:
     """Append the ``guide`` record (guides.guide_summary) for the state after ``step`` steps."""
-    from ppn_bayes.bayes.guides import guide_summary
 
     summary = guide_summary(s.guide, s.ppn.prior, s.guide_init)
     if not summary:
@@ -125,10 +130,6 @@ def sandwich_prices(s: Session, step: int) -> list[float]:
     from a generator seeded by ``(seed, step)`` alone (stream 2), so a resumed run draws the same prices.
     """
     from types import SimpleNamespace
-
-    from ppn_bayes.bayes.lambda_star import solve_lambda
-    from ppn_bayes.bayes.unit_table import parse_target
-    from ppn_bayes.training.heldout import median_scores
 
     t, ppn = s.recipe.train, s.ppn
     with torch.no_grad():
@@ -270,7 +271,6 @@ def _check_dir(run_dir: Path, resume: bool, recipe: Recipe | None = None,
     :func:`_init_dir`); anything else is somebody's directory and is never written into, ``--resume``
     or not.
     """
-    from ppn_bayes.files import check_no_overlap, check_owned, check_writable
 
     if os.path.lexists(run_dir) and not run_dir.is_dir():
         raise RunError(f"--out {run_dir} is a file; pass a directory for the run")
@@ -310,13 +310,11 @@ def _init_dir(run_dir: Path, recipe: Recipe) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return
-    rundir.clean_stale(run_dir)
+    checkpoint_files.clean_stale(run_dir)
     rundir.write_config(run_dir, recipe)
 
 
 def _manifest_start(s: Session) -> None:
-    from ppn_bayes.hub.zoo import model_identity
-    from ppn_bayes.version import __version__
 
     r = s.recipe
     rundir.update_manifest(
@@ -370,8 +368,6 @@ def _run_lock(run_dir: Path, rank: int, world: int):
     Under torchrun every rank learns whether rank 0 got it, so a refused lock stops all ranks with the
     same one-line error instead of leaving the others waiting in a collective.
     """
-    from ppn_bayes.errors import OutputError
-    from ppn_bayes.files import writer_lock
 
     with contextlib.ExitStack() as stack:
         refused = None
@@ -397,7 +393,7 @@ def _discard_unstarted(run_dir: Path, err: BaseException, existed: bool) -> None
 
     if isinstance(err, (KeyboardInterrupt, NumericalError)) or not run_dir.is_dir():
         return
-    if rundir.find_checkpoint(run_dir) is None:
+    if checkpoint_files.find_checkpoint(run_dir) is None:
         shutil.rmtree(run_dir, ignore_errors=True)
         if existed:
             run_dir.mkdir(exist_ok=True)
@@ -409,8 +405,8 @@ def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, 
         return rundir.open_run(run_dir)
     # The checkpoint is read and validated before the model loads, and restored (its shapes checked
     # against the session) before the run directory is touched: a damaged checkpoint changes nothing.
-    ckpt_dir = rundir.find_checkpoint(run_dir) if resume else None
-    ckpt = rundir.load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    ckpt_dir = checkpoint_files.find_checkpoint(run_dir) if resume else None
+    ckpt = checkpoint_files.load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
     s = build(r, run_dir, rank, world, device)
     start = 0
     if ckpt is not None:

@@ -1,4 +1,4 @@
-"""The run directory that ``ppn fit`` writes, its crash-safe checkpoint, and :class:`RunDir`, the directory opened.
+"""The run directory that ``ppn fit`` writes, and :class:`RunDir`, the directory opened for reading.
 
 Layout of a run directory::
 
@@ -13,11 +13,7 @@ Layout of a run directory::
 
 Why it is crash-safe: every file outside ``checkpoint/`` is written to a temporary name in the same
 directory and renamed into place (``os.replace`` is atomic), and metrics lines are appended with one
-``write`` each. A checkpoint is a *directory* of files that must agree with each other, so it is
-written whole into ``checkpoint.tmp-<pid>/`` (each file fsynced), then ``checkpoint/`` is renamed to
-``checkpoint.old/``, the new one renamed to ``checkpoint/``, and only then is the old one deleted. At every
-instant one complete checkpoint exists (``checkpoint/``, or between the two renames
-``checkpoint.old/``); :func:`find_checkpoint` knows both.
+``write`` each. The checkpoint directory has its own protocol: :mod:`ppn_bayes.training.checkpoint_files`.
 """
 
 from __future__ import annotations
@@ -26,21 +22,20 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from ppn_bayes.backbone.gated import gate
 from ppn_bayes.backbone.units import UnitInventory
 from ppn_bayes.bayes.posterior import Posterior
 from ppn_bayes.config import Recipe, dump_recipe, load_recipe
 from ppn_bayes.errors import ConfigError, RunError
 from ppn_bayes.files import atomic_save_tensors, atomic_write_bytes
+from ppn_bayes.hub.zoo import load_model, model_identity, resolve_model
 from ppn_bayes.schema import (
     RUN_FIX,
-    AnyValue,
     Bool,
     Int,
     Invalid,
@@ -57,8 +52,8 @@ from ppn_bayes.schema import (
     load_jsonl,
     load_tensors,
     tensor_header,
-    validate,
 )
+from ppn_bayes.training.lora import LoRA
 
 CONFIG, MANIFEST, METRICS = "config.yaml", "manifest.json", "metrics.jsonl"
 WEIGHTS, ADAPTER = "weights.safetensors", "adapter.safetensors"
@@ -196,123 +191,6 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     atomic_write_bytes(Path(run_dir) / METRICS, data.encode())
 
 
-# ------------------------------------------------------------------------------------------ checkpoint
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], rng: dict[str, torch.Tensor],
-                    optimizer_state: dict, trainer: dict) -> None:
-    """Write a complete checkpoint next to the current one, then swap it in (see module docstring)."""
-    run_dir = Path(run_dir)
-    tmp = run_dir / f"{CHECKPOINT}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-        save_file({k: v.detach().cpu().contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n", encoding="utf-8")
-        for name in CKPT_FILES:
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
-    except BaseException:  # a full disk: the previous checkpoint stays, the half-written one goes
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    current, old = run_dir / CHECKPOINT, run_dir / CHECKPOINT_OLD
-    if current.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(current, old)
-    os.replace(tmp, current)
-    _fsync_dir(run_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint of a run: ``checkpoint/``, else ``checkpoint.old/`` (a swap was cut short)."""
-    for name in (CHECKPOINT, CHECKPOINT_OLD):
-        path = Path(run_dir) / name
-        if path.is_dir() and all((path / f).is_file() for f in CKPT_FILES):
-            return path
-    return None
-
-
-def clean_stale(run_dir: Path) -> None:
-    """Remove half-written checkpoint directories and temporary files left by a killed run."""
-    run_dir = Path(run_dir)
-    for path in run_dir.glob(f"{CHECKPOINT}.tmp-*"):
-        shutil.rmtree(path, ignore_errors=True)
-    if (run_dir / CHECKPOINT).is_dir() and find_checkpoint(run_dir) == run_dir / CHECKPOINT:
-        shutil.rmtree(run_dir / CHECKPOINT_OLD, ignore_errors=True)
-    for path in run_dir.iterdir():  # atomic_write_bytes / atomic_save_tensors temp names: ".<name>.<random>"
-        if path.is_file() and any(path.name.startswith(f".{k}.") for k in RUN_FILES):
-            path.unlink(missing_ok=True)
-
-
-RNG_STATES = ("torch_cpu", "model_generator")  # 1-d uint8 random states (torch.get_rng_state's form)
-
-
-def checkpoint_fix(path: Path) -> str:
-    return f"delete {path} to restart the run from scratch, or restore it from a copy"
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """``{"tensors", "rng", "optimizer", "trainer"}`` of a checkpoint directory, each file validated
-    (``trainer.json`` against its schema, the RNG states by name and dtype, every tensor finite, the
-    optimizer state read weights-only and shaped like an optimizer state); one-line errors.
-    The tensors' names and shapes are checked against the session by :func:`ppn_bayes.training.checkpoint.restore`."""
-    path = Path(path)
-    fix = checkpoint_fix(path)
-    trainer = load_json(path / "trainer.json", TRAINER_SCHEMA, fix)
-    rng_file = path / "rng.safetensors"
-    header = tensor_header(rng_file, fix)
-    for name, (shape, dtype) in header.items():
-        if name not in RNG_STATES or dtype != "U8" or len(shape) != 1:
-            raise RunError(f"{rng_file}: tensor {name} is not one of the 1-d uint8 random states "
-                           f"{', '.join(RNG_STATES)}; {fix}")
-    rng = load_tensors(rng_file, fix)
-    tensors = load_tensors(path / "state.safetensors", fix)
-    optimizer = _load_optimizer(path / "optimizer.pt", fix)
-    return {"tensors": tensors, "rng": rng, "optimizer": optimizer, "trainer": trainer}
-
-
-def _load_optimizer(path: Path, fix: str) -> dict:
-    """The optimizer state, unpickled weights-only (tensors, numbers, strings, containers: never code).
-
-    A file that needs anything else was not written by ppn-bayes: it is refused as damaged or untrusted,
-    and the message never suggests loading it with fewer restrictions.
-    """
-    check_path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise RunError(f"{path} is missing; {fix}") from None
-    except Exception:  # noqa: BLE001 - refused globals (UnpicklingError), truncation, bad magic: all the same here
-        raise RunError(f"{path} is damaged or untrusted (not an optimizer state of plain tensors and numbers, "
-                       f"so it is not loaded); {fix}") from None
-    return validate(state, OPTIMIZER_SCHEMA, str(path), fix)
-
-
-OPTIMIZER_SCHEMA = Obj(required={"state": Map(Map(AnyValue())), "param_groups": List(Obj(required={
-    "params": List(Int(0)), "lr": Num(0), "weight_decay": Num(0)}))})
-
-
 # ----------------------------------------------------------------------------------------------- exports
 
 
@@ -420,13 +298,11 @@ class RunDir:
         recorded = self.manifest.get("base", {}).get("path")
         if recorded and Path(recorded).is_dir():
             return Path(recorded)
-        from ppn_bayes.hub.zoo import resolve_model
 
         return resolve_model(self.recipe.model.name, trust_remote_code=self.recipe.model.trust_remote_code)
 
     def check_base(self, model_path: str | os.PathLike[str]) -> None:
         """Raise a RunError unless ``model_path`` is the base model this run was trained on."""
-        from ppn_bayes.hub.zoo import model_identity
 
         want = self.manifest.get("base", {})
         have = model_identity(model_path)
@@ -443,9 +319,6 @@ class RunDir:
         merged into the projections (``merge=False`` keeps it as hooks, see :mod:`ppn_bayes.training.lora`).
         The push's amplitude corrections and thresholds are in ``self.posterior.push``.
         """
-        from ppn_bayes.backbone.gated import gate
-        from ppn_bayes.hub.zoo import load_model
-        from ppn_bayes.training.lora import LoRA
 
         path = self.base_path()
         self.check_base(path)

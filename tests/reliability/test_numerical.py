@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from ppn_bayes.config import recipe_from_dict
 from ppn_bayes.errors import NumericalError
 from ppn_bayes.run import fit
-from ppn_bayes.training import rundir
+from ppn_bayes.training import checkpoint_files, rundir
 
 POISON_AT = 3  # 0-based index of the step that goes wrong, i.e. step 4; checkpoints every 2 steps
 
@@ -54,7 +54,7 @@ def test_nan_in_the_likelihood_names_tokens_and_the_step_and_resume_recovers(tin
     assert "--resume" in msg and "\n" not in msg
     manifest = rundir.read_json(out / "manifest.json")
     assert manifest["status"] == "failed" and "tokens=nan" in manifest["error"]
-    ckpt = rundir.load_checkpoint(rundir.find_checkpoint(out))
+    ckpt = checkpoint_files.load_checkpoint(checkpoint_files.find_checkpoint(out))
     assert ckpt["trainer"]["step"] == 2 and manifest["steps_done"] == 2  # the last good checkpoint is kept
     for k, v in ckpt["tensors"].items():
         assert torch.isfinite(v).all(), k

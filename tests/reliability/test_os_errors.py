@@ -37,14 +37,23 @@ def enospc(path) -> OSError:
 @pytest.fixture
 def no_load(monkeypatch):
     """Fail the test if a model is loaded: the error must come before the expensive work."""
-    from ppn_bayes import demo
+    import importlib
+    import pkgutil
+
+    import ppn_bayes
     from ppn_bayes.hub import zoo
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the output was checked")
 
+    # every module that imported zoo's load_model at its top holds its own reference: replace each
+    for info in pkgutil.walk_packages(ppn_bayes.__path__, "ppn_bayes."):
+        if "triton" in info.name or info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        if getattr(module, "load_model", None) is zoo.load_model:
+            monkeypatch.setattr(module, "load_model", boom)
     monkeypatch.setattr(zoo, "load_model", boom)
-    monkeypatch.setattr(demo, "load_model", boom)  # ppn demo's own reference (imported at its top)
 
 
 def commands(tmp: Path, out: Path, own_run: Path, recipe: Path) -> dict[str, list]:
@@ -176,11 +185,11 @@ def test_disk_full_after_a_checkpoint_leaves_a_resumable_run(own_run, text_corpu
                                                              monkeypatch):
     """Once a checkpoint exists the run is kept (marked failed); a plain rerun says to resume, and
     ``--resume`` finishes it."""
-    from ppn_bayes.training import rundir
+    from ppn_bayes.training import checkpoint_files
 
     recipe = write(inputs / "four.yaml", recipe_text(own_run.parent / "base", text_corpus).replace(
         "steps: 2", "steps: 4\n  checkpoint_every: 2"))
-    real, calls = rundir.save_checkpoint, []
+    real, calls = checkpoint_files.save_checkpoint, []
 
     def second_fails(run_dir, *a, **k):
         calls.append(run_dir)
@@ -188,10 +197,10 @@ def test_disk_full_after_a_checkpoint_leaves_a_resumable_run(own_run, text_corpu
             raise enospc(Path(run_dir) / "checkpoint.tmp" / "state.safetensors")
         return real(run_dir, *a, **k)
 
-    monkeypatch.setattr(rundir, "save_checkpoint", second_fails)
+    monkeypatch.setattr(checkpoint_files, "save_checkpoint", second_fails)
     out = tmp_path / "run"  # outside the watched working directory: this run is meant to stay
     fails(capsys, ["fit", recipe, "--out", out, "--no-progress"], "No space left on device")
-    monkeypatch.setattr(rundir, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoint_files, "save_checkpoint", real)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["steps_done"] == 2
     fails(capsys, ["fit", recipe, "--out", out, "--no-progress"], "already holds a run", "--resume")

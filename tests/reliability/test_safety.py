@@ -102,7 +102,7 @@ def test_trust_remote_code_is_never_switched_on_by_the_library(trees):
 
 # torch.save is allowed only for optimizer/RNG/trainer state (never model weights), and only where
 # the matching torch.load uses weights_only=True (checked above). Weights always go to safetensors.
-TORCH_SAVE_ALLOWED = {"rundir.py": "optimizer state of a resumable checkpoint"}
+TORCH_SAVE_ALLOWED = {"checkpoint_files.py": "optimizer state of a resumable checkpoint"}
 
 
 def test_weights_are_written_only_as_safetensors(trees):

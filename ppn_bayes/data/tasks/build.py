@@ -29,6 +29,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ppn_bayes.data.corpus import load_corpus
+from ppn_bayes.data.tasks import DATA_FILE
+from ppn_bayes.files import atomic_write_bytes
+
 NUM_ITEMS = 100
 NUM_CHOICES = 4
 SEED = "ppn-persuasion-cloze-v1"
@@ -140,9 +144,6 @@ def render(items: list[dict]) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ppn_bayes.data.corpus import load_corpus
-    from ppn_bayes.data.tasks import DATA_FILE
-    from ppn_bayes.files import atomic_write_bytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DATA_FILE, help=f"output JSONL (default: {DATA_FILE})")

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ppn_bayes.data.corpus import CHAPTER_HEADING
+from ppn_bayes.data.corpus import CHAPTER_HEADING, load_corpus
+from ppn_bayes.data.tasks.build import build_items
+from ppn_bayes.data.tasks.loader import DATA_FILE, read_items
 from ppn_bayes.errors import ConfigError, DataError
 
 
@@ -60,8 +62,6 @@ def numbered_chapters(text: str) -> str:
 
 def calibration_items(n: int = DEFAULT_CHOICES, seed: str = CALIBRATION_SEED) -> list[dict[str, Any]]:
     """``n`` cloze items (the shipped task's format) from the bundled *train* novels; see the module docstring."""
-    from ppn_bayes.data.corpus import load_corpus
-    from ppn_bayes.data.tasks.build import build_items
 
     if n < 1:
         raise ConfigError(f"--gisp-choices {n} must be at least 1")
@@ -130,7 +130,6 @@ def read_choices_file(path: str | Path) -> list[dict[str, Any]]:
 
 def overlap_with_task(items: Sequence[dict[str, Any]], task_file: str | Path | None = None) -> int:
     """How many ``items`` have a context that is also one of the shipped evaluation task's."""
-    from ppn_bayes.data.tasks.loader import DATA_FILE, read_items
 
     contexts = {" ".join(it["context"].split()) for it in read_items(Path(task_file or DATA_FILE))}
     return sum(" ".join(it["context"].split()) in contexts for it in items)
