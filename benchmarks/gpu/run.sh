@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, in one call: the tests that need CUDA, a bf16 fit with activation checkpointing, the
-# speed bench (layer and ragged keep-sets, against the FLOPs ideal), the PrunePath Triton kernel, and,
-# where the bundled SmolLM2-135M is cached, the full recipe at a real budget and `ppn compare` on it.
+# speed bench (layer and ragged keep-sets, against the FLOPs ideal), the PrunePath Triton kernel, the
+# distilled one-run recipe (a timed slice on the stand-in; where the bundled SmolLM2-135M is cached, the
+# whole 1M-token budget and `ppn compare` on it) and self-speculative decoding with its keep-sets as drafts.
 # Logs and JSON go to $OUT; a short table is printed last. Each step's exit status is recorded and the
 # script goes on after a failure (a first GPU run should report every broken path, not the first).
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu/run.sh                    # on a CUDA machine (about 4-6 minutes)
+#   OUT=/tmp/gpu bash benchmarks/gpu/run.sh                    # on a CUDA machine (about 5-7 minutes with the stand-in)
 #   PPN_GPU_SMOKE=1 OUT=/tmp/gpu bash benchmarks/gpu/run.sh    # CPU smoke run of the script itself (~2 min)
 #
 # The device machine of this workplace has torch, transformers, safetensors, triton and scipy but no
@@ -30,10 +31,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PPN_HOME=
 
 if [[ "${PPN_GPU_SMOKE:-0}" == 1 ]]; then
   DEV=cpu; TINY=--tiny; FIT_STEPS=2; FULL_STEPS=2; BENCH=(--batch-sizes 1 --prompt-len 16 --new-tokens 4 --repeats 1 --warmup 0)
-  KERNEL=(--device cpu --reps 5 --hidden 64 --intermediate 128); TESTS=(tests/test_fake_devices.py -k "meta or structural")
+  KERNEL=(--device cpu --reps 5 --hidden 64 --intermediate 128); DISTILL_STEPS=2
+  SPEC=(--draft-lengths 2 --max-new-tokens 8 --repeats 1); TESTS=(tests/test_fake_devices.py -k "meta or structural")
 else
   DEV=cuda; TINY=; FIT_STEPS=40; FULL_STEPS=2000; BENCH=(--batch-sizes 1,8 --prompt-len 128 --new-tokens 64 --repeats 3)
-  KERNEL=(--device cuda --dtype bfloat16); TESTS=(tests/test_prunepath_triton.py tests/test_fake_devices.py tests/test_distributed_sizing.py -m "not slow")
+  KERNEL=(--device cuda --dtype bfloat16); DISTILL_STEPS=200
+  SPEC=(--draft-lengths 2,4 --max-new-tokens 64 --repeats 3); TESTS=(tests/test_prunepath_triton.py tests/test_fake_devices.py tests/test_distributed_sizing.py -m "not slow")
 fi
 
 ROWS=()
@@ -71,17 +74,32 @@ print(' '.join(f\\\"{x['size']}@b{x['batch']}: dec {x['decode_speedup']:.2f}x/id
   bash -c "$PY -m ppn_bayes.cli bench speed --model '$MODEL' --sizes 0.75,0.5 --device $DEV ${BENCH[*]} --json \
   > '$OUT/speed_layers.json'"
 step kernel "tail -1 $OUT/kernel.log" -- $PY benchmarks/prunepath_kernel.py "${KERNEL[@]}"
+# The distilled one-run recipe (inference/smollm2-distill.yaml: LoRA, sandwich, in-place distillation,
+# 3 passes a step) at a real budget: 2000 steps x 4 x 128 tokens = 1.02M training tokens, ~1.5 epochs
+# of the bundled corpus (~0.7M train tokens). With the real weights it runs the whole budget, then
+# `ppn compare` and `ppn speculate` on its keep-sets; with the stand-in (random weights, a device call
+# cannot carry SmolLM2) it runs a timed slice of DISTILL_STEPS and projects the budget's wall time
+# from its step rate: the CUDA path of distillation and the sandwich runs, perplexities would not mean anything.
+if [[ $REAL == 1 ]]; then DISTILL_STEPS=$FULL_STEPS; fi
+step distill "$PY -c \"import json; r=[json.loads(l) for l in open('$WORK/distill/metrics.jsonl')]; \
+r=[x for x in r if x.get('type')=='train']; s=r[-1]['seconds']; n=r[-1]['step']; \
+print(f'{n} steps x 4 x 128 tok in {s:.0f} s; 2000 steps (1.02M tok) ~ {s/n*2000/60:.1f} min')\"" -- \
+  $PY -m ppn_bayes.cli fit inference/smollm2-distill.yaml --out "$WORK/distill" --no-progress \
+  --set model.name="$MODEL" --set train.device=$DEV --set train.bf16=true --set train.batch_size=4 \
+  --set train.steps=$DISTILL_STEPS --set train.checkpoint_every=$DISTILL_STEPS --set train.log_every=1 \
+  --set train.warmup_steps=$((DISTILL_STEPS / 20)) --set train.eval_lambdas=[1.0]
+step speculate "$PY -c \"import json; r=json.load(open('$OUT/speculate.json'))['trials']; \
+print(' '.join(f\\\"{x['size']}/k{x['draft_length']}: acc {x['acceptance_rate']:.2f} {x['speedup']:.2f}x\\\" for x in r))\"" -- \
+  bash -c "$PY -m ppn_bayes.cli speculate --model '$MODEL' --run '$WORK/distill' --sizes 0.75,0.5,0.4 \
+  --prompt 'It is a truth universally acknowledged' --device $DEV ${SPEC[*]} --json > '$OUT/speculate.json'"
 if [[ $REAL == 1 ]]; then
-  # the full recipe at a real budget: 2000 steps x 4 x 128 tokens ~ 1.0M tokens, ~1.5 epochs of the bundled corpus
-  step full "grep -o '\"seconds\": [0-9.]*' $WORK/full/metrics.jsonl | tail -1" -- \
-    $PY -m ppn_bayes.cli fit inference/smollm2-full.yaml --out "$WORK/full" --no-progress \
-    --set train.device=$DEV --set train.bf16=true --set train.steps=$FULL_STEPS
-  step compare "tail -1 $OUT/compare.log" -- $PY -m ppn_bayes.cli compare --model "$MODEL" --run "$WORK/full" \
+  step compare "tail -1 $OUT/compare.log" -- $PY -m ppn_bayes.cli compare --model "$MODEL" --run "$WORK/distill" \
     --methods ppn,shortgpt,gisp,sparsegpt --sizes 0.75,0.5,0.4 --device $DEV --out "$OUT/compare"
 else
-  ROWS+=("$(printf '%-10s %4s %5s   %s' full skip - 'no cached SmolLM2-135M here: quality figures need the real weights')")
+  ROWS+=("$(printf '%-10s %4s %5s   %s' compare skip - 'no cached SmolLM2-135M here: quality figures need the real weights')")
 fi
 cp "$WORK/fit/metrics.jsonl" "$OUT/fit_metrics.jsonl" 2>/dev/null
+cp "$WORK/distill/metrics.jsonl" "$OUT/distill_metrics.jsonl" 2>/dev/null
 rm -rf "$WORK"
 echo
 echo "step       exit  time  figure"
