@@ -9,7 +9,7 @@ tokens drawn with seed 0; the first 16 x 128 tokens of the test split), and writ
 ``benchmarks/compare/<stage>.json`` so that the merge is cheap and every figure has its command:
 
 * ``peers``      GISP, ShortGPT, PrunePath, Wanda, SparseGPT, random, as published (no retraining).
-* ``ppn-frozen`` our Bayesian PPN, the demo recipe (frozen weights, layer gates, 60 steps).
+* ``ppn-frozen`` our Bayesian PPN, the demo recipe (frozen weights, layer gates, 60 joint + 60 guide-only steps).
 * ``paper-frozen`` PPN as published (``paper`` preset: heads + single neurons, no latent offsets,
   linear thresholds) with the demo's data and training budget.
 * ``ppn-lora``   our PPN trained jointly with LoRA adapters (``inference/smollm2-full.yaml``).
@@ -40,7 +40,7 @@ HEAL_SIZES = "0.75,0.5"
 COMMON = ["--model", "smollm2-135m", "--calib-blocks", "8", "--test-blocks", "16", "--block-size", "128"]
 STAGES = ("peers", "ppn-frozen", "paper-frozen", "ppn-lora", "paper-lora", "healed")
 LABELS = {  # (stage, method) -> row label in the merged table
-    ("ppn-frozen", "ppn"): "ppn, frozen (demo: layers, 60 steps)",
+    ("ppn-frozen", "ppn"): "ppn, frozen (demo: layers, 60 + 60 guide steps)",
     ("paper-frozen", "ppn-paper"): "ppn-paper, frozen (60 steps)",
     ("ppn-lora", "ppn"): "ppn, joint LoRA (smollm2-full)",
     ("paper-lora", "ppn-paper"): "ppn-paper, joint LoRA (smollm2-paper)",
