@@ -123,11 +123,9 @@ class UnitInventory:
     def __post_init__(self) -> None:
         bad = [k for k in self.kinds if k not in ALL_KINDS]
         if bad:
-
             raise ConfigError(f"unknown unit kind(s) {bad}; choose from {list(ALL_KINDS)}")
         self.kinds = tuple(k for k in ALL_KINDS if k in self.kinds)
         if self.group_size < 1 or self.group_size > self.dims.intermediate:
-
             raise ConfigError(
                 f"group_size {self.group_size} must be between 1 and the MLP width {self.dims.intermediate}"
             )

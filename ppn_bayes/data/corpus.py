@@ -61,11 +61,6 @@ _FORMAT = 1  # bump when the packing rule changes, to invalidate old cache entri
 # --------------------------------------------------------------------------------------------- corpora
 
 
-def _ppn_home() -> Path:
-
-    return ppn_home()
-
-
 def _split_files(data: str, split: str) -> list[Path] | None:
     """Local files holding ``split`` of corpus ``data``; None when ``data`` is not local. The split
     name is checked first, whatever the corpus (a single file serves every split, but not a typo)."""
@@ -99,7 +94,7 @@ def _load_local(files: list[Path]) -> list[str]:
     kwargs: dict[str, Any] = {"sample_by": "document"} if is_text else {}
     try:
         ds = datasets.load_dataset(kind, data_files={"x": [str(f) for f in files]}, split="x",
-                                   cache_dir=str(_ppn_home() / "cache" / "datasets"), **kwargs)
+                                   cache_dir=str(ppn_home() / "cache" / "datasets"), **kwargs)
     except Exception as err:  # noqa: BLE001 - parser errors are many; the user needs one line
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise DataError(f"cannot read corpus file(s) {', '.join(map(str, files))} ({reason[:160]}); "
@@ -144,7 +139,7 @@ def load_corpus(name_or_path: str = "bundled", split: str = "test") -> list[str]
     """
     data = str(name_or_path)
     files = _split_files(data, split)
-    cache = _ppn_home() / "cache" / "datasets"
+    cache = ppn_home() / "cache" / "datasets"
     before = _tree(cache) if files is not None else set()
     try:
         docs = _load_local(files) if files is not None else _load_hub(data, split)
@@ -340,7 +335,7 @@ def token_blocks(
            "split": split, "block_size": block_size, "stride": stride or block_size}
     if bootstrap_seed is not None:  # only then: the default key (and cache entry) is today's
         key["bootstrap"] = [int(bootstrap_seed), bootstrap_unit]
-    path = _cache_path(Path(cache_dir) if cache_dir else _ppn_home() / "cache" / "blocks", key)
+    path = _cache_path(Path(cache_dir) if cache_dir else ppn_home() / "cache" / "blocks", key)
     blocks = _read_cache(path, block_size) if use_cache and path.is_file() else None
     if blocks is None:
         docs = load_corpus(data, split)

@@ -315,7 +315,6 @@ def _init_dir(run_dir: Path, recipe: Recipe) -> None:
 
 
 def _manifest_start(s: Session) -> None:
-
     r = s.recipe
     rundir.update_manifest(
         s.run_dir, library={"name": "ppn-bayes", "version": __version__, "torch": torch.__version__,

@@ -144,7 +144,6 @@ def render(items: list[dict]) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DATA_FILE, help=f"output JSONL (default: {DATA_FILE})")
     parser.add_argument("--check", action="store_true", help="compare with --out instead of writing it")
