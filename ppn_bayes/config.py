@@ -123,6 +123,10 @@ class TrainConfig:
     # has no push to settle, so a constant, larger rate reaches q's optimum in fewer steps.
     guide_lr: float | None = None
     guide_schedule: Literal["cosine", "constant"] | None = None
+    # Let the push (splines, amplitude corrections) go on training in that phase, at lr_push on the
+    # phase's schedule, so the thresholds and corrections follow scores that move (frozen weights stay
+    # frozen: the phase never trains weights or adapters).
+    guide_phase_push: bool = False
     batch_size: int = 4
     grad_accum: int = 1
     weights: Literal["frozen", "lora", "full"] = "frozen"

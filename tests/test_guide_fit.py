@@ -109,6 +109,25 @@ def test_fit_logs_guide_records_and_the_guide_only_phase_freezes_weights_and_pus
     assert w is None or ("\n" not in w and w.startswith("warning:"))
 
 
+def test_guide_phase_push_trains_the_push_and_still_freezes_the_adapters(tiny_llama_dir, corpus, tmp_path):
+    """train.guide_phase_push: in the guide-only phase the push goes on (its splines and corrections
+    differ from a run stopped after the joint phase) while the LoRA adapters stay bit for bit; the
+    multipliers say so (push at the phase's schedule, weights 0). Power: the same check on the default
+    phase (push frozen) is the test above, where the push files are equal."""
+    r = tiny_recipe(tiny_llama_dir, corpus, steps=3, guide_steps=3, weights="lora", checkpoint_every=3,
+                    guide_phase_push=True)
+    t = r.train
+    assert group_multiplier(t, 4, "push") == 1.0 and group_multiplier(t, 4, "weights") == 0.0
+    fit(r, out=tmp_path / "run", progress=False)
+    fit(tiny_recipe(tiny_llama_dir, corpus, steps=3, weights="lora", checkpoint_every=3), out=tmp_path / "run3",
+        progress=False)
+    p6, p3 = load_file(str(tmp_path / "run" / "push.safetensors")), load_file(str(tmp_path / "run3" / "push.safetensors"))
+    assert any(not torch.equal(p6[k], p3[k]) for k in p3)
+    a6, a3 = load_file(str(tmp_path / "run" / "adapter.safetensors")), load_file(str(tmp_path / "run3" / "adapter.safetensors"))
+    for k in a3:
+        assert torch.equal(a6[k], a3[k]), k
+
+
 def test_guide_phase_has_its_own_lr_and_schedule():
     """train.guide_lr / train.guide_schedule set the guide's rate in the guide-only phase only: the joint
     phase keeps lr_guide on the recipe's schedule, the phase runs at guide_lr (constant: every step),
