@@ -13,7 +13,10 @@
 ``data.bootstrap_seed = seed + r``: its train split is a bootstrap resample of the chapters (or
 documents, ``--set data.bootstrap_unit=documents``), drawn with replacement before blocks are packed
 (``ppn_bayes/data/corpus.py``), so the refits differ as the data and the optimizer could have. Each is an
-ordinary run directory ``OUT/runs/refit-r``.
+ordinary run directory ``OUT/runs/refit-r``. ``--vary seed`` keeps the split and varies ``train.seed``
+alone (optimizer noise: initial draws, prices, masks, block order); ``--vary data`` keeps
+``train.seed = seed`` and varies the bootstrap alone (what a posterior given the data should forecast);
+comparing the two tells how much of the refits' disagreement is the data's.
 
 **The check**, at every size (default 0.25, 0.5, 0.75) and for every gated unit ``u``: run ``r``
 reports an inclusion probability ``pi_r(u)`` (the share of its posterior draws whose own keep-set,
@@ -107,8 +110,22 @@ def parse_sizes(text: str) -> tuple[float, ...]:
 # ---------------------------------------------------------------------------------------------- refits
 
 
+VARY = ("both", "seed", "data")
+
+
+def refit_keys(r: int, seed: int = 0, vary: str = "both") -> list[str]:
+    """The overrides that make refit ``r``: ``train.seed`` and ``data.bootstrap_seed`` both ``seed + r``
+    (``both``), or one of them moving while the other stays (``seed``: the original split; ``data``:
+    ``train.seed = seed``)."""
+    if vary not in VARY:
+        raise ValueError(f"vary must be one of {VARY}, got {vary!r}")
+    train_seed = seed if vary == "data" else seed + r
+    boot = "null" if vary == "seed" else str(seed + r)
+    return [f"train.seed={train_seed}", f"data.bootstrap_seed={boot}"]
+
+
 def refit(out: Path, r: int, recipe: str | Path | None, overrides: list[str], seed: int = 0,
-          tiny: dict | None = None) -> Path:
+          tiny: dict | None = None, vary: str = "both") -> Path:
     """Fit refit ``r`` into ``out/runs/refit-r`` (module docstring); a finished one is reused, an
     unfinished one resumed."""
     from ppn_bayes.config import apply_overrides, load_recipe, recipe_from_dict
@@ -118,7 +135,7 @@ def refit(out: Path, r: int, recipe: str | Path | None, overrides: list[str], se
     run_dir = out / "runs" / f"refit-{r}"
     if (run_dir / MANIFEST).is_file() and read_json(run_dir / MANIFEST).get("status") == "finished":
         return run_dir
-    mine = [*overrides, f"train.seed={seed + r}", f"data.bootstrap_seed={seed + r}"]
+    mine = [*overrides, *refit_keys(r, seed, vary)]
     rec = recipe_from_dict(apply_overrides(tiny, mine)) if tiny is not None else load_recipe(recipe or DEMO, mine)
     resume = (run_dir / MANIFEST).is_file()
     fit(rec, out=run_dir, resume=resume, progress=False)
@@ -267,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0, help="first train.seed / data.bootstrap_seed (default 0)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override for every refit (repeatable)")
+    ap.add_argument("--vary", choices=VARY, default="both",
+                    help="what differs between refits: seed and bootstrap (default), the seed alone, or the data alone")
     ap.add_argument("--tiny", action="store_true", help="smoke test on a tiny random Llama (seconds)")
     a = ap.parse_args(argv)
     sizes = parse_sizes(a.sizes)
@@ -280,11 +299,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs = []
         for r in range(a.refits):
             t = time.time()
-            runs.append(refit(a.out, r, a.recipe, a.overrides, a.seed, tiny))
+            runs.append(refit(a.out, r, a.recipe, a.overrides, a.seed, tiny, a.vary))
             print(f"refit {r}: {runs[-1]} ({time.time() - t:.0f} s)", file=sys.stderr)
     res = analyse(runs, sizes, a.draws)
     res["recipe"] = "tiny" if a.tiny else (None if a.runs else a.recipe)
     res["overrides"] = a.overrides
+    res["vary"] = None if a.runs else a.vary
     res["seconds"] = time.time() - t0
     path, png = write(res, a.out)
     print(table_text(res))

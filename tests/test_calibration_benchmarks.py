@@ -59,6 +59,20 @@ def test_refit_check_has_power(refits):
     assert bad["ece"] > 0.1 and bad["brier_skill"] < 0 and bad["contradicted"] > 0.2
 
 
+def test_refit_keys_vary_what_they_say(refits):
+    """--vary: both keys move together by default; `seed` keeps the original split (bootstrap off) and
+    `data` keeps the train seed, so a campaign can tell optimizer noise from the data's share."""
+    assert refits.refit_keys(2, 10) == ["train.seed=12", "data.bootstrap_seed=12"]
+    assert refits.refit_keys(2, 10, "seed") == ["train.seed=12", "data.bootstrap_seed=null"]
+    assert refits.refit_keys(2, 10, "data") == ["train.seed=10", "data.bootstrap_seed=12"]
+    from ppn_bayes.config import load_recipe
+
+    rec = load_recipe(refits.DEMO, refits.refit_keys(1, 0, "seed"))
+    assert rec.train.seed == 1 and rec.data.bootstrap_seed is None
+    with pytest.raises(ValueError, match="vary must be one of"):
+        refits.refit_keys(0, 0, "chapters")
+
+
 def test_swap_probability_by_hand():
     swaps = _load("calibration_swaps")
     exits = torch.tensor([[0.1, 0.2], [0.3, 0.3], [0.5, 0.4]], dtype=torch.float64)
