@@ -88,3 +88,28 @@ def test_calibrate_units_are_the_data_units():
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     (unit,) = [a for a in sub.choices["calibrate"]._actions if "--unit" in a.option_strings]
     assert tuple(unit.choices) == UNITS
+
+
+def test_json_answers_are_strict_json():
+    """Every --json answer goes through json_text: an empty reliability bin's NaN (ppn uncertainty) or an
+    infinite figure becomes null, so jq and strict parsers read it. Power: json.dumps as it was writes
+    the bare token NaN, which a strict parser refuses."""
+    import json
+    import math
+
+    import torch
+
+    from ppn_bayes.analysis.uncertainty import reliability
+    from ppn_bayes.cli.options import json_text
+
+    rows = reliability(torch.tensor([0.05, 0.1]), torch.tensor([True, False]), bins=4)  # bins 2-4 empty
+    rep = {"reliability": rows, "ratio": float("inf"), "n": 2, "nested": ({"x": -float("inf")},)}
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+    back = strict(json_text(rep))
+    assert back["reliability"][1]["confidence"] is None and back["ratio"] is None and back["nested"] == [{"x": None}]
+    assert back["reliability"][0]["count"] == 2 and math.isclose(back["reliability"][0]["confidence"], 0.075, rel_tol=1e-6)  # float32 inputs
+    with pytest.raises(ValueError):
+        strict(json.dumps(rep))

@@ -6,11 +6,10 @@ Thin: parsing and printing only; the measurement is :func:`ppn_bayes.evaluation.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any
 
-from ppn_bayes.cli.options import add_device, add_json, comma_list
+from ppn_bayes.cli.options import add_device, add_json, comma_list, json_text
 
 HELP = "speed benchmarks of dense vs resized models"
 
@@ -68,7 +67,7 @@ def run_speed(args: argparse.Namespace) -> int:
     result["keepsets"] = "run " + str(args.run) if args.run else "highest-norm layers"
     if args.plot:
         result["plot"] = str(plot_speed(result, args.plot))
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    print(json_text(result, indent=2) if args.json else format_table(result))
     return 0
 
 

@@ -4,9 +4,8 @@ text (chapters) and re-derive the score posterior at it, without retraining (ppn
 from __future__ import annotations
 
 import argparse
-import json
 
-from ppn_bayes.cli.options import add_device, add_json
+from ppn_bayes.cli.options import add_device, add_json, json_text
 from ppn_bayes.config import CalibrationConfig
 
 
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     record = calibrate_run(args.run, {k: v for k, v in keys.items() if v is not None}, device=str(resolve_device(args.device)),
                            progress=not args.json, beta=args.beta)
     if args.json:
-        print(json.dumps(record))
+        print(json_text(record))
         return 0
     d = record["details"]
     if "se" in d:

@@ -7,10 +7,9 @@ writes/prints what it returns. See ``docs/compare.md``.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from ppn_bayes.cli.options import add_device, add_json, comma_list
+from ppn_bayes.cli.options import add_device, add_json, comma_list, json_text
 
 HELP = "compare PPN with GISP, ShortGPT, PrunePath, Wanda, SparseGPT and random pruning"
 
@@ -200,7 +199,7 @@ def _run(args: argparse.Namespace, sizes: list[float], methods: list[str], items
                             device=str(device), **choice_info)
     paths = write_outputs(result, args.out)
     if args.json:
-        print(json.dumps({"results": result["results"], "dense": result["dense"], "costs": result["costs"],
+        print(json_text({"results": result["results"], "dense": result["dense"], "costs": result["costs"],
                           "tokens": result["tokens"],
                           "config": result["config"], "files": paths}, sort_keys=True))
     else:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from ppn_bayes.cli.options import add_json, comma_list
+from ppn_bayes.cli.options import add_json, comma_list, json_text
 
 HELP = "fit the bundled SmolLM2-135M, report, resize to 0.5 and compare it with dense"
 
@@ -33,5 +32,5 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--eval-blocks and --new-tokens must be at least 1")
     res = run_demo(args.out, sizes=tuple(comma_list(args.sizes, float, "--sizes")), resize_size=args.resize, eval_blocks=args.eval_blocks,
                    new_tokens=args.new_tokens, overrides=args.overrides, progress=not args.no_progress)
-    print(json.dumps(res.to_dict()) if args.json else format_demo(res))
+    print(json_text(res.to_dict()) if args.json else format_demo(res))
     return 0

@@ -10,12 +10,11 @@ The work itself is in :mod:`ppn_bayes.evaluation.targets` and :mod:`ppn_bayes.ev
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from typing import Any
 
-from ppn_bayes.cli.options import add_device, add_json, add_posterior_options, quantile_of
+from ppn_bayes.cli.options import add_device, add_json, add_posterior_options, json_text, quantile_of
 
 HELP = "perplexity and zero-shot tasks of a model, a resized export or a run at a size"
 DEFAULT_MODEL = "smollm2-135m"
@@ -168,7 +167,7 @@ def _describe(result: dict[str, Any]) -> str:
 
 def emit(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(result, sort_keys=True))
+        print(json_text(result, sort_keys=True))
         return
     if "perplexity" in result:
         print(f"perplexity {result['perplexity']:.3f} (nll {result['nll']:.4f}/token) on {result['tokens']:,} "

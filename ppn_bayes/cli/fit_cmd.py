@@ -9,11 +9,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any
 
-from ppn_bayes.cli.options import add_json
+from ppn_bayes.cli.options import add_json, json_text
 
 HELP = "train a push puppet network (SVI over gate scores, jointly with the weights) from a recipe"
 
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"run": str(result.path), "status": result.status, "steps": result.manifest.get("steps_done"),
                "final_eval": evals[-1] if evals else None}
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json_text(summary, indent=2))
     else:
         line = f"run {summary['run']}: {summary['status']} after {summary['steps']} steps"
         if evals:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from ppn_bayes.cli.options import add_device, add_json, add_posterior_options
+from ppn_bayes.cli.options import add_device, add_json, add_posterior_options, json_text
 
 
 def add_target_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -50,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json_text(result.to_dict()))
     else:
         from ppn_bayes.analysis.report import keepset_text
 

@@ -4,12 +4,15 @@ A command adds what it needs (``add_posterior_options(p)``, ``add_device(p)``, `
 instead of spelling the flag itself, so ``--quantile`` means the same thing with the same default in
 ``keepset``, ``resize``, ``report``, ``eval`` and ``uncertainty``, and ``--device`` is ``auto``
 everywhere (CUDA when present, else CPU; ``ppn_bayes.device.resolve_device``). Comma-separated
-options (``--sizes 0.75,0.5``) are read by :func:`comma_list`.
+options (``--sizes 0.75,0.5``) are read by :func:`comma_list`; every ``--json`` answer is written by
+:func:`json_text` (strict JSON: a figure that is not a number, e.g. an empty reliability bin, is ``null``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from typing import Any
 
 from ppn_bayes.errors import ConfigError
@@ -66,3 +69,18 @@ def comma_list(text: str, kind: type, flag: str, example: str = "0.75,0.5") -> l
     if not values:
         raise ConfigError(f"{flag} is empty; give at least one value, e.g. {flag} {example}")
     return values
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """``obj`` as strict JSON (RFC 8259, what ``jq`` and browsers read): NaN and infinities become ``null``."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)

@@ -8,10 +8,9 @@ Also ``ppn resize --model M --keepset FILE.json --group-size G --out DIR`` for a
 from __future__ import annotations
 
 import argparse
-import json
 
 from ppn_bayes.cli.keepset_cmd import add_target_args
-from ppn_bayes.cli.options import add_json, add_posterior_options, comma_list
+from ppn_bayes.cli.options import add_json, add_posterior_options, comma_list, json_text
 from ppn_bayes.errors import ConfigError
 
 
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         report = resize_run(args.run, args.out, **target, quantile=args.quantile, num_draws=args.draws,
                             seed=args.seed, overwrite=args.force, tokenizer=not args.no_tokenizer, base=args.model)
     if args.json:
-        print(json.dumps(report))
+        print(json_text(report))
     else:
         print(text(report))
     return 0

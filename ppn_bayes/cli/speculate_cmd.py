@@ -6,10 +6,9 @@ Thin: parsing and printing only; see :mod:`ppn_bayes.evaluation.speculative`.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from ppn_bayes.cli.options import add_device, add_json, comma_list
+from ppn_bayes.cli.options import add_device, add_json, comma_list, json_text
 
 HELP = "self-speculative decoding: sub-network drafts verified by the full model"
 
@@ -77,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             sw.close()
         out["text"] = tokenizer.decode(text_ids[0, ids.shape[1]:], skip_special_tokens=True)
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json_text(out, indent=2))
     else:
         print(format_result(result))
         if "text" in out:

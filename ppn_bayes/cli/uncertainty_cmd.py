@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from ppn_bayes.cli.options import add_device, add_json, add_posterior_options
+from ppn_bayes.cli.options import add_device, add_json, add_posterior_options, json_text
 
 
 def register(subparsers) -> None:
@@ -34,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     rep = run_uncertainty(args.run, **target, k=args.k, blocks=args.blocks, quantile=args.quantile,
                           seed=args.seed, device=args.device)
     if args.json:
-        print(json.dumps(rep.to_dict()))
+        print(json_text(rep.to_dict()))
         return 0
     print(f"size {rep.size:.3g}: {rep.k} sub-networks, {rep.tokens} held-out tokens")
     print(f"  mutual information  mean {rep.mi_mean:.4f} nats   variation ratio mean {rep.variation_ratio_mean:.3f}")
