@@ -311,8 +311,7 @@ def _narrowed(guide, factor: float):
     auto = out.auto
     with torch.no_grad():
         if isinstance(auto, AutoLowRankMultivariateNormal):
-            auto.scale = auto.scale / factor
-            auto.cov_factor.div_(factor)
+            auto.scale = auto.scale / factor  # q = N(loc, D (W W^T + I) D), D = diag(scale): every sd / factor
         else:
             for name, _ in auto.prototype_trace.iter_stochastic_nodes():
                 setattr(auto.scales, name, getattr(auto.scales, name) / factor)

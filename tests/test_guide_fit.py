@@ -76,6 +76,29 @@ def test_kl_estimate_matches_pyros_elbo_and_uses_common_random_numbers():
     assert torch.allclose(sd, torch.full_like(sd, 0.3), rtol=1e-4)
 
 
+def test_low_rank_marginals_are_those_of_pyros_posterior():
+    """guide_marginals of a low-rank guide equals the sqrt of the diagonal of the covariance of the
+    distribution Pyro samples from (get_posterior), also after the factor has moved; at init the sds
+    are ~init_scale. Power: the old formula sqrt(scale^2 + |W_i|^2) reads ~1 at init_scale 0.05."""
+    from ppn_bayes.config import GuideConfig, PriorConfig, PushConfig
+    from tests.test_identifiability import _model
+
+    model = _model(PriorConfig(kind="normal"), PushConfig())
+    guide = make_guide(model.prior, GuideConfig(kind="low_rank", rank=2, init_scale=0.05))
+    auto = guide.auto
+    guide_marginals(guide)  # builds the prototype
+    with torch.no_grad():
+        auto.cov_factor.mul_(3.0)
+        auto.scale = auto.scale * torch.linspace(0.5, 2.0, auto.scale.numel())
+    ref = auto.get_posterior().covariance_matrix.diagonal().sqrt()
+    torch.testing.assert_close(guide_marginals(guide)[1], ref.float(), rtol=1e-5, atol=1e-7)
+    fresh = make_guide(model.prior, GuideConfig(kind="low_rank", rank=2, init_scale=0.05))
+    sd0 = guide_marginals(fresh)[1]
+    assert 0.02 < float(sd0.mean()) < 0.1, sd0
+    old = (fresh.auto.scale**2 + fresh.auto.cov_factor.pow(2).sum(-1)).sqrt().detach()
+    assert float(old.mean()) > 0.3  # the formula this replaces: dominated by the unscaled factor
+
+
 def test_fit_logs_guide_records_and_the_guide_only_phase_freezes_weights_and_push(tiny_llama_dir, corpus, tmp_path):
     """3 joint steps then 3 guide-only steps (LoRA weights): guide records at 0 and after every step
     with the guide's lr spent so far; in the guide-only phase the push and the LoRA adapters stay

@@ -113,7 +113,9 @@ def guide_marginals(guide: PyroModule) -> tuple[torch.Tensor, torch.Tensor]:
     if auto is None:
         return torch.zeros(0), torch.zeros(0)
     if isinstance(auto, AutoLowRankMultivariateNormal):
-        sd = (auto.scale**2 + auto.cov_factor.pow(2).sum(-1)).sqrt()
+        # Pyro's q is N(loc, diag(scale) (W W^T + I) diag(scale)) (its get_posterior scales the factor W
+        # by `scale`), so a marginal sd is scale * sqrt(1 + |W_i|^2), not sqrt(scale^2 + |W_i|^2)
+        sd = auto.scale * (1.0 + auto.cov_factor.pow(2).sum(-1)).sqrt()
         return auto.loc.detach().float().clone(), sd.detach().float().clone()
     names = [n for n, _ in auto.prototype_trace.iter_stochastic_nodes()]
     locs = torch.cat([getattr(auto.locs, n).detach().reshape(-1) for n in names])
