@@ -117,10 +117,11 @@ class DataConfig:
 class TrainConfig:
     steps: int = 200
     # A guide-only phase after ``steps``: this many further steps (on further blocks) that train the
-    # score posterior alone, weights and push frozen (lr 0), the guide's lr on its own schedule.
+    # score posterior alone, weights and push frozen (lr 0; the push trains with guide_phase_push),
+    # the guide's lr on its own schedule.
     guide_steps: int = 0
-    # The guide's learning rate and schedule in that phase (null: lr_guide and schedule). The phase
-    # has no push to settle, so a constant, larger rate reaches q's optimum in fewer steps.
+    # The guide's learning rate and schedule in that phase (null: lr_guide and schedule). With the
+    # push frozen, a constant, larger rate reaches q's optimum in fewer steps.
     guide_lr: float | None = None
     guide_schedule: Literal["cosine", "constant"] | None = None
     # Let the push (splines, amplitude corrections) go on training in that phase, at lr_push on the
