@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ppn_bayes.analysis.report import fit_verdict
 from ppn_bayes.backbone.perplexity import perplexity
 from ppn_bayes.config import bundled_recipe
 from ppn_bayes.data.corpus import token_blocks
@@ -52,11 +53,12 @@ class DemoResult:
     keepsets: list[dict[str, Any]] = field(default_factory=list)  # one per size, with its perplexity
     artefacts: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    posterior_fit: str = ""  # analysis.report.fit_verdict: converged, not (and how far), or not judged
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "rows": self.rows, "keepsets": self.keepsets,
                 "usable_sizes": self.usable_sizes, "usable_ratio": USABLE_RATIO,
-                "artefacts": self.artefacts, "seconds": self.seconds}
+                "posterior_fit": self.posterior_fit, "artefacts": self.artefacts, "seconds": self.seconds}
 
     @property
     def usable_sizes(self) -> list[float]:
@@ -124,6 +126,7 @@ def _run_demo(out: Path, sizes: tuple[float, ...], resize_size: float, eval_bloc
                   progress=progress, overrides=overrides)
     with _step("report: keep-sets, uncertainty, plots, arviz", log, secs):
         report = run.report(sizes=sizes)
+        res.posterior_fit = fit_verdict(res.run_dir)
     with _step("keep-sets", log, secs):
         size_results = run.keepsets(sorted(sizes, reverse=True))
         for r in size_results:
@@ -194,6 +197,8 @@ def format_demo(res: DemoResult) -> str:
                  + (", ".join(f"{u:g}" for u in usable) if usable else
                     "none of these sizes; for a closer small model train longer or the weights "
                     "(inference/smollm2-full.yaml)"))
+    if res.posterior_fit:
+        lines.append(f"  posterior: {res.posterior_fit}")
     lines += ["", "Resized model vs dense (bundled test split; decode with KV cache, batch 1):",
               f"  {'model':<10} {'size':>6} {'perplexity':>10} {'decode tok/s':>12} {'speedup':>8} {'ideal':>6}"]
     for r in res.rows:

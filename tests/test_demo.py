@@ -55,6 +55,8 @@ def test_demo_end_to_end_on_smollm2(smollm2_path, tmp_path, capsys):
     assert at_half["perplexity"] == pytest.approx(small["perplexity"], rel=1e-3)
     assert all(k["ppl_ratio"] == pytest.approx(k["perplexity"] / dense["perplexity"]) for k in out["keepsets"])
     assert out["usable_sizes"] == [k["requested"] for k in out["keepsets"] if k["ppl_ratio"] <= out["usable_ratio"]]
+    # a 3 + 2-step fit logs too few guide records to judge, and the demo says so instead of "converged"
+    assert out["posterior_fit"].startswith("not judged: too few guide records")
     for path in out["artefacts"].values():
         assert Path(path).exists(), path
 
@@ -73,3 +75,7 @@ def test_the_demo_headline_names_the_usable_sizes():
     assert "usable (perplexity within 1.10x dense): 0.9, 0.75" in format_demo(res)
     none = DemoResult(run_dir=Path("run"), keepsets=[entry(0.5, 1.6)])
     assert none.usable_sizes == [] and "none of these sizes" in format_demo(none)
+    warned = DemoResult(run_dir=Path("run"), keepsets=[entry(0.5, 1.6)],
+                        posterior_fit="the score posterior has not converged (its scales ...)")
+    assert "  posterior: the score posterior has not converged (its scales ...)" in format_demo(warned)
+    assert "posterior:" not in format_demo(none)  # nothing measured, nothing said

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ppn_bayes.analysis.report import fit_warning
+from ppn_bayes.analysis.report import fit_verdict, fit_warning
 from ppn_bayes.bayes.guides import (
     convergence_warning,
     guide_convergence,
@@ -130,6 +130,8 @@ def test_fit_logs_guide_records_and_the_guide_only_phase_freezes_weights_and_pus
         assert torch.equal(a6[k], a3[k]), k
     w = fit_warning(tmp_path / "run")
     assert w is None or ("\n" not in w and w.startswith("warning:"))
+    v = fit_verdict(tmp_path / "run")  # the demo's line: the warning's words, or "converged"
+    assert v == (w.removeprefix("warning: ") if w else v) and (w or v.startswith("converged"))
 
 
 def test_guide_phase_push_trains_the_push_and_still_freezes_the_adapters(tiny_llama_dir, corpus, tmp_path):

@@ -209,6 +209,19 @@ def fit_warning(run: Any) -> str | None:
     return convergence_warning(guide_convergence(metrics))
 
 
+def fit_verdict(run: Any) -> str:
+    """One line on whether the score posterior has converged, for a summary that always says something:
+    the :func:`fit_warning` text (less its ``warning:``), "converged", or why it cannot be judged."""
+    run_dir = Path(getattr(run, "path", run))
+    _, metrics = _run_facts(run_dir)
+    conv = guide_convergence(metrics)
+    if conv is None:
+        return "not judged: too few guide records (fewer than three; a longer run logs more)"
+    if conv["flattened"]:
+        return "converged (the guide's fit flattened; report.md, \"Is the posterior fitted?\")"
+    return convergence_warning(conv).removeprefix("warning: ")
+
+
 def _fit_lines(metrics: list[dict]) -> list[str]:
     """The report's "Is the posterior fitted?" section."""
 
