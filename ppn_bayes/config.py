@@ -117,17 +117,18 @@ class DataConfig:
 class TrainConfig:
     steps: int = 200
     # A guide-only phase after ``steps``: this many further steps (on further blocks) that train the
-    # score posterior alone, weights and push frozen (lr 0; the push trains with guide_phase_push),
+    # score posterior alone, weights and push frozen (lr 0; the push trains for guide_push_steps),
     # the guide's lr on its own schedule.
     guide_steps: int = 0
     # The guide's learning rate and schedule in that phase (null: lr_guide and schedule). With the
     # push frozen, a constant, larger rate reaches q's optimum in fewer steps.
     guide_lr: float | None = None
     guide_schedule: Literal["cosine", "constant"] | None = None
-    # Let the push (splines, amplitude corrections) go on training in that phase, at lr_push on the
-    # phase's schedule, so the thresholds and corrections follow scores that move (frozen weights stay
-    # frozen: the phase never trains weights or adapters).
-    guide_phase_push: bool = False
+    # The push (splines, amplitude corrections) goes on training in the phase's first this-many steps,
+    # at lr_push on the phase's schedule over them, so the thresholds and corrections follow scores that
+    # move; then it is frozen again and the guide settles alone (the phase never trains weights or
+    # adapters). 0: frozen throughout; guide_steps: the whole phase.
+    guide_push_steps: int = 0
     batch_size: int = 4
     grad_accum: int = 1
     weights: Literal["frozen", "lora", "full"] = "frozen"
@@ -335,6 +336,8 @@ def validate(recipe: Recipe) -> Recipe:
          "train", "weight_decay, clip_grad, warmup_steps and eval_every must be >= 0")
     need(all(x > 0 for x in t.eval_lambdas), "train.eval_lambdas", f"prices must be > 0, got {short(t.eval_lambdas)}")
     need(t.guide_steps >= 0, "train.guide_steps", f"must be >= 0, got {t.guide_steps}")
+    need(0 <= t.guide_push_steps <= t.guide_steps, "train.guide_push_steps",
+         f"must be in [0, train.guide_steps = {t.guide_steps}], got {t.guide_push_steps}")
     need(t.guide_lr is None or t.guide_lr > 0, "train.guide_lr", f"must be > 0 or null, got {t.guide_lr}")
     need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
     need(0.0 <= t.distill_weight <= 1.0, "train.distill_weight",

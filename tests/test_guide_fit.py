@@ -17,6 +17,7 @@ from ppn_bayes.bayes.guides import (
     kl_estimate,
     make_guide,
 )
+from ppn_bayes.errors import ConfigError
 from ppn_bayes.run import fit
 from ppn_bayes.training.schedule import group_multiplier, guide_lr_spent
 from tests.test_train import tiny_recipe
@@ -134,15 +135,18 @@ def test_fit_logs_guide_records_and_the_guide_only_phase_freezes_weights_and_pus
     assert v == (w.removeprefix("warning: ") if w else v) and (w or v.startswith("converged"))
 
 
-def test_guide_phase_push_trains_the_push_and_still_freezes_the_adapters(tiny_llama_dir, corpus, tmp_path):
-    """train.guide_phase_push: in the guide-only phase the push goes on (its splines and corrections
-    differ from a run stopped after the joint phase) while the LoRA adapters stay bit for bit; the
-    multipliers say so (push at the phase's schedule, weights 0). Power: the same check on the default
-    phase (push frozen) is the test above, where the push files are equal."""
+def test_guide_push_steps_train_the_push_and_still_freeze_the_adapters(tiny_llama_dir, corpus, tmp_path):
+    """train.guide_push_steps: in the guide-only phase's first N steps the push goes on (its splines and
+    corrections differ from a run stopped after the joint phase), then stops; the LoRA adapters stay
+    bit for bit; the multipliers say so (push on the phase's schedule over N steps, then 0; weights 0).
+    Power: the same check with the push frozen is the test above, where the push files are equal."""
     r = tiny_recipe(tiny_llama_dir, corpus, steps=3, guide_steps=3, weights="lora", checkpoint_every=3,
-                    guide_phase_push=True)
+                    guide_push_steps=2)
     t = r.train
-    assert group_multiplier(t, 4, "push") == 1.0 and group_multiplier(t, 4, "weights") == 0.0
+    assert [group_multiplier(t, i, "push") for i in (3, 4, 5)] == [1.0, 1.0, 0.0]
+    assert group_multiplier(t, 4, "weights") == 0.0
+    with pytest.raises(ConfigError, match="train.guide_push_steps"):
+        tiny_recipe(tiny_llama_dir, corpus, steps=3, guide_steps=3, guide_push_steps=4)
     fit(r, out=tmp_path / "run", progress=False)
     fit(tiny_recipe(tiny_llama_dir, corpus, steps=3, weights="lora", checkpoint_every=3), out=tmp_path / "run3",
         progress=False)

@@ -57,12 +57,12 @@ def group_multiplier(t, step: int, group: str) -> float:
     schedule over ``steps`` for every group; in the guide-only phase (``step >= steps``) the guide's
     own schedule over ``guide_steps`` (no warmup; ``guide_schedule``, default ``schedule``) at
     ``guide_lr / lr_guide`` (default 1) and 0 for every other group (frozen exactly: AdamW's update
-    and its decay are both proportional to lr), except the push under ``guide_phase_push``, which
-    goes on at ``lr_push`` on the phase's schedule."""
+    and its decay are both proportional to lr), except the push in the phase's first
+    ``guide_push_steps`` steps, which goes on at ``lr_push`` on the phase's schedule over them."""
     if step < t.steps:
         return lr_multiplier(step, t.steps, t.warmup_steps, t.schedule)
-    if group == "push" and t.guide_phase_push:
-        return lr_multiplier(step - t.steps, t.guide_steps, 0, t.guide_schedule or t.schedule)
+    if group == "push" and step - t.steps < t.guide_push_steps:
+        return lr_multiplier(step - t.steps, t.guide_push_steps, 0, t.guide_schedule or t.schedule)
     if group != "guide":
         return 0.0
     scale = 1.0 if t.guide_lr is None else t.guide_lr / t.lr_guide
