@@ -17,8 +17,11 @@ how far one coordinate can move in ``steps`` steps: every bound below is a fract
 
 * **The bulk** (99th percentile of ``|a - b|`` over a tensor): a coordinate whose gradient terms do not
   cancel keeps a relative error of ~``kappa * log2(n) * 2**-24`` (``kappa`` the terms' cancellation
-  ratio), so its step differs by that fraction of ``lr``. Allowed: ``BULK = 1e-5`` of ``steps * lr``
-  (``kappa * log2(n)`` up to ~170). Measured: 1e-6 to 1e-7 of it (q99 5e-8 at ``steps * lr`` 0.04).
+  ratio), so its step differs by that fraction of ``lr``. Allowed: ``BULK = 5e-5`` of ``steps * lr``
+  (``kappa * log2(n)`` up to ~850). Measured: 1e-6 to 1e-7 of it in most tensors (q99 5e-8 at
+  ``steps * lr`` 0.04), but 1.09e-5 of it on one machine in a LoRA ``A`` after the FSDP-to-single-process
+  handover: ``A``'s gradient is exactly 0 while ``B = 0`` and its first nonzero ones are sums of terms that
+  cancel almost entirely (``kappa`` in the hundreds), the case the old ``1e-5`` had no headroom for.
 * **The tail** (the largest ``|a - b|``): a coordinate whose gradient nearly cancels has an O(1)
   relative error, and AdamW divides by ``sqrt(v_hat) ~ |g|``, so its step can change by up to the whole
   step. Such coordinates are rare; allowed: ``TAIL = 5e-3`` of ``steps * lr``. Measured: 2.7e-4 of it
@@ -27,8 +30,8 @@ how far one coordinate can move in ``steps`` steps: every bound below is a fract
 A real divergence is not a tail event. :func:`test_broken_gradient_averaging_fails_the_comparison`
 runs two broken variants (3 pruned steps) and checks that this comparison rejects them: a missed
 all-reduce (each rank steps on its own half-batch gradient) puts the guide's 99th percentile at 5e-3,
-3000 times ``BULK``; a sum instead of a mean (AdamW is nearly scale-invariant, so the steps change
-little) at 3.6e-5, 24 times ``BULK``, and doubles the logged gradient norms, which are compared with
+~670 times the ``BULK`` bound; a sum instead of a mean (AdamW is nearly scale-invariant, so the steps
+change little) at 3.6e-5, ~5 times it, and doubles the logged gradient norms, which are compared with
 ``rel=1e-4`` (a norm over ~2e4 coordinates carries ~1e-6 relative reordering error).
 """
 
@@ -50,7 +53,7 @@ pytestmark = pytest.mark.slow  # subprocess runs, some of them two processes (~3
 
 STEPS = 4
 LR = {"guide": 0.05, "push": 0.05, "weights": 0.01}  # the recipes' learning rates below
-BULK = 1e-5  # of steps * lr: the 99th percentile of |a - b| (see the module docstring)
+BULK = 5e-5  # of steps * lr: the 99th percentile of |a - b| (see the module docstring)
 TAIL = 5e-3  # of steps * lr: the largest |a - b|
 
 
