@@ -146,7 +146,9 @@ def test_guide_push_steps_train_the_push_and_still_freeze_the_adapters(tiny_llam
     assert [group_multiplier(t, i, "push") for i in (3, 4, 5)] == [1.0, 1.0, 0.0]
     assert group_multiplier(t, 4, "weights") == 0.0
     with pytest.raises(ConfigError, match="train.guide_push_steps"):
-        tiny_recipe(tiny_llama_dir, corpus, steps=3, guide_steps=3, guide_push_steps=4)
+        tiny_recipe(tiny_llama_dir, corpus, steps=3, guide_steps=3, guide_push_steps=-1)
+    longer = tiny_recipe(tiny_llama_dir, corpus, steps=3, guide_steps=3, guide_push_steps=60).train  # the demo's
+    assert [group_multiplier(longer, i, "push") for i in (3, 4, 5)] == [1.0, 1.0, 1.0]  # 60 on a 3-step phase: all 3
     fit(r, out=tmp_path / "run", progress=False)
     fit(tiny_recipe(tiny_llama_dir, corpus, steps=3, weights="lora", checkpoint_every=3), out=tmp_path / "run3",
         progress=False)

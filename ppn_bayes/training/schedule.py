@@ -58,11 +58,13 @@ def group_multiplier(t, step: int, group: str) -> float:
     own schedule over ``guide_steps`` (no warmup; ``guide_schedule``, default ``schedule``) at
     ``guide_lr / lr_guide`` (default 1) and 0 for every other group (frozen exactly: AdamW's update
     and its decay are both proportional to lr), except the push in the phase's first
-    ``guide_push_steps`` steps, which goes on at ``lr_push`` on the phase's schedule over them."""
+    ``min(guide_push_steps, guide_steps)`` steps, which goes on at ``lr_push`` on the phase's schedule
+    over them."""
     if step < t.steps:
         return lr_multiplier(step, t.steps, t.warmup_steps, t.schedule)
-    if group == "push" and step - t.steps < t.guide_push_steps:
-        return lr_multiplier(step - t.steps, t.guide_push_steps, 0, t.guide_schedule or t.schedule)
+    push_steps = min(t.guide_push_steps, t.guide_steps)  # a shortened phase (--set train.guide_steps=2) keeps it
+    if group == "push" and step - t.steps < push_steps:
+        return lr_multiplier(step - t.steps, push_steps, 0, t.guide_schedule or t.schedule)
     if group != "guide":
         return 0.0
     scale = 1.0 if t.guide_lr is None else t.guide_lr / t.lr_guide
