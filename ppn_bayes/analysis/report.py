@@ -47,7 +47,7 @@ import torch
 from ppn_bayes.analysis import plots
 from ppn_bayes.analysis.uncertainty import evaluate_keepset, run_test_blocks
 from ppn_bayes.bayes import diagnostics as diag
-from ppn_bayes.bayes.guides import convergence_warning, guide_convergence
+from ppn_bayes.bayes.guides import convergence_warning, guide_convergence, not_converged_text
 from ppn_bayes.bayes.keepsets import KeepsetResult, KeepsetSolver, check_quantile
 from ppn_bayes.bayes.psis import khat_reading
 from ppn_bayes.bayes.unit_table import parse_target
@@ -204,22 +204,24 @@ def fit_warning(run: Any) -> str | None:
     """The one-line warning when the run's score posterior has not flattened (guides.guide_convergence),
     or ``None`` (converged, or a run without guide records to judge)."""
 
-    run_dir = Path(getattr(run, "path", run))
-    _, metrics = _run_facts(run_dir)
-    return convergence_warning(guide_convergence(metrics))
+    return convergence_warning(_fit_convergence(run))
 
 
 def fit_verdict(run: Any) -> str:
     """One line on whether the score posterior has converged, for a summary that always says something:
     the :func:`fit_warning` text (less its ``warning:``), "converged", or why it cannot be judged."""
-    run_dir = Path(getattr(run, "path", run))
-    _, metrics = _run_facts(run_dir)
-    conv = guide_convergence(metrics)
+    conv = _fit_convergence(run)
     if conv is None:
         return "not judged: too few guide records (fewer than three; a longer run logs more)"
     if conv["flattened"]:
         return "converged (the guide's fit flattened; report.md, \"Is the posterior fitted?\")"
-    return convergence_warning(conv).removeprefix("warning: ")
+    return not_converged_text(conv)
+
+
+def _fit_convergence(run: Any) -> dict[str, Any] | None:
+    """``guides.guide_convergence`` of a run (a run object or its directory) from its guide records."""
+    _, metrics = _run_facts(Path(getattr(run, "path", run)))
+    return guide_convergence(metrics)
 
 
 def _fit_lines(metrics: list[dict]) -> list[str]:

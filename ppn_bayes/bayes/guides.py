@@ -185,11 +185,16 @@ def convergence_warning(conv: dict[str, Any] | None) -> str | None:
     """The one-line warning ``ppn keepset`` and ``ppn report`` print, or ``None`` when all is well."""
     if conv is None or conv["flattened"]:
         return None
+    return "warning: " + not_converged_text(conv)
+
+
+def not_converged_text(conv: dict[str, Any]) -> str:
+    """What has not converged and how far, for a ``guide_convergence`` result that did not flatten."""
     w = conv["worst"]
     label = {"kl": "its KL to the prior", "scale_move": "its scales", "log_scale_mean": "its scales",
              "loc_move": "its means"}[w]
     a, b = conv["steps"][1], conv["steps"][2]
-    return (f"warning: the score posterior has not converged ({label} still moved at "
+    return (f"the score posterior has not converged ({label} still moved at "
             f"{conv['relative_rate'][w]:.0%} of its average rate between steps {a} and {b}; scales "
             f"{conv['scale_ratio']:.2f}x their init), so its uncertainty is not yet evidence: train longer, "
             "e.g. a longer guide-only phase (train.guide_steps)")
