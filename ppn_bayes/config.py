@@ -116,18 +116,18 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 200
-    # A guide-only phase after ``steps``: this many further steps (on further blocks) that train the
-    # score posterior alone, weights and push frozen (lr 0; the push trains for guide_push_steps),
-    # the guide's lr on its own schedule.
+    # A guide-only phase after ``steps``: this many further steps (on further blocks) that train the score
+    # posterior alone, weights frozen (the push trains for guide_push_steps), the guide's lr on its own schedule.
     guide_steps: int = 0
-    # The guide's learning rate and schedule in that phase (null: lr_guide and schedule). With the
-    # push frozen, a constant, larger rate reaches q's optimum in fewer steps.
+    # The guide's learning rate and schedule in that phase (null: lr_guide and schedule).
     guide_lr: float | None = None
     guide_schedule: Literal["cosine", "constant"] | None = None
     # The push (splines, amplitude corrections) trains in the phase's first min(this, guide_steps) steps,
     # at lr_push on the phase's schedule over them, so that it follows scores that move; then it is frozen
     # and the guide settles alone (weights and adapters never train there). 0: frozen throughout.
     guide_push_steps: int = 0
+    # Export the guide and push averaged over the run's last N steps, sds widened by the means' spread (0: off)
+    guide_average_steps: int = 0
     batch_size: int = 4
     grad_accum: int = 1
     weights: Literal["frozen", "lora", "full"] = "frozen"
@@ -293,7 +293,6 @@ def _merge(base: dict, over: dict) -> dict:
 
 def validate(recipe: Recipe) -> Recipe:
     """Range checks that types alone cannot express; each names its key."""
-
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
             raise ConfigError(f"{key}: {msg}")
@@ -334,8 +333,10 @@ def validate(recipe: Recipe) -> Recipe:
     need(t.weight_decay >= 0 and t.clip_grad >= 0 and t.warmup_steps >= 0 and t.eval_every >= 0,
          "train", "weight_decay, clip_grad, warmup_steps and eval_every must be >= 0")
     need(all(x > 0 for x in t.eval_lambdas), "train.eval_lambdas", f"prices must be > 0, got {short(t.eval_lambdas)}")
-    need(t.guide_steps >= 0, "train.guide_steps", f"must be >= 0, got {t.guide_steps}")
-    need(t.guide_push_steps >= 0, "train.guide_push_steps", f"must be >= 0, got {t.guide_push_steps}")
+    for key, val in (("train.guide_steps", t.guide_steps), ("train.guide_push_steps", t.guide_push_steps)):
+        need(val >= 0, key, f"must be >= 0, got {val}")
+    need(t.guide_average_steps == 0 or 2 <= t.guide_average_steps <= t.guide_steps, "train.guide_average_steps",
+         f"must be 0 (off) or 2..guide_steps ({t.guide_steps}): the window lies in the guide-only phase, got {t.guide_average_steps}")
     need(t.guide_lr is None or t.guide_lr > 0, "train.guide_lr", f"must be > 0 or null, got {t.guide_lr}")
     need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
     need(0.0 <= t.distill_weight <= 1.0, "train.distill_weight",

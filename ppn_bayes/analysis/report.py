@@ -246,6 +246,13 @@ def _fit_lines(metrics: list[dict]) -> list[str]:
         warning = convergence_warning(conv)
         if warning:
             lines += ["", f"> {warning}"]
+    avg = [m for m in metrics if m.get("type") == "guide_average"]
+    if avg:
+        a = avg[-1]
+        lines += ["", (f"The exported posterior is the average of the last {a['steps']} iterates (train.guide_average_steps), "
+                       f"its sds widened by the spread of the means there ({a['widening']:.2f}x, geometric mean): the "
+                       "inclusion probabilities cover where the optimizer's noise could have left the fit, not the data "
+                       "alone (docs/training.md, \"Iterate averaging\").")]
     return lines + [""]
 
 

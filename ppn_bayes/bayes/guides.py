@@ -124,6 +124,32 @@ def guide_marginals(guide: PyroModule) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
+def set_marginal_sds(guide: PyroModule, sd: torch.Tensor) -> None:
+    """Set the guide's marginal sds (unconstrained space, :func:`guide_marginals`' flat order) to ``sd``, in
+    place (the parameter objects stay the ones the optimizer holds). A low-rank guide keeps its factor
+    ``W`` and correlations: its ``scale`` becomes ``sd / sqrt(1 + |W_i|^2)``."""
+    auto = getattr(guide, "auto", None)
+    if auto is None:
+        return
+    to_unconstrained = torch.distributions.transform_to(auto.scale_constraint).inv
+    sd = sd.to(dtype=torch.float32)
+    dim = int(guide_marginals(guide)[1].numel())
+    if sd.numel() != dim:
+        raise ValueError(f"set_marginal_sds: {sd.numel()} sds for a guide with {dim} latent dimensions")
+    if isinstance(auto, AutoLowRankMultivariateNormal):
+        scale = sd.to(auto.cov_factor.device) / (1.0 + auto.cov_factor.detach().float().pow(2).sum(-1)).sqrt()
+        auto.scale_unconstrained.copy_(to_unconstrained(scale))
+        return
+    start = 0
+    for name, _ in auto.prototype_trace.iter_stochastic_nodes():
+        param = getattr(auto.scales, f"{name}_unconstrained")
+        n = param.numel()
+        value = sd[start:start + n].reshape(param.shape).to(param.device, param.dtype)
+        param.copy_(to_unconstrained(value))
+        start += n
+
+
+@torch.no_grad()
 def kl_estimate(guide: PyroModule, prior: PyroModule, draws: int = KL_DRAWS, seed: int = 0) -> float:
     """``KL(q || p)`` of the score latents by ``draws`` guide samples with fixed random numbers
     (``seed``); the torch RNG of the caller is left as it was."""

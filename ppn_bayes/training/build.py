@@ -26,6 +26,7 @@ from ppn_bayes.data.corpus import token_blocks
 from ppn_bayes.device import autocast_context
 from ppn_bayes.errors import ConfigError
 from ppn_bayes.hub.zoo import load_model, resolve_model
+from ppn_bayes.training import averaging
 from ppn_bayes.training.distributed import wrap_objective
 from ppn_bayes.training.lora import LoRA
 from ppn_bayes.training.session import Objective, Session
@@ -165,7 +166,9 @@ def build(recipe: Recipe, run_dir: Path, rank: int = 0, world: int = 1, device: 
     init = guide_marginals(guide)
     optimizer = torch.optim.AdamW([{"params": ps, "name": n, **group_hparams(recipe, n)} for n, ps in groups.items()],
                                   lr=t.lr_guide, betas=tuple(t.betas), eps=1e-8)
-    return Session(recipe=recipe, run_dir=Path(run_dir), device=device, rank=rank, world=world, base_path=base_path,
-                   gated=gated, ppn=ppn, guide=guide, lora=lora, objective=objective, wrapped=wrapped,
-                   train_blocks=train_blocks, val_blocks=val_blocks, groups=groups, named_weights=named,
-                   optimizer=optimizer, generator=generator, guide_init=init)
+    s = Session(recipe=recipe, run_dir=Path(run_dir), device=device, rank=rank, world=world, base_path=base_path,
+                gated=gated, ppn=ppn, guide=guide, lora=lora, objective=objective, wrapped=wrapped,
+                train_blocks=train_blocks, val_blocks=val_blocks, groups=groups, named_weights=named,
+                optimizer=optimizer, generator=generator, guide_init=init)
+    s.average = averaging.start(s)
+    return s

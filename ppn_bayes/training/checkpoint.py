@@ -20,6 +20,7 @@ from ppn_bayes.config import dump_recipe
 from ppn_bayes.errors import RunError
 from ppn_bayes.schema import check_shapes
 from ppn_bayes.training import checkpoint_files, rundir
+from ppn_bayes.training.averaging import average_shapes
 from ppn_bayes.training.distributed import barrier, gather_to_host, is_sharded, shard_like
 
 if TYPE_CHECKING:
@@ -36,13 +37,15 @@ def trained_weights(s: Session) -> dict[str, torch.Tensor]:
 
 def state_tensors(s: Session) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors: ``guide.*``, ``model.*`` (the push and prior, not the base model) and
-    ``lora.*`` or ``weights.*``; whole tensors on the CPU whatever the wrapping, on rank 0 (``{}`` on the
+    ``lora.*`` or ``weights.*`` (and ``average.*``, the guide-average window's sums); whole tensors on the CPU whatever the wrapping, on rank 0 (``{}`` on the
     other ranks, which under FSDP must call this too: they take part in gathering the shards)."""
     out = dict(gather_to_host(((f"guide.{k}", v) for k, v in s.guide.state_dict().items()), keep=s.main))
     out.update(gather_to_host(((f"model.{k}", v) for k, v in s.ppn.state_dict().items()
                                if not k.startswith("gated.")), keep=s.main))
     prefix = "lora." if s.lora is not None else "weights."
     out.update({prefix + k: v for k, v in trained_weights(s).items()})
+    if s.average is not None and s.main:  # the guide-average window's running sums (replicated, not sharded)
+        out.update({k: v.detach().cpu() for k, v in s.average.items()})
     return out
 
 
@@ -56,7 +59,7 @@ def state_shapes(s: Session) -> dict[str, tuple[int, ...]]:
     else:
         # (a DTensor shard reports the global shape, as the checkpoint holds whole tensors)
         out.update({f"weights.{k}": tuple(p.shape) for k, p in s.named_weights.items()})
-    return out
+    return out | average_shapes(s)
 
 
 def restore(s: Session, ckpt: dict[str, Any]) -> int:
@@ -110,6 +113,9 @@ def _restore_tensors(s: Session, tensors: dict[str, torch.Tensor]) -> None:
         s.lora.load_state(part("lora."))
     for name, value in part("weights.").items():
         s.named_weights[name].copy_(shard_like(s.named_weights[name], value))
+    for name, value in tensors.items():
+        if name.startswith("average."):
+            s.average[name].copy_(value)
 
 
 def optimizer_state(s: Session) -> dict:

@@ -48,7 +48,7 @@ from ppn_bayes.device import synchronize
 from ppn_bayes.errors import ConfigError, NumericalError, OutputError, RunError
 from ppn_bayes.files import check_no_overlap, check_owned, check_writable, writer_lock
 from ppn_bayes.hub.zoo import model_identity
-from ppn_bayes.training import checkpoint_files, rundir
+from ppn_bayes.training import averaging, checkpoint_files, rundir
 from ppn_bayes.training.build import build, group_hparams
 from ppn_bayes.training.checkpoint import restore, save
 from ppn_bayes.training.distributed import (
@@ -81,6 +81,14 @@ def log_guide(s: Session, step: int) -> dict[str, Any] | None:
               "phase": "guide" if step > s.recipe.train.steps else "joint", **summary}
     rundir.append_metrics(s.run_dir, record)
     return record
+
+
+def log_average(s: Session, step: int, numbers: dict[str, Any] | None) -> None:
+    """Append the ``guide_average`` record (training.averaging.apply's numbers and guides.guide_summary of
+    the exported, averaged guide); nothing when averaging is off."""
+    if numbers is not None and s.main:
+        rundir.append_metrics(s.run_dir, {"type": "guide_average", "step": step, **numbers,
+                                          **guide_summary(s.guide, s.ppn.prior, s.guide_init)})
 
 
 # ------------------------------------------------------------------------------------- one step
@@ -437,8 +445,11 @@ def _fit(r: Recipe, run_dir: Path, rank: int, world: int, device: torch.device, 
                 rundir.append_metrics(run_dir, record)
             _update_bar(bar, record, t.log_every)
             done = step + 1
+            averaging.accumulate(s, done)
             if s.main and (done % t.log_every == 0 or done == total):
                 log_guide(s, done)
+            if done == total:
+                log_average(s, done, averaging.apply(s))
             if t.eval_every and done % t.eval_every == 0 and done < total:
                 evaluate(s, done)
             if done % t.checkpoint_every == 0 or done == total:

@@ -99,16 +99,19 @@ _EVAL_RECORD = Obj(required={"step": Int(0)}, optional={
     "lambdas": List(Obj(optional={"lambda": _LOOSE, "loss": _LOOSE, "size": _LOOSE}))})
 
 
+_SUMMARY_KEYS = ("scale_min", "scale_mean", "scale_max", "log_scale_mean", "scale_ratio", "scale_move", "loc_move", "kl")
 _GUIDE_RECORD = Obj(required={"step": Int(0), "lr_sum": _LOOSE}, optional={
     "phase": Str(("joint", "guide")),
-    **{k: _LOOSE for k in ("scale_min", "scale_mean", "scale_max", "log_scale_mean", "scale_ratio", "scale_move", "loc_move",
-                           "kl")}})
-_RECORDS = {"train": _TRAIN_RECORD, "eval": _EVAL_RECORD, "guide": _GUIDE_RECORD}
+    **{k: _LOOSE for k in _SUMMARY_KEYS}})
+_AVERAGE_RECORD = Obj(required={"step": Int(0), "steps": Int(2)}, optional={  # training/averaging.py: the export
+    **{k: _LOOSE for k in ("loc_spread_rms", "sd_within_rms", "widening", "sd_ratio_to_last", *_SUMMARY_KEYS)}})
+_RECORDS = {"train": _TRAIN_RECORD, "eval": _EVAL_RECORD, "guide": _GUIDE_RECORD, "guide_average": _AVERAGE_RECORD}
 
 
 class _Record(Spec):
-    """A metrics record: ``{"type": "train" | "eval" | "guide", "step": >= 0, ...}`` (``guide``: the
-    guide's summary every ``log_every`` steps, :func:`ppn_bayes.bayes.guides.guide_summary`)."""
+    """A metrics record: ``{"type": "train" | "eval" | "guide" | "guide_average", "step": >= 0, ...}`` (``guide``:
+    the guide's summary every ``log_every`` steps, :func:`ppn_bayes.bayes.guides.guide_summary`; ``guide_average``:
+    the averaged export's, :mod:`ppn_bayes.training.averaging`)."""
 
     def check(self, value, where):
         Obj(required={"type": Str(tuple(_RECORDS))}).check(value, where)

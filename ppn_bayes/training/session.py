@@ -112,6 +112,7 @@ class Session:
     seconds: float = 0.0
     callbacks: list = field(default_factory=list)
     guide_init: tuple = ()  # guides.guide_marginals right after the guide was built (before any restore)
+    average: dict | None = None  # the guide-average window's running sums (training/averaging.py), None = off
 
     @property
     def main(self) -> bool:

@@ -1,0 +1,117 @@
+"""Iterate averaging over the guide-only phase's last steps, and the optimizer's spread as width.
+
+``train.guide_average_steps = N`` (0: off) averages the trainable score-posterior parameters (the
+guide's, and the push's where it trains in the phase) over the last ``N`` optimizer steps of the run,
+and exports the average. The math, and why:
+
+* **Where a run ends is a draw.** At a constant learning rate, stochastic-gradient iterates
+  ``theta_t`` do not settle at the optimum ``theta*`` of the ELBO: they wander around it in a
+  stationary distribution ``pi_lr`` whose width the rate and the gradient noise set (Mandt, Hoffman &
+  Blei 2017, "Stochastic gradient descent as approximate Bayesian inference"). On the demo the noise is
+  large (a fresh price, masks and two blocks every step): at ``guide_lr`` 0.2 the guide's means wander
+  by +-0.3 over tens of steps, six times the guide's own sds. The last iterate is then one draw from
+  ``pi_lr``, and another seed's run ends at another, which is why refits that differ only in
+  ``train.seed`` keep different layers (issue 12's refit check: the seed moved keep-sets more than
+  resampling the data did).
+* **The average estimates theta*.** The Polyak-Ruppert average ``theta_bar = (1/N) sum_t theta_t`` over
+  the window has a variance about ``tau/N`` times the iterates' (``tau`` their autocorrelation time),
+  so it is a better estimate of the optimum than the last iterate (SWA, Izmailov et al. 2018, is the
+  same average for weights; ``torch.optim.swa_utils`` keeps it for a whole module, here it is kept for
+  two parameter groups and checkpointed with the run).
+* **The spread becomes width.** What another fit would report is ``q_theta`` at ``theta ~ pi_lr``: the
+  mixture ``integral q_theta dpi_lr(theta)``. The exported guide is that mixture moment-matched per
+  latent (law of total variance): mean ``mean_t mu_t`` and marginal variance
+  ``mean_t s_t^2 + var_t mu_t`` (unconstrained space; a low-rank guide keeps its averaged factor ``W``
+  and its correlations, its diagonal ``scale`` set so that the marginal sds are these). So the
+  inclusion probabilities forecast what the run would keep had the optimizer's noise fallen
+  otherwise, not only what the data leave open; the report says so.
+
+What it is not: a convergence certificate. A window of a few dozen steps on a run that is still
+travelling mixes drift into the spread (which then widens q by how far the fit moved, the honest
+direction to err), and the flattening verdict of :func:`ppn_bayes.bayes.guides.guide_convergence` is
+read from the iterates as before. The window should run at a constant rate (``train.guide_schedule:
+constant``): under a decaying rate the late iterates freeze and their spread reads too small.
+The running sums are checkpointed (``average.*`` tensors), so a resumed run averages exactly what an
+uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ppn_bayes.bayes.guides import guide_marginals, set_marginal_sds
+from ppn_bayes.training.schedule import total_steps
+
+if TYPE_CHECKING:
+    from ppn_bayes.training.session import Session
+
+
+def window_start(t) -> int:
+    """The optimizer step after which the window's iterates are summed: iterates after steps
+    ``window_start + 1 .. total`` (the last ``guide_average_steps``) are averaged."""
+    return total_steps(t) - t.guide_average_steps
+
+
+def averaged_parameters(s: Session) -> dict[str, nn.Parameter]:
+    """The parameters the window averages, by checkpoint name: the guide's (``guide.*``) and the push
+    group's (``model.*``: splines, amplitude corrections, score level)."""
+    out = {f"guide.{n}": p for n, p in s.guide.named_parameters()}
+    out.update({f"model.{n}": p for n, p in s.ppn.named_parameters() if not n.startswith("gated.") and p.requires_grad})
+    return out
+
+
+def average_shapes(s: Session) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the running sums (what a checkpoint's ``average.*`` tensors must be); empty
+    when averaging is off or the guide has no latents."""
+    if s.recipe.train.guide_average_steps <= 0 or not hasattr(s.guide, "auto"):
+        return {}
+    out = {f"average.sum.{k}": tuple(p.shape) for k, p in averaged_parameters(s).items()}
+    dim = int(guide_marginals(s.guide)[0].numel())
+    out.update({"average.loc_sum": (dim,), "average.loc_sq_sum": (dim,), "average.var_sum": (dim,)})
+    return out
+
+
+def start(s: Session) -> dict[str, torch.Tensor] | None:
+    """Zeroed running sums (float64, on the parameters' device), or ``None`` when averaging is off."""
+    shapes = average_shapes(s)
+    if not shapes:
+        return None
+    device = next(iter(averaged_parameters(s).values())).device
+    return {k: torch.zeros(shape, dtype=torch.float64, device=device) for k, shape in shapes.items()}
+
+
+@torch.no_grad()
+def accumulate(s: Session, done: int) -> None:
+    """Add the iterate after optimizer step ``done`` to the sums when it lies in the window."""
+    if s.average is None or done <= window_start(s.recipe.train):
+        return
+    for k, p in averaged_parameters(s).items():
+        s.average[f"average.sum.{k}"] += p.detach().double()
+    loc, sd = guide_marginals(s.guide)
+    s.average["average.loc_sum"] += loc.double()
+    s.average["average.loc_sq_sum"] += loc.double().pow(2)
+    s.average["average.var_sum"] += sd.double().pow(2)
+
+
+@torch.no_grad()
+def apply(s: Session) -> dict[str, Any] | None:
+    """Load the window's average into the parameters and widen the guide's sds by the spread of its
+    means (module docstring); returns the ``guide_average`` record's numbers, ``None`` when off."""
+    if s.average is None:
+        return None
+    n = s.recipe.train.guide_average_steps
+    _, sd_last = guide_marginals(s.guide)
+    for k, p in averaged_parameters(s).items():
+        p.copy_((s.average[f"average.sum.{k}"] / n).to(p.dtype))
+    mean = s.average["average.loc_sum"] / n
+    spread = (s.average["average.loc_sq_sum"] / n - mean.pow(2)).clamp_min(0.0)
+    within = s.average["average.var_sum"] / n
+    sd = (within + spread).sqrt()
+    set_marginal_sds(s.guide, sd.float())
+    ratio = (sd.float() / sd_last.clamp_min(1e-30)).log().mean().exp()
+    return {"steps": n, "loc_spread_rms": float(spread.mean().sqrt()), "sd_within_rms": float(within.mean().sqrt()),
+            "widening": float(((within + spread) / within.clamp_min(1e-300)).sqrt().log().mean().exp()),
+            "sd_ratio_to_last": float(ratio)}
