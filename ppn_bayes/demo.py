@@ -15,7 +15,6 @@ reuses a finished fit (resuming a killed one) instead of training again.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import torch
 
 from ppn_bayes.analysis.report import fit_verdict
 from ppn_bayes.backbone.perplexity import perplexity
+from ppn_bayes.cli.options import json_text
 from ppn_bayes.config import bundled_recipe
 from ppn_bayes.data.corpus import token_blocks
 from ppn_bayes.errors import SizeError
@@ -175,8 +175,15 @@ def _run_demo(out: Path, sizes: tuple[float, ...], resize_size: float, eval_bloc
         f"resized model ({info['form']})": str(resized_dir),
         "demo summary (JSON)": str(out / "demo.json"),
     }
-    atomic_write_bytes(out / "demo.json", json.dumps(res.to_dict(), indent=2).encode())
+    write_summary(res, out)
     return res
+
+
+def write_summary(res: DemoResult, out: Path) -> Path:
+    """``OUT/demo.json``: the result as strict JSON (a NaN perplexity reads ``null``), written atomically."""
+    path = Path(out) / "demo.json"
+    atomic_write_bytes(path, json_text(res.to_dict(), indent=2).encode())
+    return path
 
 
 def format_demo(res: DemoResult) -> str:

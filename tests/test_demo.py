@@ -79,3 +79,26 @@ def test_the_demo_headline_names_the_usable_sizes():
                         posterior_fit="the score posterior has not converged (its scales ...)")
     assert "  posterior: the score posterior has not converged (its scales ...)" in format_demo(warned)
     assert "posterior:" not in format_demo(none)  # nothing measured, nothing said
+
+
+def test_demo_summary_is_strict_json_even_with_a_nan(tmp_path):
+    """demo.json is read by jq and browsers: a NaN perplexity (a diverged size) is written as null.
+    Power: json.dumps, which wrote it before, emits a bare NaN that strict parsers refuse."""
+    import json
+    import math
+
+    from ppn_bayes.demo import DemoResult, write_summary
+
+    res = DemoResult(run_dir=tmp_path / "run", rows=[{"model": "dense", "perplexity": float("nan")}],
+                     keepsets=[{"requested": 0.5, "ppl_ratio": float("inf")}])
+    text = write_summary(res, tmp_path).read_text()
+
+    def refuse(token):
+        raise ValueError(token)
+
+    data = json.loads(text, parse_constant=refuse)
+    assert data["rows"][0]["perplexity"] is None and data["keepsets"][0]["ppl_ratio"] is None
+    with_nan = json.dumps(res.to_dict())
+    assert "NaN" in with_nan and math.isnan(json.loads(with_nan)["rows"][0]["perplexity"])
+    with pytest.raises(ValueError, match="NaN"):
+        json.loads(with_nan, parse_constant=refuse)
