@@ -126,7 +126,7 @@ class TrainConfig:
     # at lr_push on the phase's schedule over them, so that it follows scores that move; then it is frozen
     # and the guide settles alone (weights and adapters never train there). 0: frozen throughout.
     guide_push_steps: int = 0
-    # Export the guide and push averaged over the run's last N steps, sds widened by the means' spread (0: off)
+    # Export guide and push averaged over the last min(N, guide_steps) steps, sds widened by the means' spread
     guide_average_steps: int = 0
     batch_size: int = 4
     grad_accum: int = 1
@@ -335,8 +335,8 @@ def validate(recipe: Recipe) -> Recipe:
     need(all(x > 0 for x in t.eval_lambdas), "train.eval_lambdas", f"prices must be > 0, got {short(t.eval_lambdas)}")
     for key, val in (("train.guide_steps", t.guide_steps), ("train.guide_push_steps", t.guide_push_steps)):
         need(val >= 0, key, f"must be >= 0, got {val}")
-    need(t.guide_average_steps == 0 or 2 <= t.guide_average_steps <= t.guide_steps, "train.guide_average_steps",
-         f"must be 0 (off) or 2..guide_steps ({t.guide_steps}): the window lies in the guide-only phase, got {t.guide_average_steps}")
+    need(t.guide_average_steps == 0 or t.guide_average_steps >= 2, "train.guide_average_steps",
+         f"must be 0 (off) or >= 2 (a window of one iterate has no spread), got {t.guide_average_steps}")
     need(t.guide_lr is None or t.guide_lr > 0, "train.guide_lr", f"must be > 0 or null, got {t.guide_lr}")
     need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
     need(0.0 <= t.distill_weight <= 1.0, "train.distill_weight",

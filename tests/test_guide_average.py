@@ -102,11 +102,18 @@ def test_resume_inside_the_window_replays_an_uninterrupted_run(tiny_llama_dir, c
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_guide_average_steps_is_validated(tiny_llama_dir, corpus):
-    for bad in (1, 5, -1):
+def test_guide_average_steps_is_validated_and_capped_at_the_phase(tiny_llama_dir, corpus):
+    """0 or >= 2; a window longer than the guide-only phase is the phase (the demo's 45 under
+    `--set train.guide_steps=2`), and one that leaves a single iterate is off."""
+    from ppn_bayes.training.averaging import window_start, window_steps
+
+    for bad in (1, -1):
         with pytest.raises(ConfigError, match="train.guide_average_steps"):
             tiny_recipe(tiny_llama_dir, corpus, **PHASE, guide_average_steps=bad)
-    assert tiny_recipe(tiny_llama_dir, corpus, **PHASE, guide_average_steps=4).train.guide_average_steps == 4
+    t = tiny_recipe(tiny_llama_dir, corpus, **PHASE, guide_average_steps=45).train
+    assert window_steps(t) == 4 and window_start(t) == 2  # the whole 4-step phase after 2 joint steps
+    assert window_steps(tiny_recipe(tiny_llama_dir, corpus, **{**PHASE, "guide_steps": 1}, guide_average_steps=45).train) == 0
+    assert window_steps(tiny_recipe(tiny_llama_dir, corpus, **{**PHASE, "guide_steps": 0}, guide_average_steps=45).train) == 0
 
 
 def test_report_says_the_probabilities_include_the_optimizers_spread():
