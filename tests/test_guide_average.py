@@ -128,3 +128,48 @@ def test_report_says_the_probabilities_include_the_optimizers_spread():
     with_avg, without = "\n".join(_fit_lines([*recs, avg])), "\n".join(_fit_lines(recs))
     assert "average of the last 45 iterates" in with_avg and "2.50x" in with_avg and "optimizer's noise" in with_avg
     assert "iterates" not in without
+
+
+def test_a_finished_run_resumed_for_more_steps_averages_its_new_window_only(tiny_llama_dir, corpus, tmp_path):
+    """A finished 2 + 4 run resumed with guide_steps 8: the old window's sums are dropped and the export
+    is the mean of the iterates after steps 8, 9, 10, read from a copy resumed with averaging off (same
+    checkpoint, same noise, so the same trajectory) and a callback; turning averaging on when resuming a
+    run that had none works; a window moved under iterates already summed is refused. Power: keeping
+    the old window's sums would add three more iterates to the new window's (checked: it moves the mean)."""
+    import shutil
+
+    from ppn_bayes.errors import RunError
+    from ppn_bayes.training import checkpoint_files
+
+    out = tmp_path / "run"
+    fit(tiny_recipe(tiny_llama_dir, corpus, **PHASE, guide_average_steps=3), out=out, progress=False)
+    old = checkpoint_files.load_checkpoint(checkpoint_files.find_checkpoint(out))["tensors"]
+    shutil.copytree(out, tmp_path / "off")
+    locs: list[torch.Tensor] = []
+    off = fit(tiny_recipe(tiny_llama_dir, corpus, **{**PHASE, "guide_steps": 8}), out=tmp_path / "off", resume=True,
+              progress=False, callbacks=[lambda s, step: locs.append(guide_marginals(s.guide)[0].double())])
+    window = torch.stack([locs[2], locs[3], guide_marginals(off.posterior.guide)[0].double()])  # after 8, 9, 10
+    longer = fit(tiny_recipe(tiny_llama_dir, corpus, **{**PHASE, "guide_steps": 8}, guide_average_steps=3), out=out,
+                 resume=True, progress=False)
+    recs = [json.loads(x) for x in (longer.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["type"] == "guide_average"] == [6, 10]
+    ckpt = checkpoint_files.load_checkpoint(checkpoint_files.find_checkpoint(out))["tensors"]
+    assert int(ckpt["average.window_start"][0]) == 7
+    torch.testing.assert_close(guide_marginals(longer.posterior.guide)[0].double(), window.mean(0), rtol=1e-5, atol=1e-6)
+    kept_old = (ckpt["average.loc_sum"] + old["average.loc_sum"]) / 6  # what keeping the old sums would export
+    assert not torch.allclose(kept_old, window.mean(0), rtol=1e-3, atol=1e-4)
+    plain = tmp_path / "plain"
+    fit(tiny_recipe(tiny_llama_dir, corpus, **PHASE), out=plain, progress=False)
+    fit(tiny_recipe(tiny_llama_dir, corpus, **{**PHASE, "guide_steps": 8}, guide_average_steps=3), out=plain,
+        resume=True, progress=False)  # averaging turned on for the new steps: no sums in the old checkpoint
+    cut = tmp_path / "cut"
+
+    def stop(s, step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_recipe(tiny_llama_dir, corpus, **PHASE, guide_average_steps=3), out=cut, progress=False,
+            callbacks=[stop])
+    with pytest.raises(RunError, match="another averaging window"):
+        fit(tiny_recipe(tiny_llama_dir, corpus, **PHASE, guide_average_steps=4), out=cut, resume=True, progress=False)

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ppn_bayes.bayes.guides import guide_marginals, set_marginal_sds
+from ppn_bayes.errors import RunError
 from ppn_bayes.training.schedule import total_steps
 
 if TYPE_CHECKING:
@@ -77,17 +78,43 @@ def average_shapes(s: Session) -> dict[str, tuple[int, ...]]:
         return {}
     out = {f"average.sum.{k}": tuple(p.shape) for k, p in averaged_parameters(s).items()}
     dim = int(guide_marginals(s.guide)[0].numel())
-    out.update({"average.loc_sum": (dim,), "average.loc_sq_sum": (dim,), "average.var_sum": (dim,)})
+    out.update({"average.loc_sum": (dim,), "average.loc_sq_sum": (dim,), "average.var_sum": (dim,),
+                "average.window_start": (1,)})
     return out
 
 
 def start(s: Session) -> dict[str, torch.Tensor] | None:
-    """Zeroed running sums (float64, on the parameters' device), or ``None`` when averaging is off."""
+    """Zeroed running sums (float64, on the parameters' device) and the window's first step, or ``None``
+    when averaging is off."""
     shapes = average_shapes(s)
     if not shapes:
         return None
     device = next(iter(averaged_parameters(s).values())).device
-    return {k: torch.zeros(shape, dtype=torch.float64, device=device) for k, shape in shapes.items()}
+    out = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k, shape in shapes.items()}
+    out["average.window_start"].fill_(window_start(s.recipe.train))
+    return out
+
+
+@torch.no_grad()
+def restore(s: Session, tensors: dict[str, torch.Tensor], step: int) -> None:
+    """Load a checkpoint's sums (taken after ``step`` steps). Sums of another window (a finished run
+    resumed for more steps: the recipe moved the window) are dropped when the new window starts at or
+    after ``step`` (no iterate of it was summed yet); a window that moved under iterates already summed
+    cannot be rebuilt, and that is a one-line error."""
+    if s.average is None:
+        return
+    fresh = window_start(s.recipe.train)
+    saved = tensors.get("average.window_start")
+    if saved is not None and int(saved.reshape(-1)[0]) == fresh:
+        for name, value in tensors.items():
+            if name.startswith("average."):
+                if name not in s.average or tuple(value.shape) != tuple(s.average[name].shape):
+                    raise RunError(f"the checkpoint's {name} does not fit this run's guide and push; start a new run")
+                s.average[name].copy_(value)
+    elif step > fresh:
+        raise RunError(f"the checkpoint at step {step} summed the iterates of another averaging window than "
+                       f"train.guide_average_steps / guide_steps now ask (from step {fresh}); resume with the "
+                       "recipe's old values, or start a new run")
 
 
 @torch.no_grad()

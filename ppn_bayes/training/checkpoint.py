@@ -21,6 +21,7 @@ from ppn_bayes.errors import RunError
 from ppn_bayes.schema import check_shapes
 from ppn_bayes.training import checkpoint_files, rundir
 from ppn_bayes.training.averaging import average_shapes
+from ppn_bayes.training.averaging import restore as restore_average
 from ppn_bayes.training.distributed import barrier, gather_to_host, is_sharded, shard_like
 
 if TYPE_CHECKING:
@@ -37,8 +38,9 @@ def trained_weights(s: Session) -> dict[str, torch.Tensor]:
 
 def state_tensors(s: Session) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors: ``guide.*``, ``model.*`` (the push and prior, not the base model) and
-    ``lora.*`` or ``weights.*`` (and ``average.*``, the guide-average window's sums); whole tensors on the CPU whatever the wrapping, on rank 0 (``{}`` on the
-    other ranks, which under FSDP must call this too: they take part in gathering the shards)."""
+    ``lora.*`` or ``weights.*`` (and ``average.*``, the guide-average window's sums); whole tensors on the
+    CPU whatever the wrapping, on rank 0 (``{}`` on the other ranks, which under FSDP must call this too:
+    they take part in gathering the shards)."""
     out = dict(gather_to_host(((f"guide.{k}", v) for k, v in s.guide.state_dict().items()), keep=s.main))
     out.update(gather_to_host(((f"model.{k}", v) for k, v in s.ppn.state_dict().items()
                                if not k.startswith("gated.")), keep=s.main))
@@ -69,7 +71,9 @@ def restore(s: Session, ckpt: dict[str, Any]) -> int:
     into any other."""
     fix = checkpoint_files.checkpoint_fix(s.run_dir / rundir.CHECKPOINT)
     try:
-        check_shapes({k: tuple(v.shape) for k, v in ckpt["tensors"].items()}, state_shapes(s),
+        # the averaging window's sums are checked by restore_average (a run may turn averaging on when resumed)
+        check_shapes({k: tuple(v.shape) for k, v in ckpt["tensors"].items() if not k.startswith("average.")},
+                     {k: v for k, v in state_shapes(s).items() if not k.startswith("average.")},
                      f"{s.run_dir / rundir.CHECKPOINT}/state.safetensors", fix)
     except RunError as err:
         if "thresholds_spline" not in str(err):
@@ -78,6 +82,7 @@ def restore(s: Session, ckpt: dict[str, Any]) -> int:
                        "shared threshold curves (push.thresholds) cannot be resumed; start a new run (the old "
                        "run's posterior files still load for keepset and report)") from None
     _restore_tensors(s, ckpt["tensors"])
+    restore_average(s, ckpt["tensors"], int(ckpt["trainer"]["step"]))
     try:
         s.optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError):
@@ -113,9 +118,6 @@ def _restore_tensors(s: Session, tensors: dict[str, torch.Tensor]) -> None:
         s.lora.load_state(part("lora."))
     for name, value in part("weights.").items():
         s.named_weights[name].copy_(shard_like(s.named_weights[name], value))
-    for name, value in tensors.items():
-        if name.startswith("average."):
-            s.average[name].copy_(value)
 
 
 def optimizer_state(s: Session) -> dict:
