@@ -176,7 +176,7 @@ def _fake_session(rank: int, lora=None) -> SimpleNamespace:
     opt.step()
     recipe = SimpleNamespace(train=SimpleNamespace(distributed="fsdp"))
     return SimpleNamespace(rank=rank, main=rank == 0, world=2, recipe=recipe, optimizer=opt, guide=guide,
-                           ppn=push, lora=lora, named_weights=weights)
+                           ppn=push, lora=lora, named_weights=weights, average=None)  # no averaging window
 
 
 def test_gather_to_host_holds_one_whole_tensor_at_a_time(gather):
