@@ -171,5 +171,5 @@ def test_a_finished_run_resumed_for_more_steps_averages_its_new_window_only(tiny
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_recipe(tiny_llama_dir, corpus, **PHASE, guide_average_steps=3), out=cut, progress=False,
             callbacks=[stop])
-    with pytest.raises(RunError, match="another averaging window"):
+    with pytest.raises(RunError, match="its sums are of another window"):
         fit(tiny_recipe(tiny_llama_dir, corpus, **PHASE, guide_average_steps=4), out=cut, resume=True, progress=False)

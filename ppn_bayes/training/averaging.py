@@ -112,9 +112,9 @@ def restore(s: Session, tensors: dict[str, torch.Tensor], step: int) -> None:
                     raise RunError(f"the checkpoint's {name} does not fit this run's guide and push; start a new run")
                 s.average[name].copy_(value)
     elif step > fresh:
-        raise RunError(f"the checkpoint at step {step} summed the iterates of another averaging window than "
-                       f"train.guide_average_steps / guide_steps now ask (from step {fresh}); resume with the "
-                       "recipe's old values, or start a new run")
+        raise RunError(f"the checkpoint at step {step} lies inside the averaging window that train.guide_average_steps / "
+                       f"guide_steps now ask for (after step {fresh}), but its sums are of another window (or none); "
+                       "resume with the recipe's old values, or start a new run")
 
 
 @torch.no_grad()
