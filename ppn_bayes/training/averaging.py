@@ -71,28 +71,66 @@ def averaged_parameters(s: Session) -> dict[str, nn.Parameter]:
     return out
 
 
-def average_shapes(s: Session) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the running sums (what a checkpoint's ``average.*`` tensors must be); empty
-    when averaging is off or the guide has no latents."""
-    if window_steps(s.recipe.train) == 0 or not hasattr(s.guide, "auto"):
-        return {}
-    out = {f"average.sum.{k}": tuple(p.shape) for k, p in averaged_parameters(s).items()}
-    dim = int(guide_marginals(s.guide)[0].numel())
+def sum_shapes(params: dict[str, nn.Parameter], guide) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the running sums of a window over ``params`` (by name) and ``guide``'s marginals."""
+    out = {f"average.sum.{k}": tuple(p.shape) for k, p in params.items()}
+    dim = int(guide_marginals(guide)[0].numel())
     out.update({"average.loc_sum": (dim,), "average.loc_sq_sum": (dim,), "average.var_sum": (dim,),
                 "average.window_start": (1,)})
     return out
 
 
-def start(s: Session) -> dict[str, torch.Tensor] | None:
-    """Zeroed running sums (float64, on the parameters' device) and the window's first step, or ``None``
-    when averaging is off."""
-    shapes = average_shapes(s)
-    if not shapes:
-        return None
-    device = next(iter(averaged_parameters(s).values())).device
-    out = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k, shape in shapes.items()}
-    out["average.window_start"].fill_(window_start(s.recipe.train))
+def zero_sums(params: dict[str, nn.Parameter], guide, first: int) -> dict[str, torch.Tensor]:
+    """Zeroed running sums (float64, on the parameters' device) of a window whose iterates are those after
+    step ``first``."""
+    device = next(iter(params.values())).device
+    out = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k, shape in sum_shapes(params, guide).items()}
+    out["average.window_start"].fill_(first)
     return out
+
+
+@torch.no_grad()
+def add_iterate(sums: dict[str, torch.Tensor], params: dict[str, nn.Parameter], guide) -> None:
+    """Add the current iterate of ``params`` and of ``guide``'s marginals to the window's sums."""
+    for k, p in params.items():
+        sums[f"average.sum.{k}"] += p.detach().double()
+    loc, sd = guide_marginals(guide)
+    sums["average.loc_sum"] += loc.double()
+    sums["average.loc_sq_sum"] += loc.double().pow(2)
+    sums["average.var_sum"] += sd.double().pow(2)
+
+
+@torch.no_grad()
+def load_average(sums: dict[str, torch.Tensor], params: dict[str, nn.Parameter], guide, n: int) -> dict[str, Any]:
+    """Load the average of the ``n`` summed iterates into ``params`` and widen ``guide``'s marginal sds to
+    ``sqrt(mean s^2 + var mu)`` (module docstring); returns the ``guide_average`` record's numbers."""
+    _, sd_last = guide_marginals(guide)
+    for k, p in params.items():
+        p.copy_((sums[f"average.sum.{k}"] / n).to(p.dtype))
+    mean = sums["average.loc_sum"] / n
+    spread = (sums["average.loc_sq_sum"] / n - mean.pow(2)).clamp_min(0.0)
+    within = sums["average.var_sum"] / n
+    sd = (within + spread).sqrt()
+    set_marginal_sds(guide, sd.float())
+    ratio = (sd.float() / sd_last.clamp_min(1e-30)).log().mean().exp()
+    return {"steps": n, "loc_spread_rms": float(spread.mean().sqrt()), "sd_within_rms": float(within.mean().sqrt()),
+            "widening": float(((within + spread) / within.clamp_min(1e-300)).sqrt().log().mean().exp()),
+            "sd_ratio_to_last": float(ratio)}
+
+
+def average_shapes(s: Session) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the running sums (what a checkpoint's ``average.*`` tensors must be); empty
+    when averaging is off or the guide has no latents."""
+    if window_steps(s.recipe.train) == 0 or not hasattr(s.guide, "auto"):
+        return {}
+    return sum_shapes(averaged_parameters(s), s.guide)
+
+
+def start(s: Session) -> dict[str, torch.Tensor] | None:
+    """Zeroed running sums and the window's first step, or ``None`` when averaging is off."""
+    if not average_shapes(s):
+        return None
+    return zero_sums(averaged_parameters(s), s.guide, window_start(s.recipe.train))
 
 
 @torch.no_grad()
@@ -117,35 +155,16 @@ def restore(s: Session, tensors: dict[str, torch.Tensor], step: int) -> None:
                        "resume with the recipe's old values, or start a new run")
 
 
-@torch.no_grad()
 def accumulate(s: Session, done: int) -> None:
     """Add the iterate after optimizer step ``done`` to the sums when it lies in the window."""
     if s.average is None or done <= window_start(s.recipe.train):
         return
-    for k, p in averaged_parameters(s).items():
-        s.average[f"average.sum.{k}"] += p.detach().double()
-    loc, sd = guide_marginals(s.guide)
-    s.average["average.loc_sum"] += loc.double()
-    s.average["average.loc_sq_sum"] += loc.double().pow(2)
-    s.average["average.var_sum"] += sd.double().pow(2)
+    add_iterate(s.average, averaged_parameters(s), s.guide)
 
 
-@torch.no_grad()
 def apply(s: Session) -> dict[str, Any] | None:
     """Load the window's average into the parameters and widen the guide's sds by the spread of its
     means (module docstring); returns the ``guide_average`` record's numbers, ``None`` when off."""
     if s.average is None:
         return None
-    n = window_steps(s.recipe.train)
-    _, sd_last = guide_marginals(s.guide)
-    for k, p in averaged_parameters(s).items():
-        p.copy_((s.average[f"average.sum.{k}"] / n).to(p.dtype))
-    mean = s.average["average.loc_sum"] / n
-    spread = (s.average["average.loc_sq_sum"] / n - mean.pow(2)).clamp_min(0.0)
-    within = s.average["average.var_sum"] / n
-    sd = (within + spread).sqrt()
-    set_marginal_sds(s.guide, sd.float())
-    ratio = (sd.float() / sd_last.clamp_min(1e-30)).log().mean().exp()
-    return {"steps": n, "loc_spread_rms": float(spread.mean().sqrt()), "sd_within_rms": float(within.mean().sqrt()),
-            "widening": float(((within + spread) / within.clamp_min(1e-300)).sqrt().log().mean().exp()),
-            "sd_ratio_to_last": float(ratio)}
+    return load_average(s.average, averaged_parameters(s), s.guide, window_steps(s.recipe.train))
