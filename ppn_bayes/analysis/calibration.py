@@ -39,7 +39,11 @@ neither ``I`` nor which units are independent, only the posterior's centre and, 
 
 **Re-deriving the posterior.** At the calibrated ``beta`` the guide is refitted by a guide-only SVI
 phase (Pyro's ``Trace_ELBO``; weights, push and prior levels frozen, as ``train.guide_steps`` does),
-starting from the fitted guide: no retraining of the network. The original posterior files are kept
+starting from the fitted guide: no retraining of the network. It follows the run's own guide-only
+phase: the run's ``guide_schedule`` (cosine or constant), and where the run averaged
+(``train.guide_average_steps``), the average of the re-derivation's last ``min(N, calibration.steps)``
+iterates, the sds widened by their spread (:mod:`ppn_bayes.training.averaging`), so a calibrated
+posterior is not narrower than the uncalibrated one merely for ending at one iterate. The original posterior files are kept
 in ``RUN/posterior.uncalibrated/`` (every later ``ppn calibrate`` starts from them), the re-derived
 ones replace the run's (``posterior.json`` then says ``tempering: beta``) so every later command reads
 the calibrated posterior, the gradients behind beta go to ``RUN/calibration.safetensors`` (for
@@ -73,6 +77,8 @@ from ppn_bayes.data.corpus import block_units
 from ppn_bayes.errors import ConfigError, DataError, RunError
 from ppn_bayes.files import atomic_save_tensors, writer_lock
 from ppn_bayes.training import rundir
+from ppn_bayes.training.averaging import add_iterate, load_average, zero_sums
+from ppn_bayes.training.schedule import lr_multiplier
 
 METHOD = "information matching, k / tr(J^-1 I) over chapters, Gauss-Newton curvature"
 GRADIENTS = "calibration.safetensors"
@@ -157,26 +163,36 @@ def sample_unit_blocks(unit_of: torch.Tensor, units: int, per_unit: int, seed: i
 
 
 def rederive_guide(model, guide, batch_fn, steps: int, lr: float, beta: float, scale: float = 1.0,
-                   seed: int = 0, bar=None) -> list[float]:
-    """Refit ``guide`` to ``model`` at tempering ``beta`` by ``steps`` of guide-only SVI (Adam, cosine
-    decay from ``lr``); everything in ``model`` stays as it is. ``batch_fn(step) -> (args, kwargs)`` gives
-    the model's arguments; the loss is ``-ELBO / scale``. The model reads ``model.tempering``; it is set
-    to ``beta``. Returns the per-step losses."""
+                   seed: int = 0, bar=None, schedule: str = "cosine", average_steps: int = 0
+                   ) -> tuple[list[float], dict[str, Any] | None]:
+    """Refit ``guide`` to ``model`` at tempering ``beta`` by ``steps`` of guide-only SVI (Adam at ``lr``,
+    ``schedule``: cosine decay to 0, or constant); everything in ``model`` stays as it is.
+    ``batch_fn(step) -> (args, kwargs)`` gives the model's arguments; the loss is ``-ELBO / scale``. The
+    model reads ``model.tempering``; it is set to ``beta``.
+
+    ``average_steps = N >= 2``: export the average of the last ``min(N, steps)`` iterates, the guide's
+    sds widened by the spread of its means, as the run's ``train.guide_average_steps`` does
+    (:mod:`ppn_bayes.training.averaging`; a window under two iterates is off). Returns the per-step
+    losses and the window's ``guide_average`` numbers (``None`` when off)."""
+    if schedule not in ("cosine", "constant"):
+        raise ConfigError(f"rederive_guide: schedule must be cosine or constant, got {schedule!r}")
     model.tempering = float(beta)
     for p in model.parameters():
         p.requires_grad_(False)
     args, kwargs = batch_fn(0)
     with torch.no_grad(), pyro.poutine.block():
         guide(*args, **kwargs)  # an autoguide creates its parameters on first call
-    params = [p for p in guide.parameters() if p.requires_grad]
-    if not params:
-        return []
-    opt = torch.optim.Adam(params, lr=lr)
+    named = {n: p for n, p in guide.named_parameters() if p.requires_grad}
+    if not named:
+        return [], None
+    window = min(int(average_steps), steps) if average_steps >= 2 and steps >= 2 else 0
+    sums = zero_sums(named, guide, steps - window) if window else None
+    opt = torch.optim.Adam(list(named.values()), lr=lr)
     elbo = pyro.infer.Trace_ELBO()
     losses = []
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
+            group["lr"] = lr * lr_multiplier(step, steps, 0, schedule)
         args, kwargs = batch_fn(step)
         torch.manual_seed(int(seed) * 1_000_003 + step)
         if hasattr(model, "set_generator"):
@@ -186,9 +202,11 @@ def rederive_guide(model, guide, batch_fn, steps: int, lr: float, beta: float, s
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if sums is not None and step >= steps - window:
+            add_iterate(sums, named, guide)
         if bar is not None:
             bar.update(1)
-    return losses
+    return losses, (load_average(sums, named, guide, window) if sums is not None else None)
 
 
 def _score_sds(post: Posterior, draws: int = 256, seed: int = 0) -> dict[str, float]:
@@ -291,8 +309,10 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
                 return (train_blocks[idx],), {"subsample": idx.to(device)}
 
             bar = _bar(progress, c.steps, f"ppn calibrate: guide at beta {beta:.3g}", "step")
-            losses = rederive_guide(ppn, post.guide, batch_fn, c.steps, c.lr or t.guide_lr or t.lr_guide, beta,
-                                    scale=ppn.num_tokens, seed=c.seed, bar=bar)
+            schedule = t.guide_schedule or t.schedule
+            losses, average = rederive_guide(ppn, post.guide, batch_fn, c.steps, c.lr or t.guide_lr or t.lr_guide, beta,
+                                             scale=ppn.num_tokens, seed=c.seed, bar=bar, schedule=schedule,
+                                             average_steps=t.guide_average_steps)
             if bar is not None:
                 bar.close()
             backup = _backup(run_dir)
@@ -302,7 +322,8 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
             details.update({"steps": c.steps, "lr": c.lr or t.guide_lr or t.lr_guide, "rederive_seconds":
                             round(time.perf_counter() - tic, 1), "loss_first": losses[0], "loss_last": losses[-1],
                             "guide_scale_ratio": float((_guide_sds(post.guide) / sd_before).log().mean().exp()),
-                            "score_sd_after": _score_sds(post), "original": str(backup.relative_to(run_dir))})
+                            "score_sd_after": _score_sds(post), "original": str(backup.relative_to(run_dir)),
+                            "schedule": schedule, "average": average})
         record = {"method": method, "beta": beta, "unit": c.unit, "n_units": int(sizes.numel()),
                   "trained_with_beta": trained_with, "posterior": status, "details": details}
         rundir.update_manifest(run_dir, calibration=record)

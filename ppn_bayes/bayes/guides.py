@@ -106,10 +106,18 @@ KL_DRAWS = 64
 
 
 @torch.no_grad()
+def _autoguide(guide: PyroModule) -> AutoNormal | AutoLowRankMultivariateNormal | None:
+    """The autoguide inside a :class:`ScoreGuide`, the guide itself when it is one, else ``None``."""
+    if isinstance(guide, (AutoNormal, AutoLowRankMultivariateNormal)):
+        return guide
+    return getattr(guide, "auto", None)
+
+
 def guide_marginals(guide: PyroModule) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat means and marginal sds of the guide in the unconstrained space (empty for no latents), on
-    the guide's device (a copy: no host transfer, so building a session never syncs)."""
-    auto = getattr(guide, "auto", None)
+    the guide's device (a copy: no host transfer, so building a session never syncs). ``guide``: a
+    :class:`ScoreGuide` or a bare autoguide of either kind."""
+    auto = _autoguide(guide)
     if auto is None:
         return torch.zeros(0), torch.zeros(0)
     if isinstance(auto, AutoLowRankMultivariateNormal):
@@ -128,7 +136,7 @@ def set_marginal_sds(guide: PyroModule, sd: torch.Tensor) -> None:
     """Set the guide's marginal sds (unconstrained space, :func:`guide_marginals`' flat order) to ``sd``, in
     place (the parameter objects stay the ones the optimizer holds). A low-rank guide keeps its factor
     ``W`` and correlations: its ``scale`` becomes ``sd / sqrt(1 + |W_i|^2)``."""
-    auto = getattr(guide, "auto", None)
+    auto = _autoguide(guide)
     if auto is None:
         return
     to_unconstrained = torch.distributions.transform_to(auto.scale_constraint).inv
