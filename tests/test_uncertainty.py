@@ -96,6 +96,54 @@ def test_predictive_identical_subnetworks_give_zero_mi(setup):
     assert rep.nll_averaged == pytest.approx(rep.nll_single, abs=1e-9)
 
 
+def test_total_entropy_auroc_on_constructed_predictions(setup, monkeypatch):
+    """Known answers through ``predictive_uncertainty`` with the members' predictions constructed (a
+    random tiny model errs on every token, leaving the AUROCs undefined). The single network is right
+    on even positions. (a) Identical members, the single network unsure where it errs: the average is
+    the single network, so its entropy flags the same errors exactly as well (MI is 0 up to rounding,
+    so its AUROC is not asserted). (b) The single network confidently wrong on odd positions, the
+    members each putting that mass on another wrong token: only the members' disagreement shows the
+    errors, so the averaged entropy flags them perfectly while the single entropy cannot (near 0.5);
+    an averaged entropy read off the single network would fail (b)."""
+    import ppn_bayes.analysis.uncertainty as unc
+
+    gated, result, blocks = setup
+    T, V = blocks.shape[1] - 1, 5
+    gen = torch.Generator().manual_seed(0)
+
+    def logits_for(block, identical):
+        target = block[1:]
+        right = torch.arange(T) % 2 == 0
+        base = torch.randn(T, V, generator=gen)
+        base[right, target[right]] += 4.0
+        members = base.expand(4, T, V).clone()
+        if not identical:
+            wrong = (target[~right] + 1) % V
+            base[~right, wrong] += 4.0  # confidently wrong
+            for k in range(4):
+                members[k, ~right, (wrong + k) % V] += 4.0
+        return base.log_softmax(-1), members.log_softmax(-1)
+
+    for identical in (True, False):
+        made = {}
+
+        def fake(gated_, post, keepsets, lam, block, identical=identical):
+            key = tuple(block.tolist())
+            if key not in made:
+                made[key] = logits_for(block, identical)
+            single, members = made[key]
+            return single.unsqueeze(0) if len(keepsets) == 1 else members[:len(keepsets)]
+
+        monkeypatch.setattr(unc, "subnetwork_logprobs", fake)
+        rep = unc.predictive_uncertainty(gated, result, blocks % V, k=4)
+        if identical:
+            assert rep.auroc_total_entropy == pytest.approx(rep.auroc_single_entropy, abs=1e-12)
+            assert rep.mi_mean < 1e-6 and rep.auroc_single_entropy > 0.8  # 0.895 here: not a tie
+        else:
+            assert rep.error_rate_single == pytest.approx(10 / 22)  # exactly the odd positions (2 blocks x 5)
+            assert rep.auroc_total_entropy == pytest.approx(1.0) and rep.auroc_single_entropy < 0.75
+
+
 def test_evaluate_keepset_band(setup):
     gated, result, blocks = setup
     ev = evaluate_keepset(gated, result, blocks, samples=3)

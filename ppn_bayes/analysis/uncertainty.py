@@ -9,7 +9,9 @@ their disagreement is *epistemic* uncertainty about which sub-network is right:
 * variation ratio ``1 - (votes for the modal argmax) / K``.
 
 How useful that is gets measured on held-out text: AUROC of MI for flagging the averaged model's own
-errors (argmax != next token), and calibration (ECE, reliability diagram) of the averaged prediction
+errors (argmax != next token); AUROC of the averaged prediction's total entropy ``H[mean_k p_k]`` (its
+aleatoric part ``mean_k H[p_k]`` plus MI, Depeweg et al. 2018) for the same errors, against the single
+sub-network's entropy for its own errors (what a user without the posterior has); and calibration (ECE, reliability diagram) of the averaged prediction
 against a single sub-network (the reported keep-set). AUROC and ECE are computed here, without
 sklearn, so the definitions are on the page.
 """
@@ -171,6 +173,7 @@ class PredictiveReport:
     auroc_mi: float  # MI flags the averaged model's errors
     auroc_variation_ratio: float
     auroc_single_entropy: float  # a non-Bayesian baseline: the single sub-network's own entropy
+    auroc_total_entropy: float  # the averaged prediction's entropy H[mean_k p_k] flags its own errors
     error_rate_averaged: float
     error_rate_single: float
     nll_averaged: float
@@ -192,13 +195,14 @@ def predictive_uncertainty(gated, result, blocks: torch.Tensor, k: int = 8) -> P
     post = _posterior_of(result)
     sampled = result.sampled_keepsets(k)
     acc: dict[str, list[torch.Tensor]] = {n: [] for n in ("mi", "vr", "err", "conf", "nll", "s_err", "s_conf",
-                                                           "s_nll", "s_ent")}
+                                                           "s_nll", "s_ent", "ent")}
     for block in blocks:
         logp = subnetwork_logprobs(gated, post, sampled, result.lam, block)  # [K, T-1, V]
         single = subnetwork_logprobs(gated, post, [result.keep], result.lam, block)[0]
         target = block[1:].cpu()
         mix = mixture_logp(logp)
         acc["mi"].append(mutual_information(logp))
+        acc["ent"].append(entropy(mix))
         acc["vr"].append(variation_ratio(logp))
         acc["err"].append(mix.argmax(-1) != target)
         acc["conf"].append(mix.exp().max(-1).values)
@@ -212,7 +216,7 @@ def predictive_uncertainty(gated, result, blocks: torch.Tensor, k: int = 8) -> P
         size=result.requested_size, k=len(sampled), tokens=int(a["mi"].numel()),
         mi_mean=float(a["mi"].mean()), variation_ratio_mean=float(a["vr"].mean()),
         auroc_mi=auroc(a["mi"], a["err"]), auroc_variation_ratio=auroc(a["vr"], a["err"]),
-        auroc_single_entropy=auroc(a["s_ent"], a["s_err"]),
+        auroc_single_entropy=auroc(a["s_ent"], a["s_err"]), auroc_total_entropy=auroc(a["ent"], a["err"]),
         error_rate_averaged=float(a["err"].double().mean()), error_rate_single=float(a["s_err"].double().mean()),
         nll_averaged=float(a["nll"].mean()), nll_single=float(a["s_nll"].mean()),
         ece_averaged=ece(a["conf"], ~a["err"]), ece_single=ece(a["s_conf"], ~a["s_err"]),

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"size {rep.size:.3g}: {rep.k} sub-networks, {rep.tokens} held-out tokens")
     print(f"  mutual information  mean {rep.mi_mean:.4f} nats   variation ratio mean {rep.variation_ratio_mean:.3f}")
     print(f"  AUROC flagging errors: MI {rep.auroc_mi:.3f}, variation ratio {rep.auroc_variation_ratio:.3f}, "
-          f"single-network entropy {rep.auroc_single_entropy:.3f}")
+          f"averaged entropy {rep.auroc_total_entropy:.3f}; single-network entropy {rep.auroc_single_entropy:.3f}")
     print(f"  averaged: NLL {rep.nll_averaged:.4f}, error {rep.error_rate_averaged:.3f}, ECE {rep.ece_averaged:.4f}")
     print(f"  single:   NLL {rep.nll_single:.4f}, error {rep.error_rate_single:.3f}, ECE {rep.ece_single:.4f}")
     return 0
