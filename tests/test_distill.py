@@ -287,6 +287,11 @@ def test_ppn_healed_rows_heal_each_size_from_the_same_run(tiny_run, tiny_llama_d
     assert out["tokens"]["shortgpt"] == 2 * 64 and out["config"]["heal_loss"] == "distill"
     with pytest.raises(ConfigError, match="--heal-tokens"):
         compare(model, b, b, [0.5], ["ppn-healed"], run_dir=str(tiny_run), decode_tokens=0)
+    # the healing rate is one for every healed row, recorded on each; another rate heals otherwise
+    assert out["config"]["heal_lr"] == 5e-5 and rows[("shortgpt", 0.5)]["heal_lr"] == 5e-5
+    fast = compare(model, b, b, [0.5], ["shortgpt"], decode_tokens=0, heal_blocks=heal_blocks, heal_loss="distill",
+                   heal_lr=3e-3)["results"][0]
+    assert fast["heal_lr"] == 3e-3 and fast["perplexity"] != rows[("shortgpt", 0.5)]["perplexity"]
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -294,6 +299,9 @@ def test_ppn_healed_rows_heal_each_size_from_the_same_run(tiny_run, tiny_llama_d
     (["--heal-tokens", "64", "--heal-loss", "kl"], "unknown heal loss"),
     (["--heal-loss", "distill"], "--heal-tokens"),
     (["--methods", "ppn-healed"], "--heal-tokens"),
+    (["--heal-lr", "1e-4"], "--heal-lr applies to healing"),
+    (["--heal-tokens", "64", "--heal-lr", "0"], "--heal-lr must be a finite number > 0"),
+    (["--heal-tokens", "64", "--heal-lr", "nan"], "--heal-lr must be a finite number > 0"),
 ])
 def test_cli_refuses_unknown_methods_and_heal_losses_in_one_line(argv, needle, tiny_llama_dir, tmp_path, capsys):
     from ppn_bayes.cli import main

@@ -40,6 +40,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--heal-loss", default="data", metavar="{data,distill}",
                    help="what healing minimizes: data (next-token NLL) or distill (forward KL from the dense "
                         "model's logits, teacher without gradient); rows record it (default: data)")
+    p.add_argument("--heal-lr", type=float, default=None, metavar="LR",
+                   help="healing's AdamW learning rate, the same for every healed row (default 5e-5)")
     p.add_argument("--seeds", type=int, default=3, help="random keep-sets: number of seeds averaged (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     p.add_argument("--group-size", type=int, default=1, help="MLP channels per unit for gisp/random (default 1)")
@@ -80,10 +82,14 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError("--gisp-choices and --gisp-choices-file apply to the margin objective; "
                           "add --gisp-objective margin")
     from ppn_bayes.baselines.gisp import check_step
-    from ppn_bayes.compare.healing import check_heal_loss
+    from ppn_bayes.compare.healing import check_heal_loss, check_heal_lr
     from ppn_bayes.config import check_seed
 
     check_heal_loss(args.heal_loss)
+    if args.heal_lr is not None:
+        if args.heal_tokens == 0:
+            raise ConfigError("--heal-lr applies to healing; add --heal-tokens N")
+        check_heal_lr(args.heal_lr)
     if args.heal_loss != "data" and args.heal_tokens == 0:
         raise ConfigError(f"--heal-loss {args.heal_loss} applies to healing; add --heal-tokens N")
     if args.methods and "ppn-healed" in args.methods.split(",") and args.heal_tokens == 0:
@@ -188,7 +194,8 @@ def _run(args: argparse.Namespace, sizes: list[float], methods: list[str], items
     transfer = None if args.transfer_data is None else token_blocks(
         tok, "test", args.block_size, args.transfer_data, max_blocks=args.test_blocks, max_context=ctx)
     options = CompareOptions(
-        heal_blocks=heal_blocks, heal_loss=args.heal_loss, run_dir=args.run, paper_run_dir=args.paper_run,
+        heal_blocks=heal_blocks, heal_loss=args.heal_loss,
+        **({} if args.heal_lr is None else {"heal_lr": args.heal_lr}), run_dir=args.run, paper_run_dir=args.paper_run,
         model_path=resolve_model(args.model) if {"ppn", "ppn-paper", "ppn-healed"} & set(methods) else None,
         fit_dir=args.out, seeds=tuple(range(args.seeds)), group_size=args.group_size, gisp_step=args.gisp_step,
         gisp_objective=args.gisp_objective, gisp_choices=gisp_choices, prunepath_experts=args.experts,

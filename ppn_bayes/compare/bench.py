@@ -15,7 +15,7 @@ from torch import nn
 
 from ppn_bayes.backbone.perplexity import perplexity
 from ppn_bayes.baselines import timed
-from ppn_bayes.compare.healing import check_heal_loss, heal
+from ppn_bayes.compare.healing import HEAL_LR, check_heal_loss, check_heal_lr, heal
 from ppn_bayes.evaluation.bench import time_generation
 
 
@@ -30,9 +30,9 @@ class Bench:
 
     def __init__(self, model: nn.Module, test: torch.Tensor, heal_blocks: torch.Tensor | None,
                  decode_tokens: int, batch_size: int, trials: int = 5, heal_loss: str = "data",
-                 transfer: torch.Tensor | None = None):
+                 transfer: torch.Tensor | None = None, heal_lr: float = HEAL_LR):
         self.model, self.test, self.heal_blocks, self.transfer = model, test, heal_blocks, transfer
-        self.heal_loss = check_heal_loss(heal_loss)
+        self.heal_loss, self.heal_lr = check_heal_loss(heal_loss), check_heal_lr(heal_lr)
         self.decode_tokens, self.batch_size, self.trials = decode_tokens, batch_size, trials
         self.prompt = test[:1, : min(32, test.shape[1])]
         # Whether the dense model decodes with a KV cache at all: an architecture whose cache this
@@ -85,6 +85,6 @@ class Bench:
         if not self.healing:
             return model, {"healed_tokens": 0, "heal_seconds": 0.0}
         with timed() as t:
-            model = heal(model, self.heal_blocks, loss=self.heal_loss, teacher=self.model)
+            model = heal(model, self.heal_blocks, lr=self.heal_lr, loss=self.heal_loss, teacher=self.model)
         return model, {"healed_tokens": int(self.heal_blocks.numel()), "heal_seconds": t.seconds,
-                       "heal_loss": self.heal_loss}
+                       "heal_loss": self.heal_loss, "heal_lr": self.heal_lr}

@@ -64,7 +64,8 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
     calib, test = check_blocks(calib), check_blocks(test, "test")
     transfer = None if o.transfer is None else check_blocks(o.transfer, "transfer")
     family_for(model.config)  # an unsupported architecture fails here, before minutes of dense evaluation
-    bench = Bench(model, test, o.heal_blocks, o.decode_tokens, o.batch_size, heal_loss=o.heal_loss, transfer=transfer)
+    bench = Bench(model, test, o.heal_blocks, o.decode_tokens, o.batch_size, heal_loss=o.heal_loss, transfer=transfer,
+                  heal_lr=o.heal_lr)
     if (o.run_dir is None and o.fit_dir is not None and o.model_path is not None
             and {"ppn", "ppn-healed"} <= set(methods)):  # one run for both: its rows healed and not
         o = dataclasses.replace(o, run_dir=str(fit_ppn_run("ppn", o.model_path, o.fit_dir)[0]))
@@ -97,7 +98,7 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
               "group_size": o.group_size, "gisp_step": o.gisp_step, "gisp_objective": o.gisp_objective,
               "gisp_choices": len(o.gisp_choices) if o.gisp_objective == "margin" and o.gisp_choices else 0,
               "prunepath_experts": o.prunepath_experts, "anchor_kinds": list(o.anchor_kinds),
-              "heal_tokens": int(o.heal_blocks.numel()) if o.heal_blocks is not None else 0, "heal_loss": o.heal_loss,
+              "heal_tokens": int(o.heal_blocks.numel()) if o.heal_blocks is not None else 0, "heal_loss": o.heal_loss, "heal_lr": o.heal_lr,
               "decode_tokens": o.decode_tokens, "decode_error": bench.decode_error}
     return {"dense": dense, "results": rows, "costs": costs, "tokens": tokens, "config": config,
             "keepsets": bench.keepsets}

@@ -7,6 +7,8 @@ data loss (next-token NLL) or by distillation from the dense model (forward KL).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -15,6 +17,7 @@ from ppn_bayes.bayes.model import sequence_kl
 from ppn_bayes.errors import ConfigError
 
 HEAL_LOSSES = ("data", "distill")
+HEAL_LR = 5e-5  # AdamW's rate for every healed row unless --heal-lr says otherwise
 
 
 def check_heal_loss(loss: str) -> str:
@@ -24,7 +27,13 @@ def check_heal_loss(loss: str) -> str:
     return loss
 
 
-def heal(model: nn.Module, blocks: torch.Tensor, lr: float = 5e-5, batch_size: int = 4, loss: str = "data",
+def check_heal_lr(lr: float) -> float:
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"--heal-lr must be a finite number > 0, got {lr} (default {HEAL_LR:g})")
+    return float(lr)
+
+
+def heal(model: nn.Module, blocks: torch.Tensor, lr: float = HEAL_LR, batch_size: int = 4, loss: str = "data",
          teacher: nn.Module | None = None) -> nn.Module:
     """Fine-tune the decoder layers on ``blocks`` (one pass), keeping every zero weight zero.
 
@@ -36,6 +45,7 @@ def heal(model: nn.Module, blocks: torch.Tensor, lr: float = 5e-5, batch_size: i
     with, and what PPN's in-place distillation trains its sub-networks with; see docs/method.md).
     """
     check_heal_loss(loss)
+    check_heal_lr(lr)
     if loss == "distill" and teacher is None:
         raise ConfigError("heal(loss='distill') needs the dense model as teacher=")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ppn_bayes.compare.healing import check_heal_loss
+from ppn_bayes.compare.healing import HEAL_LR, check_heal_loss, check_heal_lr
 from ppn_bayes.errors import ConfigError
 
 PEERS = ("gisp", "shortgpt", "prunepath", "wanda", "sparsegpt", "random")
@@ -42,7 +42,8 @@ class CompareOptions:
     """How :func:`~ppn_bayes.compare.comparison.compare` runs, beyond the model, the data, the sizes and the methods.
 
     ``heal_blocks``: train blocks for optional healing (:mod:`ppn_bayes.compare`); ``heal_loss``: what healing
-    minimizes, ``data`` (next-token NLL) or ``distill`` (forward KL from the dense model's logits).
+    minimizes, ``data`` (next-token NLL) or ``distill`` (forward KL from the dense model's logits);
+    ``heal_lr``: its AdamW learning rate (:data:`~ppn_bayes.compare.healing.HEAL_LR` by default).
     ``run_dir``/``paper_run_dir``: the finished runs of the ``ppn``/``ppn-healed`` and ``ppn-paper``
     rows; without them, and with ``fit_dir`` and ``model_path``, they are fitted (:func:`~ppn_bayes.compare.rows.fit_ppn_run`).
     ``seeds``: random keep-sets averaged; ``group_size``: MLP channels per unit for the structured peers;
@@ -55,6 +56,7 @@ class CompareOptions:
 
     heal_blocks: torch.Tensor | None = None
     heal_loss: str = "data"
+    heal_lr: float = HEAL_LR
     run_dir: str | os.PathLike | None = None
     paper_run_dir: str | os.PathLike | None = None
     model_path: str | os.PathLike | None = None
@@ -74,6 +76,7 @@ class CompareOptions:
     def check(self, methods: Sequence[str]) -> CompareOptions:
         """Eager checks (one-line errors) of what ``methods`` need from these options."""
         check_heal_loss(self.heal_loss)
+        check_heal_lr(self.heal_lr)
         if "ppn-healed" in methods and (self.heal_blocks is None or self.heal_blocks.shape[0] == 0):
             raise ConfigError("method ppn-healed heals each size: pass --heal-tokens N (heal_blocks=) as for the peers")
         if self.gisp_objective not in GISP_OBJECTIVES:
