@@ -4,6 +4,8 @@
     python benchmarks/fair_fight.py --refresh healed-distill   # re-run some stages
     python benchmarks/fair_fight.py --merge-only         # only rebuild benchmarks/fair_fight_<tag>.{json,md}
     python benchmarks/fair_fight.py --recipe inference/smollm2-full.yaml --tag full   # another PPN run
+    python benchmarks/fair_fight.py --recipe inference/smollm2-distill-full.yaml --tag distill-full \
+        --healed shortgpt --heal-lr 2e-4      # full weights; the peer healed at the same rate
 
 At 0.75 / 0.5 / 0.4 of decoder parameters on SmolLM2-135M, on the calibration and test blocks of
 ``benchmarks/compare_smollm2.py`` (8 x 128 train tokens drawn with seed 0; the first 16 x 128 test
@@ -66,19 +68,24 @@ def budget(run: Path) -> int:
     return run_tokens(load_recipe(run / CONFIG))
 
 
-def stage_args(stage: str, run: Path, tokens: int) -> list[str]:
+HEALED = "shortgpt,gisp,ppn-healed"  # the healed stages' methods
+
+
+def stage_args(stage: str, run: Path, tokens: int, healed: str = HEALED, heal_lr: float | None = None) -> list[str]:
     if stage == "ppn":
         return ["--methods", "ppn", "--run", str(run), "--decode-tokens", "8"]
     if stage in ("healed-data", "healed-distill"):
-        return ["--methods", "shortgpt,gisp,ppn-healed", "--run", str(run), "--heal-tokens", str(tokens),
-                "--heal-loss", stage.split("-")[1], "--decode-tokens", "0"]
+        return ["--methods", healed, "--run", str(run), "--heal-tokens", str(tokens),
+                "--heal-loss", stage.split("-")[1], *([] if heal_lr is None else ["--heal-lr", f"{heal_lr:g}"]),
+                "--decode-tokens", "0"]
     if stage == "sparsegpt":
         return ["--methods", "sparsegpt", "--decode-tokens", "0"]
     raise SystemExit(f"unknown stage {stage!r}; choose from {','.join(STAGES)}")
 
 
-def run_stage(stage: str, run: Path, tokens: int, stage_dir: Path, runs: Path) -> None:
-    args = ["--sizes", SIZES, "--transfer-data", TRANSFER, *stage_args(stage, run, tokens)]
+def run_stage(stage: str, run: Path, tokens: int, stage_dir: Path, runs: Path, healed: str = HEALED,
+              heal_lr: float | None = None) -> None:
+    args = ["--sizes", SIZES, "--transfer-data", TRANSFER, *stage_args(stage, run, tokens, healed, heal_lr)]
     out = runs / f"{stage}-out"
     _ppn("compare", *COMMON, *args, "--out", str(out))
     data = json.loads((out / "compare.json").read_text())
@@ -90,11 +97,13 @@ def label(stage: str, row: dict) -> str:
     m = row["method"]
     if m == "ppn":
         passes = row.get("passes_per_step", 1)
-        how = ("sandwich, " if row.get("sandwich") else "") + (
+        how = (f"{row['weights']}, " if row.get("weights") in ("lora", "full") else "") + (
+            "sandwich, " if row.get("sandwich") else "") + (
             f"distill w={row['distill_weight']:g}" if row.get("distill_weight") else "data loss")
         return f"ppn, one run ({how}, {passes} passes/step)"
     if row.get("healed_tokens"):
-        return f"{m}, healed per size ({row.get('heal_loss', 'data')})"
+        lr = row.get("heal_lr", 5e-5)
+        return f"{m}, healed per size ({row.get('heal_loss', 'data')}" + ("" if lr == 5e-5 else f", lr {lr:g}") + ")"
     return m
 
 
@@ -143,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tag", default="distill", help="names this fight's stage folder and runs (default distill)")
     p.add_argument("--refresh", default="", help=f"comma-separated stages to re-run ({','.join(STAGES)}, or all)")
     p.add_argument("--stages", default=",".join(STAGES), help="stages to include (default: all)")
+    p.add_argument("--healed", default=HEALED, help=f"the healed stages' methods (default {HEALED})")
+    p.add_argument("--heal-lr", type=float, default=None,
+                   help="healing's learning rate for every healed row (default: ppn compare's, 5e-5); match it to "
+                        "the recipe's lr_weights when the run trains full weights")
     p.add_argument("--merge-only", action="store_true", help="only merge the stage JSONs into the table")
     args = p.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
@@ -158,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             tokens = budget(run)
             print(f"per-size token budget: {tokens:,} (the PPN run's training tokens)", flush=True)
             for stage in todo:
-                run_stage(stage, run, tokens, stage_dir, runs)
+                run_stage(stage, run, tokens, stage_dir, runs, args.healed, args.heal_lr)
     result = merge(stage_dir)
     _write_json(HERE / f"fair_fight_{args.tag}.json", result)
     md = table(result)

@@ -333,6 +333,13 @@ def test_fair_fight_stages_and_table_state_tokens_and_wall_time(tmp_path):
     assert ff.stage_args("healed-distill", run, 1000)[:8] == [
         "--methods", "shortgpt,gisp,ppn-healed", "--run", "runs/x", "--heal-tokens", "1000", "--heal-loss", "distill"]
     assert "data" in ff.stage_args("healed-data", run, 1000)
+    assert ff.stage_args("healed-data", run, 1000, "shortgpt", 2e-4)[:2] == ["--methods", "shortgpt"]
+    assert "--heal-lr" not in ff.stage_args("healed-data", run, 1000) and "0.0002" in ff.stage_args(
+        "healed-data", run, 1000, heal_lr=2e-4)
+    assert ff.label("healed-data", {"method": "shortgpt", "healed_tokens": 1, "heal_lr": 2e-4}) == \
+        "shortgpt, healed per size (data, lr 0.0002)"
+    assert ff.label("ppn", {"method": "ppn", "weights": "full", "sandwich": True, "distill_weight": 1.0}) == \
+        "ppn, one run (full, sandwich, distill w=1, 1 passes/step)"
     with pytest.raises(SystemExit, match="unknown stage"):
         ff.stage_args("peers", run, 1)
     dense = {"method": "dense", "size": 1.0, "perplexity": 50.0}
