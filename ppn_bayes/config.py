@@ -160,10 +160,14 @@ class TrainConfig:
     teacher: Literal["self", "base"] = "self"
     # The sandwich rule (slimmable networks / US-Nets): every step trains the dense network, the price of
     # ``sandwich_min_size`` (decoder-params fraction, solved from the current push) and
-    # ``sandwich_random`` prices ~ Exp(push.rate), gradients accumulated into one optimizer step.
+    # ``sandwich_random`` prices ~ Exp(push.rate) (and ``sandwich_sizes``, below), gradients accumulated into one
+    # optimizer step.
     sandwich: bool = False
     sandwich_min_size: float = 0.4
     sandwich_random: int = 2
+    # further target sizes trained every step (each its own pass at the price solved from the current push),
+    # between the dense network and the smallest: the sizes a user will export, e.g. [0.75, 0.5]
+    sandwich_sizes: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -344,6 +348,9 @@ def validate(recipe: Recipe) -> Recipe:
     need(0.0 < t.sandwich_min_size < 1.0, "train.sandwich_min_size",
          f"must be in (0, 1) (a fraction of decoder parameters, e.g. 0.4), got {t.sandwich_min_size}")
     need(t.sandwich_random >= 0, "train.sandwich_random", f"must be >= 0, got {t.sandwich_random}")
+    need(all(t.sandwich_min_size < x < 1.0 for x in t.sandwich_sizes) and len(set(t.sandwich_sizes)) == len(t.sandwich_sizes),
+         "train.sandwich_sizes", f"must be distinct fractions in (sandwich_min_size {t.sandwich_min_size:g}, 1), "
+         f"got {short(t.sandwich_sizes)}")
     c = recipe.calibration
     check_seed(c.seed, "calibration.seed")
     need(c.units >= 3, "calibration.units", f"must be >= 3 units to estimate their spread, got {c.units}")

@@ -205,6 +205,40 @@ def test_sandwich_draws_dense_smallest_and_random_prices_into_one_optimizer_step
     METRICS_SCHEMA.check(json.loads(json.dumps(record)), "")
 
 
+def test_sandwich_sizes_add_a_pass_at_each_target_size(tiny_llama_dir, corpus, tmp_path):
+    """``sandwich_sizes`` adds one price per target size after the smallest's, largest first, each the
+    price at which the current push keeps that fraction; the random prices stay the same draws."""
+    from ppn_bayes.bayes.lambda_star import expected_cost
+    from ppn_bayes.compare.rows import run_passes
+    from ppn_bayes.training.heldout import median_scores
+
+    r = tiny_recipe(tiny_llama_dir, corpus, weights="lora", sandwich=True, sandwich_min_size=0.4,
+                    sandwich_sizes=[0.6, 0.8], sandwich_random=1, distill_weight=1.0)
+    s = build(r, tmp_path / "r")
+    prices = sandwich_prices(s, 0)
+    plain = sandwich_prices(build(tiny_recipe(tiny_llama_dir, corpus, weights="lora", sandwich=True,
+                                              sandwich_min_size=0.4, sandwich_random=1, distill_weight=1.0),
+                                  tmp_path / "plain"), 0)
+    assert len(prices) == 5 == run_passes(r) and prices[:2] == plain[:2] and prices[-1] == plain[-1]
+    scores = {k: v.unsqueeze(0) for k, v in median_scores(s.ppn, s.guide).items()}
+
+    class View:
+        inventory = s.ppn.inventory
+
+        @staticmethod
+        def inclusion(sc, lam):
+            with torch.no_grad():
+                return s.ppn.push.inclusion(sc, lam)
+
+    total = s.ppn.inventory.total_cost("params")
+    fracs = [float(expected_cost(View, None, scores, p, "params")[0]) / total for p in prices[1:4]]
+    assert fracs == pytest.approx([0.4, 0.8, 0.6], abs=1e-3)  # smallest, then the targets largest first
+    record = train_step(s, 0)
+    assert record["prices"] == prices and len(record["sandwich"]) == 5
+    with pytest.raises(ConfigError, match="train.sandwich_sizes"):
+        tiny_recipe(tiny_llama_dir, corpus, sandwich=True, sandwich_min_size=0.4, sandwich_sizes=[0.3])
+
+
 @pytest.mark.slow
 def test_sandwich_with_distillation_resumes_like_an_uninterrupted_run(tiny_llama_dir, corpus, tmp_path):
     r = tiny_recipe(tiny_llama_dir, corpus, weights="lora", sandwich=True, sandwich_random=1,

@@ -130,11 +130,12 @@ def _grad_norms(s: Session, step: int) -> dict[str, float]:
 
 
 def sandwich_prices(s: Session, step: int) -> list[float]:
-    """The sandwich's prices for optimizer step ``step``: ``[0, lambda_min, r_1 .. r_N]``.
+    """The sandwich's prices for optimizer step ``step``: ``[0, lambda_min, lambda_s1 .. lambda_sK, r_1 .. r_N]``.
 
     ``0`` is the dense network; ``lambda_min`` the price at which the *current* push keeps
     ``train.sandwich_min_size`` of the decoder's parameters in expectation at the guide's median scores
-    (the keep-set step's bisection, :func:`ppn_bayes.bayes.lambda_star.solve_lambda`, reused); ``r_i ~ Exp(rate)``
+    (the keep-set step's bisection, :func:`ppn_bayes.bayes.lambda_star.solve_lambda`, reused), and
+    ``lambda_s`` the same for each of ``train.sandwich_sizes`` (largest first); ``r_i ~ Exp(rate)``
     from a generator seeded by ``(seed, step)`` alone (stream 2), so a resumed run draws the same prices.
     """
     from types import SimpleNamespace
@@ -145,10 +146,12 @@ def sandwich_prices(s: Session, step: int) -> list[float]:
         view = SimpleNamespace(inventory=ppn.inventory,
                                inclusion=lambda sc, lam: {k: v.cpu() for k, v in ppn.push.inclusion(sc, lam).items()})
         lam_min, _, _ = solve_lambda(view, None, scores, parse_target(ppn.inventory, size=t.sandwich_min_size))
+        targets = [float(solve_lambda(view, None, scores, parse_target(ppn.inventory, size=x))[0])
+                   for x in sorted(t.sandwich_sizes, reverse=True)]
     g = torch.Generator().manual_seed(step_seed(t.seed, step, stream=2))
     rand = [float(torch.empty((), dtype=torch.float64).exponential_(1.0, generator=g)) / ppn.push.config.rate
             for _ in range(t.sandwich_random)]
-    return [0.0, float(lam_min), *rand]
+    return [0.0, float(lam_min), *targets, *rand]
 
 
 def train_step(s: Session, step: int) -> dict[str, Any]:
