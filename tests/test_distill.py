@@ -157,19 +157,12 @@ def test_bad_distillation_keys_are_one_line_errors(tiny_llama_dir, corpus, key, 
 # ---------------------------------------------------------------------------------- the sandwich
 
 
-def test_sandwich_draws_dense_smallest_and_random_prices_into_one_optimizer_step(tiny_llama_dir, corpus, tmp_path):
+def _kept_fraction(s, price: float) -> float:
+    """The decoder-params fraction the session's current push keeps in expectation at ``price``, at the
+    guide's median scores (what the sandwich solves its prices for)."""
     from ppn_bayes.bayes.lambda_star import expected_cost
     from ppn_bayes.training.heldout import median_scores
 
-    r = tiny_recipe(tiny_llama_dir, corpus, weights="lora", sandwich=True, sandwich_min_size=0.5,
-                    sandwich_random=2, distill_weight=1.0)
-    s = build(r, tmp_path / "r")
-    prices = sandwich_prices(s, 0)
-    assert len(prices) == 4 and prices[0] == 0.0 and all(p > 0 for p in prices[1:])
-    g = torch.Generator().manual_seed(step_seed(0, 0, stream=2))
-    rand = [float(torch.empty((), dtype=torch.float64).exponential_(1.0, generator=g)) / 0.3 for _ in range(2)]
-    assert prices[2:] == rand
-    # the smallest size's price: the current push keeps 0.5 of the decoder's parameters at the median
     scores = {k: v.unsqueeze(0) for k, v in median_scores(s.ppn, s.guide).items()}
 
     class View:
@@ -180,10 +173,21 @@ def test_sandwich_draws_dense_smallest_and_random_prices_into_one_optimizer_step
             with torch.no_grad():
                 return s.ppn.push.inclusion(sc, lam)
 
-    frac = float(expected_cost(View, None, scores, prices[1], "params")[0]) / s.ppn.inventory.total_cost("params")
-    assert frac == pytest.approx(0.5, abs=1e-3)
-    assert float(expected_cost(View, None, scores, prices[1] * 0.8, "params")[0]) / \
-        s.ppn.inventory.total_cost("params") > 0.5 + 1e-3  # power check: a wrong price misses the size
+    return float(expected_cost(View, None, scores, price, "params")[0]) / s.ppn.inventory.total_cost("params")
+
+
+def test_sandwich_draws_dense_smallest_and_random_prices_into_one_optimizer_step(tiny_llama_dir, corpus, tmp_path):
+    r = tiny_recipe(tiny_llama_dir, corpus, weights="lora", sandwich=True, sandwich_min_size=0.5,
+                    sandwich_random=2, distill_weight=1.0)
+    s = build(r, tmp_path / "r")
+    prices = sandwich_prices(s, 0)
+    assert len(prices) == 4 and prices[0] == 0.0 and all(p > 0 for p in prices[1:])
+    g = torch.Generator().manual_seed(step_seed(0, 0, stream=2))
+    rand = [float(torch.empty((), dtype=torch.float64).exponential_(1.0, generator=g)) / 0.3 for _ in range(2)]
+    assert prices[2:] == rand
+    # the smallest size's price: the current push keeps 0.5 of the decoder's parameters at the median
+    assert _kept_fraction(s, prices[1]) == pytest.approx(0.5, abs=1e-3)
+    assert _kept_fraction(s, prices[1] * 0.8) > 0.5 + 1e-3  # power check: a wrong price misses the size
     calls, steps, teachers = [], [], []
     forward = s.ppn.forward
 
@@ -208,9 +212,7 @@ def test_sandwich_draws_dense_smallest_and_random_prices_into_one_optimizer_step
 def test_sandwich_sizes_add_a_pass_at_each_target_size(tiny_llama_dir, corpus, tmp_path):
     """``sandwich_sizes`` adds one price per target size after the smallest's, largest first, each the
     price at which the current push keeps that fraction; the random prices stay the same draws."""
-    from ppn_bayes.bayes.lambda_star import expected_cost
     from ppn_bayes.compare.rows import run_passes
-    from ppn_bayes.training.heldout import median_scores
 
     r = tiny_recipe(tiny_llama_dir, corpus, weights="lora", sandwich=True, sandwich_min_size=0.4,
                     sandwich_sizes=[0.6, 0.8], sandwich_random=1, distill_weight=1.0)
@@ -220,18 +222,7 @@ def test_sandwich_sizes_add_a_pass_at_each_target_size(tiny_llama_dir, corpus, t
                                               sandwich_min_size=0.4, sandwich_random=1, distill_weight=1.0),
                                   tmp_path / "plain"), 0)
     assert len(prices) == 5 == run_passes(r) and prices[:2] == plain[:2] and prices[-1] == plain[-1]
-    scores = {k: v.unsqueeze(0) for k, v in median_scores(s.ppn, s.guide).items()}
-
-    class View:
-        inventory = s.ppn.inventory
-
-        @staticmethod
-        def inclusion(sc, lam):
-            with torch.no_grad():
-                return s.ppn.push.inclusion(sc, lam)
-
-    total = s.ppn.inventory.total_cost("params")
-    fracs = [float(expected_cost(View, None, scores, p, "params")[0]) / total for p in prices[1:4]]
+    fracs = [_kept_fraction(s, p) for p in prices[1:4]]
     assert fracs == pytest.approx([0.4, 0.8, 0.6], abs=1e-3)  # smallest, then the targets largest first
     record = train_step(s, 0)
     assert record["prices"] == prices and len(record["sandwich"]) == 5

@@ -127,7 +127,7 @@ def test_total_entropy_auroc_on_constructed_predictions(setup, monkeypatch):
     for identical in (True, False):
         made = {}
 
-        def fake(gated_, post, keepsets, lam, block, identical=identical):
+        def fake(gated_, post, keepsets, lam, block, identical=identical, made=made):
             key = tuple(block.tolist())
             if key not in made:
                 made[key] = logits_for(block, identical)
