@@ -48,12 +48,19 @@ def demo_section(demo: dict) -> list[str]:
     return lines
 
 
-def fair_fight_section(fight_md: str | None) -> list[str]:
-    """The fair fight's tables (``benchmarks/fair_fight.py``), as that script wrote them."""
+FIGHTS = (  # (tag, title) of the fair fights the README shows (benchmarks/fair_fight.py --tag)
+    ("distill", "**The fair fight** (`python benchmarks/fair_fight.py`: one distilled PPN run against peers healed "
+                "*per size* on the same token budget; details in `benchmarks/RESULTS.md`):"),
+    ("distill-full", "**The same fight with every weight trained** (`python benchmarks/fair_fight.py --recipe "
+                     "inference/smollm2-distill-full.yaml --tag distill-full --healed shortgpt --heal-lr 5e-4`: the "
+                     "PPN run trains full weights at 5e-4, and the peer is healed at that rate too):"),
+)
+
+
+def fair_fight_section(fight_md: str | None, title: str = FIGHTS[0][1]) -> list[str]:
+    """A fair fight's tables (``benchmarks/fair_fight.py``), as that script wrote them."""
     if not fight_md:
         return []
-    title = ("**The fair fight** (`python benchmarks/fair_fight.py`: one distilled PPN run against peers healed "
-             "*per size* on the same token budget; details in `benchmarks/RESULTS.md`):")
     return [title, "", *fight_md.rstrip().split("\n")]
 
 
@@ -89,10 +96,11 @@ def build() -> str:
              "and calls it).", ""]
     lines += demo_section(demo) if demo else ["(no `benchmarks/demo.py` result recorded yet)"]
     lines += [""] + compare_section(merged)
-    fight = HERE / "fair_fight_distill.md"
-    section = fair_fight_section(fight.read_text() if fight.is_file() else None)
-    if section:
-        lines += [""] + section
+    for tag, title in FIGHTS:
+        fight = HERE / f"fair_fight_{tag}.md"
+        section = fair_fight_section(fight.read_text() if fight.is_file() else None, title)
+        if section:
+            lines += [""] + section
     return "\n".join(lines)
 
 
