@@ -348,9 +348,10 @@ def validate(recipe: Recipe) -> Recipe:
     need(0.0 < t.sandwich_min_size < 1.0, "train.sandwich_min_size",
          f"must be in (0, 1) (a fraction of decoder parameters, e.g. 0.4), got {t.sandwich_min_size}")
     need(t.sandwich_random >= 0, "train.sandwich_random", f"must be >= 0, got {t.sandwich_random}")
-    need(all(t.sandwich_min_size < x < 1.0 for x in t.sandwich_sizes) and len(set(t.sandwich_sizes)) == len(t.sandwich_sizes),
-         "train.sandwich_sizes", f"must be distinct fractions in (sandwich_min_size {t.sandwich_min_size:g}, 1), "
-         f"got {short(t.sandwich_sizes)}")
+    sizes = t.sandwich_sizes
+    need(all(t.sandwich_min_size < x < 1.0 for x in sizes) and len(set(sizes)) == len(sizes), "train.sandwich_sizes",
+         f"must be distinct fractions in (sandwich_min_size {t.sandwich_min_size:g}, 1), got {short(sizes)}")
+    need(t.sandwich or not sizes, "train.sandwich_sizes", "applies to the sandwich rule; set train.sandwich: true, or train.sandwich_sizes: []")
     c = recipe.calibration
     check_seed(c.seed, "calibration.seed")
     need(c.units >= 3, "calibration.units", f"must be >= 3 units to estimate their spread, got {c.units}")

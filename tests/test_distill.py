@@ -228,6 +228,8 @@ def test_sandwich_sizes_add_a_pass_at_each_target_size(tiny_llama_dir, corpus, t
     assert record["prices"] == prices and len(record["sandwich"]) == 5
     with pytest.raises(ConfigError, match="train.sandwich_sizes"):
         tiny_recipe(tiny_llama_dir, corpus, sandwich=True, sandwich_min_size=0.4, sandwich_sizes=[0.3])
+    with pytest.raises(ConfigError, match="train.sandwich_sizes: applies to the sandwich rule"):
+        tiny_recipe(tiny_llama_dir, corpus, sandwich_sizes=[0.6])
 
 
 @pytest.mark.slow

@@ -43,8 +43,8 @@ starting from the fitted guide: no retraining of the network. It follows the run
 phase: the run's ``guide_schedule`` (cosine or constant), and where the run averaged
 (``train.guide_average_steps``), the average of the re-derivation's last ``min(N, calibration.steps)``
 iterates, the sds widened by their spread (:mod:`ppn_bayes.training.averaging`), so a calibrated
-posterior is not narrower than the uncalibrated one merely for ending at one iterate. The original posterior files are kept
-in ``RUN/posterior.uncalibrated/`` (every later ``ppn calibrate`` starts from them), the re-derived
+posterior is not narrower than the uncalibrated one merely for ending at one iterate. The original
+posterior files are kept in ``RUN/posterior.uncalibrated/`` (every later ``ppn calibrate`` starts from them), the re-derived
 ones replace the run's (``posterior.json`` then says ``tempering: beta``) so every later command reads
 the calibrated posterior, the gradients behind beta go to ``RUN/calibration.safetensors`` (for
 re-analysis), and the run's ``manifest.json`` records how (``calibration``).

@@ -11,8 +11,9 @@ their disagreement is *epistemic* uncertainty about which sub-network is right:
 How useful that is gets measured on held-out text: AUROC of MI for flagging the averaged model's own
 errors (argmax != next token); AUROC of the averaged prediction's total entropy ``H[mean_k p_k]`` (its
 aleatoric part ``mean_k H[p_k]`` plus MI, Depeweg et al. 2018) for the same errors, against the single
-sub-network's entropy for its own errors (what a user without the posterior has); and calibration (ECE, reliability diagram) of the averaged prediction
-against a single sub-network (the reported keep-set). AUROC and ECE are computed here, without
+sub-network's entropy for its own errors (what a user without the posterior has); and calibration
+(ECE, reliability diagram) of the averaged prediction against a single sub-network (the reported
+keep-set). AUROC and ECE are computed here, without
 sklearn, so the definitions are on the page.
 """
 

@@ -105,7 +105,6 @@ def guide_state(guide: PyroModule) -> dict[str, torch.Tensor]:
 KL_DRAWS = 64
 
 
-@torch.no_grad()
 def _autoguide(guide: PyroModule) -> AutoNormal | AutoLowRankMultivariateNormal | None:
     """The autoguide inside a :class:`ScoreGuide`, the guide itself when it is one, else ``None``."""
     if isinstance(guide, (AutoNormal, AutoLowRankMultivariateNormal)):
@@ -113,6 +112,7 @@ def _autoguide(guide: PyroModule) -> AutoNormal | AutoLowRankMultivariateNormal 
     return getattr(guide, "auto", None)
 
 
+@torch.no_grad()
 def guide_marginals(guide: PyroModule) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat means and marginal sds of the guide in the unconstrained space (empty for no latents), on
     the guide's device (a copy: no host transfer, so building a session never syncs). ``guide``: a

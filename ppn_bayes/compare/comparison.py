@@ -98,7 +98,8 @@ def compare(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, sizes: Se
               "group_size": o.group_size, "gisp_step": o.gisp_step, "gisp_objective": o.gisp_objective,
               "gisp_choices": len(o.gisp_choices) if o.gisp_objective == "margin" and o.gisp_choices else 0,
               "prunepath_experts": o.prunepath_experts, "anchor_kinds": list(o.anchor_kinds),
-              "heal_tokens": int(o.heal_blocks.numel()) if o.heal_blocks is not None else 0, "heal_loss": o.heal_loss, "heal_lr": o.heal_lr,
+              "heal_tokens": int(o.heal_blocks.numel()) if o.heal_blocks is not None else 0,
+              "heal_loss": o.heal_loss, "heal_lr": o.heal_lr,
               "decode_tokens": o.decode_tokens, "decode_error": bench.decode_error}
     return {"dense": dense, "results": rows, "costs": costs, "tokens": tokens, "config": config,
             "keepsets": bench.keepsets}

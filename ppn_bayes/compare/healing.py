@@ -28,7 +28,7 @@ def check_heal_loss(loss: str) -> str:
 
 
 def check_heal_lr(lr: float) -> float:
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ConfigError(f"--heal-lr must be a finite number > 0, got {lr} (default {HEAL_LR:g})")
     return float(lr)
 

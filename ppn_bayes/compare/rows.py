@@ -95,13 +95,15 @@ def prunepath_rows(bench: Bench, calib: torch.Tensor, sizes: list[float], n_expe
 def run_tokens(recipe: Any) -> int:
     """Training-set tokens a run's optimizer steps read (joint and guide-only steps alike):
     ``(steps + guide_steps) x batch_size x grad_accum x block_size``. With the sandwich rule each is
-    read by ``2 + len(sandwich_sizes) + sandwich_random`` passes (:func:`run_passes`): the same tokens, more compute."""
+    read by ``2 + len(sandwich_sizes) + sandwich_random`` passes (:func:`run_passes`): the same tokens,
+    more compute."""
     t = recipe.train
     return (t.steps + t.guide_steps) * t.batch_size * t.grad_accum * recipe.data.block_size
 
 
 def run_passes(recipe: Any) -> int:
-    """Forward/backward passes per optimizer step: 1, or the sandwich's ``2 + len(sandwich_sizes) + sandwich_random``."""
+    """Forward/backward passes per optimizer step: 1, or the sandwich's
+    ``2 + len(sandwich_sizes) + sandwich_random``."""
     t = recipe.train
     return 2 + len(getattr(t, "sandwich_sizes", [])) + t.sandwich_random if getattr(t, "sandwich", False) else 1
 
