@@ -58,6 +58,16 @@ def test_calibration_line_reads_the_manifest():
            "trained_with_beta": 1.0, "posterior": "rederived", "details": {}}
     ok, line = calibration_line({"calibration": rec})
     assert ok and line.startswith("calibrated: beta = 0.0123") and "214 chapters" in line and "re-derived" in line
+    assert "guide-only" not in line  # a record without re-derivation details says nothing about them
+    ok, line = calibration_line({"calibration": {**rec, "details": {"steps": 60, "schedule": "constant", "average": {
+        "steps": 45, "widening": 1.71}}}})
+    assert ok and "(60 guide-only steps at a constant rate, the last 45 averaged and their sds widened 1.71x" in line
+    ok, line = calibration_line({"calibration": {**rec, "details": {"steps": 60, "schedule": "cosine", "average": None}}})
+    assert ok and "(60 guide-only steps, cosine rate, last iterate)" in line
+    from ppn_bayes.analysis.calibration import GIVEN
+
+    ok, line = calibration_line({"calibration": {**rec, "method": GIVEN}})  # a value by hand is no calibration
+    assert not ok and line.startswith("not calibrated: beta = 0.0123 given by hand") and "re-derived at it" in line
     ok, line = calibration_line({"calibration": {**rec, "posterior": "not rederived"}})
     assert not ok and line.startswith("not calibrated: beta = 0.0123") and "not re-derived" in line
     assert "\n" not in line

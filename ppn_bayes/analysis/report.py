@@ -13,8 +13,10 @@ is right. The learning rate ``beta`` (``train.tempering``, the weight of the tok
 that width; at the default ``beta = 1`` per token every token counts as independent evidence and pi
 is far too sure (issue 12: five seeds keep layer sets with Jaccard 0.42 while reporting P = 1.00).
 So the report labels pi **calibrated** only when the run's manifest records a calibration
-(``manifest["calibration"]``, written by ``ppn calibrate RUN``) whose posterior was re-derived at the
-calibrated ``beta``; otherwise **not calibrated**, with the reason, in one line (:func:`calibration_line`).
+(``manifest["calibration"]``, written by ``ppn calibrate RUN``) whose ``beta`` was estimated (not given
+by hand with ``--beta``) and whose posterior was re-derived at it, and says how it was re-derived
+(steps, rate, the averaged window); otherwise **not calibrated**, with the reason, in one line
+(:func:`calibration_line`).
 
 **Credible band of the held-out loss** (``band_samples`` > 0, ``ppn report --band K``; it loads the
 model, so it is off by default): at each size, the held-out NLL of the reported keep-set on the run's
@@ -174,6 +176,19 @@ def check_report_out(run_dir: Path, out: Path, overwrite: bool = False) -> None:
         raise OutputError(f"--out {out} already holds a report; pass --force to replace it, or choose another --out")
 
 
+def _rederived_how(cal: dict) -> str:
+    """How ``ppn calibrate`` re-derived the posterior (its ``details``), as a parenthesis; empty when
+    the record predates these keys."""
+    d = cal.get("details") if isinstance(cal.get("details"), dict) else {}
+    steps, avg = d.get("steps"), d.get("average")
+    if not isinstance(steps, int):
+        return ""
+    if isinstance(avg, dict) and isinstance(avg.get("steps"), int) and isinstance(avg.get("widening"), (int, float)):
+        return (f" ({steps} guide-only steps at a {d.get('schedule', 'constant')} rate, the last {avg['steps']} "
+                f"averaged and their sds widened {avg['widening']:.2f}x by the means' spread)")
+    return f" ({steps} guide-only steps{', ' + d['schedule'] + ' rate' if isinstance(d.get('schedule'), str) else ''}, last iterate)"
+
+
 def calibration_line(manifest: dict) -> tuple[bool, str]:
     """``(calibrated, one line)``: how the posterior's learning rate ``beta`` was obtained, from
     ``manifest["calibration"]`` (``{"method", "beta", "unit", "n_units", "trained_with_beta",
@@ -187,6 +202,13 @@ def calibration_line(manifest: dict) -> tuple[bool, str]:
                else "set by hand, not estimated")
         return False, (f"not calibrated: beta = {trained:g} per token assumed (train.tempering; {why}); "
                        "run `ppn calibrate RUN`")
+    from ppn_bayes.analysis.calibration import GIVEN
+
+    if cal.get("method") == GIVEN:  # `ppn calibrate --beta B`: a value by hand is not a calibration
+        done = ("the posterior was re-derived at it" + _rederived_how(cal) if cal.get("posterior") == "rederived"
+                else "the posterior was not re-derived at it")
+        return False, (f"not calibrated: beta = {cal['beta']:.4g} given by hand (`ppn calibrate --beta`), not "
+                       f"estimated; {done}; run `ppn calibrate RUN` without --beta to estimate it")
     unit = str(cal.get("unit", "units"))
     n = cal.get("n_units")
     was = cal.get("trained_with_beta", trained)
@@ -195,7 +217,7 @@ def calibration_line(manifest: dict) -> tuple[bool, str]:
            f"as the independent units of data; trained with beta = {was:g}" if isinstance(was, (int, float))
            else f"beta = {cal['beta']:.4g} estimated by {cal.get('method', 'an unnamed method')}")
     if cal.get("posterior") == "rederived":
-        return True, f"calibrated: {how}; the posterior was re-derived at the calibrated beta"
+        return True, f"calibrated: {how}; the posterior was re-derived at the calibrated beta{_rederived_how(cal)}"
     return False, (f"not calibrated: {how}, but the posterior was not re-derived at it, so π still reflects the "
                    "trained beta; run `ppn calibrate RUN` to re-derive it")
 
