@@ -27,7 +27,6 @@ import yaml
 
 from ppn_bayes.errors import ConfigError
 from ppn_bayes.schema import short
-from ppn_bayes.shipped import shipped_folder
 
 #: Seeds go to numpy's legacy seeding (through Pyro) as well as torch's: 0 .. 2**32 - 1.
 SEED_MAX = 2**32 - 1
@@ -491,17 +490,6 @@ def apply_overrides(data: dict | None, overrides: list[str]) -> dict:
             node = child
         node[parts[-1]] = value
     return out
-
-
-def bundled_recipe(name: str) -> Path:
-    """The path of a recipe shipped with the package (``inference/<name>.yaml``; see
-    :mod:`ppn_bayes.shipped` for where an installed wheel keeps it)."""
-    folder = shipped_folder("recipes")
-    path = folder / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise ConfigError(f"no bundled recipe {name!r}; bundled recipes: {', '.join(names)}")
-    return path
 
 
 def dump_recipe(recipe: Recipe) -> str:

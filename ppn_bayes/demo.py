@@ -27,7 +27,7 @@ import torch
 from ppn_bayes.analysis.report import fit_verdict
 from ppn_bayes.backbone.perplexity import perplexity
 from ppn_bayes.cli.options import json_text
-from ppn_bayes.config import bundled_recipe
+from ppn_bayes.shipped import bundled_recipe
 from ppn_bayes.data.corpus import token_blocks
 from ppn_bayes.errors import SizeError
 from ppn_bayes.evaluation.bench import ideal_ratios, time_generation

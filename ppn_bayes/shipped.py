@@ -28,3 +28,14 @@ def shipped_folder(name: str) -> Path:
     raise ConfigError(f"this ppn-bayes install has no {name} folder (looked in {package / name} and "
                       f"{package.parent / CHECKOUT_FOLDERS[name]}); reinstall it with `pip install ppn-bayes` "
                       "or from a full checkout")
+
+
+def bundled_recipe(name: str) -> Path:
+    """The path of a recipe shipped with the package (``inference/<name>.yaml``; see
+    :func:`shipped_folder` for where an installed wheel keeps it)."""
+    folder = shipped_folder("recipes")
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ConfigError(f"no bundled recipe {name!r}; bundled recipes: {', '.join(names)}")
+    return path

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from ppn_bayes.cli import main
-from ppn_bayes.config import bundled_recipe, load_recipe
+from ppn_bayes.config import load_recipe
 from ppn_bayes.errors import ConfigError
+from ppn_bayes.shipped import bundled_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,9 +25,10 @@ from ppn_bayes.baselines.prunepath import moefy
 from ppn_bayes.baselines.random import random_keepsets
 from ppn_bayes.bayes.keepsets import keepsets
 from ppn_bayes.compare.bench import Bench
-from ppn_bayes.config import bundled_recipe, recipe_from_dict
+from ppn_bayes.config import recipe_from_dict
 from ppn_bayes.errors import ConfigError, RunError, SizeError
 from ppn_bayes.run import load_run  # the Bayesian core's run directory API
+from ppn_bayes.shipped import bundled_recipe
 from ppn_bayes.training.loop import fit
 
 
