@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from ppn_bayes.analysis import plots
+from ppn_bayes.analysis.calibration import GIVEN
 from ppn_bayes.analysis.uncertainty import evaluate_keepset, run_test_blocks
 from ppn_bayes.bayes import diagnostics as diag
 from ppn_bayes.bayes.guides import convergence_warning, guide_convergence, not_converged_text
@@ -202,8 +203,6 @@ def calibration_line(manifest: dict) -> tuple[bool, str]:
                else "set by hand, not estimated")
         return False, (f"not calibrated: beta = {trained:g} per token assumed (train.tempering; {why}); "
                        "run `ppn calibrate RUN`")
-    from ppn_bayes.analysis.calibration import GIVEN
-
     if cal.get("method") == GIVEN:  # `ppn calibrate --beta B`: a value by hand is not a calibration
         done = ("the posterior was re-derived at it" + _rederived_how(cal) if cal.get("posterior") == "rederived"
                 else "the posterior was not re-derived at it")
