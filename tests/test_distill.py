@@ -20,7 +20,8 @@ from ppn_bayes.config import recipe_from_dict
 from ppn_bayes.errors import ConfigError
 from ppn_bayes.run import fit
 from ppn_bayes.training.build import build
-from ppn_bayes.training.loop import sandwich_prices, train_step
+from ppn_bayes.training.loop import train_step
+from ppn_bayes.training.sandwich import sandwich_prices
 from ppn_bayes.training.schedule import step_seed
 
 

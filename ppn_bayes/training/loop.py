@@ -41,8 +41,6 @@ import torch
 import torch.distributed as dist
 
 from ppn_bayes.bayes.guides import guide_summary
-from ppn_bayes.bayes.lambda_star import solve_lambda
-from ppn_bayes.bayes.unit_table import parse_target
 from ppn_bayes.config import Recipe, apply_overrides, load_recipe, recipe_from_dict
 from ppn_bayes.device import synchronize
 from ppn_bayes.errors import ConfigError, NumericalError, OutputError, RunError
@@ -59,7 +57,8 @@ from ppn_bayes.training.distributed import (
     is_sharded,
     reduce_mean,
 )
-from ppn_bayes.training.heldout import evaluate, median_scores
+from ppn_bayes.training.heldout import evaluate
+from ppn_bayes.training.sandwich import sandwich_prices
 from ppn_bayes.training.schedule import (
     batch_indices,
     group_multiplier,
@@ -127,31 +126,6 @@ def _grad_norms(s: Session, step: int) -> dict[str, float]:
             f"is kept: resume with a lower learning rate, e.g. ppn fit --resume --out {s.run_dir} "
             f"--set train.{lr_key}={getattr(s.recipe.train, lr_key) / 4:g}")
     return norms
-
-
-def sandwich_prices(s: Session, step: int) -> list[float]:
-    """The sandwich's prices for optimizer step ``step``: ``[0, lambda_min, lambda_s1 .. lambda_sK, r_1 .. r_N]``.
-
-    ``0`` is the dense network; ``lambda_min`` the price at which the *current* push keeps
-    ``train.sandwich_min_size`` of the decoder's parameters in expectation at the guide's median scores
-    (the keep-set step's bisection, :func:`ppn_bayes.bayes.lambda_star.solve_lambda`, reused), and
-    ``lambda_s`` the same for each of ``train.sandwich_sizes`` (largest first); ``r_i ~ Exp(rate)``
-    from a generator seeded by ``(seed, step)`` alone (stream 2), so a resumed run draws the same prices.
-    """
-    from types import SimpleNamespace
-
-    t, ppn = s.recipe.train, s.ppn
-    with torch.no_grad():
-        scores = {k: v.detach().unsqueeze(0) for k, v in median_scores(ppn, s.guide).items()}
-        view = SimpleNamespace(inventory=ppn.inventory,
-                               inclusion=lambda sc, lam: {k: v.cpu() for k, v in ppn.push.inclusion(sc, lam).items()})
-        lam_min, _, _ = solve_lambda(view, None, scores, parse_target(ppn.inventory, size=t.sandwich_min_size))
-        targets = [float(solve_lambda(view, None, scores, parse_target(ppn.inventory, size=x))[0])
-                   for x in sorted(t.sandwich_sizes, reverse=True)]
-    g = torch.Generator().manual_seed(step_seed(t.seed, step, stream=2))
-    rand = [float(torch.empty((), dtype=torch.float64).exponential_(1.0, generator=g)) / ppn.push.config.rate
-            for _ in range(t.sandwich_random)]
-    return [0.0, float(lam_min), *targets, *rand]
 
 
 def train_step(s: Session, step: int) -> dict[str, Any]:
