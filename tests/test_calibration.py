@@ -176,6 +176,25 @@ def test_blocks_are_grouped_by_chapter(tiny_tokenizer, chapter_corpus, tmp_path)
     assert docs.unique().tolist() == [0]
 
 
+def test_a_bootstrap_runs_blocks_keep_their_original_chapters(tiny_tokenizer, chapter_corpus, tmp_path):
+    """A run trained on a chapter bootstrap (the refit check's) is calibrated on its own blocks, each
+    assigned to the chapter it was copied from: a chapter drawn twice is one unit, not two. Seed 0
+    draws chapters [4, 4, 3, 0, 3] of 5, so 3 units; numbering the copies would give 5."""
+    from ppn_bayes.data.corpus import block_units, bootstrap_draw, load_corpus, token_blocks
+
+    corpus = str(chapter_corpus)
+    drawn = [key for _, key in bootstrap_draw(load_corpus(corpus, "train"), 0)]
+    assert [k for _, k in drawn] == [4, 4, 3, 0, 3]
+    blocks, unit_of, names = block_units(tiny_tokenizer, "train", 32, corpus, "chapters", cache_dir=tmp_path,
+                                         bootstrap_seed=0)
+    assert torch.equal(blocks, token_blocks(tiny_tokenizer, "train", 32, corpus, cache_dir=tmp_path, bootstrap_seed=0))
+    assert names == ["doc 0 chapter 1", "doc 0 chapter 4", "doc 0 chapter 5"] and unit_of.unique().tolist() == [0, 1, 2]
+    plain = block_units(tiny_tokenizer, "train", 32, corpus, "chapters", cache_dir=tmp_path)
+    assert set(names) <= set(plain[2])
+    # the first copy of chapter 5 opens the stream: its blocks are unit "doc 0 chapter 5", as in the split
+    assert names[int(unit_of[0])] == "doc 0 chapter 5"
+
+
 @pytest.fixture(scope="module")
 def chapter_run(tiny_llama_dir, chapter_corpus, tmp_path_factory) -> Path:
     from ppn_bayes.config import recipe_from_dict

@@ -272,7 +272,9 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
         tok = run.load_tokenizer()
         try:
             blocks, unit_of, _ = block_units(tok, "train", recipe.data.block_size, recipe.data.corpus, c.unit,
-                                             max_blocks=recipe.data.train_blocks)
+                                             max_blocks=recipe.data.train_blocks,
+                                             bootstrap_seed=recipe.data.bootstrap_seed,
+                                             bootstrap_unit=recipe.data.bootstrap_unit)
         except DataError as err:
             raise DataError(f"calibration.unit {c.unit}: {err}") from None
         num_sequences = int(run.manifest.get("num_sequences", blocks.shape[0]))

@@ -193,9 +193,16 @@ def chapters(text: str) -> list[str]:
 def bootstrap_units(docs: list[str], seed: int, unit: str = "chapters") -> list[str]:
     """A bootstrap resample of ``docs``' units (chapters or documents): as many as there are, drawn
     with replacement from ``seed``, in the drawn order (module docstring)."""
+    return [text for text, _ in bootstrap_draw(docs, seed, unit)]
+
+
+def bootstrap_draw(docs: list[str], seed: int, unit: str = "chapters") -> list[tuple[str, tuple[int, int]]]:
+    """:func:`bootstrap_units` with where each drawn unit came from: ``(text, (document, chapter))``
+    (chapter 0 when the unit is a whole document), so a unit drawn twice is known to be one unit."""
     if unit not in UNITS:
         raise DataError(f"unknown bootstrap unit {short(unit)}; choose one of {', '.join(UNITS)}")
-    units = [c for d in docs for c in (chapters(d) if unit == "chapters" else [d])]
+    units = [(c, (d, k)) for d, doc in enumerate(docs)
+             for k, c in enumerate(chapters(doc) if unit == "chapters" else [doc])]
     idx = torch.randint(len(units), (len(units),), generator=torch.Generator().manual_seed(int(seed)))
     return [units[i] for i in idx.tolist()]
 
@@ -381,7 +388,8 @@ def calibration_blocks(
 
 def block_units(tokenizer: Any, split: str = "train", block_size: int = 256, data: str = "bundled",
                 unit: str = "chapters", max_blocks: int | None = None, *, max_context: int | None = None,
-                cache_dir: str | os.PathLike[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                cache_dir: str | os.PathLike[str] | None = None, bootstrap_seed: int | None = None,
+                bootstrap_unit: str = "chapters") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The blocks of :func:`token_blocks` and, for each, the independent unit of text it belongs to.
 
     Returns ``(blocks [N, block_size], unit_of_block [N], unit_names)``. Units are ``documents`` or
@@ -389,19 +397,26 @@ def block_units(tokenizer: Any, split: str = "train", block_size: int = 256, dat
     straddles a boundary belongs to the unit of its middle token. The tokens are those of
     :func:`token_blocks` exactly (the same packing of the same ids; checked), so a unit id indexes the
     training blocks a run saw. Needs a fast tokenizer (its offset mapping places the headings).
+
+    ``bootstrap_seed``/``bootstrap_unit``: the blocks of a run trained on a bootstrap resample
+    (:func:`token_blocks`' keys), each assigned to the unit of the *original* split it was copied from,
+    so that a chapter drawn twice is one unit of data, not two.
     """
     if unit not in UNITS:
         raise DataError(f"unknown unit {short(unit)}; choose one of {', '.join(UNITS)}")
     blocks = token_blocks(tokenizer, split, block_size, data, max_blocks=max_blocks, max_context=max_context,
-                          cache_dir=cache_dir)
+                          cache_dir=cache_dir, bootstrap_seed=bootstrap_seed, bootstrap_unit=bootstrap_unit)
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("grouping blocks by chapter needs a fast tokenizer (offset mapping); "
                         "use the model's tokenizer.json, or unit: documents with a fast tokenizer")
     docs = load_corpus(data, split)
+    # each packed text and the (document, first chapter) of the original split it is
+    drawn = (bootstrap_draw(docs, bootstrap_seed, bootstrap_unit) if bootstrap_seed is not None
+             else [(text, (d, 0)) for d, text in enumerate(docs)])
     starts: list[int] = []  # flat token position where each unit starts
-    names: list[str] = []
+    keys: list[tuple[int, int]] = []  # its unit in the original split: (document, chapter)
     flat_ids: list[int] = []
-    for d, text in enumerate(docs):
+    for d, (text, (doc, first)) in enumerate(drawn):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         if d:
             flat_ids.append(tokenizer.eos_token_id)
@@ -412,11 +427,14 @@ def block_units(tokenizer: Any, split: str = "train", block_size: int = 256, dat
         cuts = [0] + [int(torch.searchsorted(char_starts, c)) for c in heads[1:]]
         for k, cut in enumerate(cuts):
             starts.append(base + cut)
-            names.append(f"doc {d}" + (f" chapter {k + 1}" if unit == "chapters" else ""))
+            keys.append((doc, first + k) if unit == "chapters" else (doc, 0))
     packed = pack_blocks([flat_ids], tokenizer.eos_token_id, block_size)[: blocks.shape[0]]
     if packed.shape != blocks.shape or not torch.equal(packed, blocks):
         raise DataError(f"the blocks of corpus {data!r} changed between packing and grouping them by {unit}; "
                         "clear the block cache ($PPN_HOME/cache/blocks) and retry")
     middle = torch.arange(blocks.shape[0]) * block_size + block_size // 2
-    unit_of = torch.searchsorted(torch.tensor(starts), middle, right=True) - 1
-    return blocks, unit_of.clamp_min(0), names
+    segment = (torch.searchsorted(torch.tensor(starts), middle, right=True) - 1).clamp_min(0)
+    distinct = sorted(set(keys))
+    ids = torch.tensor([distinct.index(k) for k in keys])
+    names = [f"doc {d}" + (f" chapter {k + 1}" if unit == "chapters" else "") for d, k in distinct]
+    return blocks, ids[segment], names
