@@ -27,6 +27,7 @@ import yaml
 
 from ppn_bayes.errors import ConfigError
 from ppn_bayes.schema import short
+from ppn_bayes.shipped import bundled_recipe
 
 #: Seeds go to numpy's legacy seeding (through Pyro) as well as torch's: 0 .. 2**32 - 1.
 SEED_MAX = 2**32 - 1
