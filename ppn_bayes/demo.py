@@ -27,7 +27,6 @@ import torch
 from ppn_bayes.analysis.report import fit_verdict
 from ppn_bayes.backbone.perplexity import perplexity
 from ppn_bayes.cli.options import json_text
-from ppn_bayes.shipped import bundled_recipe
 from ppn_bayes.data.corpus import token_blocks
 from ppn_bayes.errors import SizeError
 from ppn_bayes.evaluation.bench import ideal_ratios, time_generation
@@ -36,6 +35,7 @@ from ppn_bayes.export.load import load_resized
 from ppn_bayes.files import atomic_write_bytes, check_owned, check_writable, writer_lock
 from ppn_bayes.hub.zoo import load_model, resolve_model
 from ppn_bayes.run import fit
+from ppn_bayes.shipped import bundled_recipe
 
 DEMO_RECIPE = "smollm2-demo"
 #: What ``ppn demo`` writes into ``--out`` (a rerun reuses the run and replaces the rest).
