@@ -5,7 +5,7 @@
     python benchmarks/fair_fight.py --merge-only         # only rebuild benchmarks/fair_fight_<tag>.{json,md}
     python benchmarks/fair_fight.py --recipe inference/smollm2-full.yaml --tag full   # another PPN run
     python benchmarks/fair_fight.py --recipe inference/smollm2-distill-full.yaml --tag distill-full \
-        --healed shortgpt --heal-lr 2e-4      # full weights; the peer healed at the same rate
+        --healed shortgpt --heal-lr 5e-4      # full weights; the peer healed at the same rate
 
 At 0.75 / 0.5 / 0.4 of decoder parameters on SmolLM2-135M, on the calibration and test blocks of
 ``benchmarks/compare_smollm2.py`` (8 x 128 train tokens drawn with seed 0; the first 16 x 128 test
@@ -46,6 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 # the same calibration/test blocks and helpers as the README comparison
 from compare_smollm2 import COMMON, _finished, _ppn, _write_json, read_stages
+
+from ppn_bayes.compare.healing import HEAL_LR
 
 SIZES = "0.75,0.5,0.4"
 TRANSFER = "kjv"  # the transfer domain (module docstring)
@@ -102,8 +104,8 @@ def label(stage: str, row: dict) -> str:
             f"distill w={row['distill_weight']:g}" if row.get("distill_weight") else "data loss")
         return f"ppn, one run ({how}, {passes} passes/step)"
     if row.get("healed_tokens"):
-        lr = row.get("heal_lr", 5e-5)
-        return f"{m}, healed per size ({row.get('heal_loss', 'data')}" + ("" if lr == 5e-5 else f", lr {lr:g}") + ")"
+        lr = row.get("heal_lr", HEAL_LR)
+        return f"{m}, healed per size ({row.get('heal_loss', 'data')}" + ("" if lr == HEAL_LR else f", lr {lr:g}") + ")"
     return m
 
 

@@ -311,8 +311,8 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
                 return (train_blocks[idx],), {"subsample": idx.to(device)}
 
             bar = _bar(progress, c.steps, f"ppn calibrate: guide at beta {beta:.3g}", "step")
-            schedule = t.guide_schedule or t.schedule
-            losses, average = rederive_guide(ppn, post.guide, batch_fn, c.steps, c.lr or t.guide_lr or t.lr_guide, beta,
+            schedule, lr = t.guide_schedule or t.schedule, c.lr or t.guide_lr or t.lr_guide
+            losses, average = rederive_guide(ppn, post.guide, batch_fn, c.steps, lr, beta,
                                              scale=ppn.num_tokens, seed=c.seed, bar=bar, schedule=schedule,
                                              average_steps=t.guide_average_steps)
             if bar is not None:
@@ -321,7 +321,7 @@ def calibrate_run(run_dir: str | os.PathLike, overrides: dict[str, Any] | None =
             save_posterior(run_dir, post.prior, post.push, post.guide, post.prior.config, post.push.config,
                            _guide_cfg(source), tempering=beta)
             status = "rederived"
-            details.update({"steps": c.steps, "lr": c.lr or t.guide_lr or t.lr_guide, "rederive_seconds":
+            details.update({"steps": c.steps, "lr": lr, "rederive_seconds":
                             round(time.perf_counter() - tic, 1), "loss_first": losses[0], "loss_last": losses[-1],
                             "guide_scale_ratio": float((_guide_sds(post.guide) / sd_before).log().mean().exp()),
                             "score_sd_after": _score_sds(post), "original": str(backup.relative_to(run_dir)),

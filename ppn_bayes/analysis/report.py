@@ -187,7 +187,8 @@ def _rederived_how(cal: dict) -> str:
     if isinstance(avg, dict) and isinstance(avg.get("steps"), int) and isinstance(avg.get("widening"), (int, float)):
         return (f" ({steps} guide-only steps at a {d.get('schedule', 'constant')} rate, the last {avg['steps']} "
                 f"averaged and their sds widened {avg['widening']:.2f}x by the means' spread)")
-    return f" ({steps} guide-only steps{', ' + d['schedule'] + ' rate' if isinstance(d.get('schedule'), str) else ''}, last iterate)"
+    rate = f", {d['schedule']} rate" if isinstance(d.get("schedule"), str) else ""
+    return f" ({steps} guide-only steps{rate}, last iterate)"
 
 
 def calibration_line(manifest: dict) -> tuple[bool, str]:

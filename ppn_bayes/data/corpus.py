@@ -435,6 +435,7 @@ def block_units(tokenizer: Any, split: str = "train", block_size: int = 256, dat
     middle = torch.arange(blocks.shape[0]) * block_size + block_size // 2
     segment = (torch.searchsorted(torch.tensor(starts), middle, right=True) - 1).clamp_min(0)
     distinct = sorted(set(keys))
-    ids = torch.tensor([distinct.index(k) for k in keys])
+    index = {k: i for i, k in enumerate(distinct)}
+    ids = torch.tensor([index[k] for k in keys])
     names = [f"doc {d}" + (f" chapter {k + 1}" if unit == "chapters" else "") for d, k in distinct]
     return blocks, ids[segment], names

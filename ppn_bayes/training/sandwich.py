@@ -33,10 +33,9 @@ def sandwich_prices(s: Session, step: int) -> list[float]:
         scores = {k: v.detach().unsqueeze(0) for k, v in median_scores(ppn, s.guide).items()}
         view = SimpleNamespace(inventory=ppn.inventory,
                                inclusion=lambda sc, lam: {k: v.cpu() for k, v in ppn.push.inclusion(sc, lam).items()})
-        lam_min, _, _ = solve_lambda(view, None, scores, parse_target(ppn.inventory, size=t.sandwich_min_size))
-        targets = [float(solve_lambda(view, None, scores, parse_target(ppn.inventory, size=x))[0])
-                   for x in sorted(t.sandwich_sizes, reverse=True)]
+        sizes = [t.sandwich_min_size, *sorted(t.sandwich_sizes, reverse=True)]
+        solved = [float(solve_lambda(view, None, scores, parse_target(ppn.inventory, size=x))[0]) for x in sizes]
     g = torch.Generator().manual_seed(step_seed(t.seed, step, stream=2))
     rand = [float(torch.empty((), dtype=torch.float64).exponential_(1.0, generator=g)) / ppn.push.config.rate
             for _ in range(t.sandwich_random)]
-    return [0.0, float(lam_min), *targets, *rand]
+    return [0.0, *solved, *rand]
