@@ -158,16 +158,16 @@ class TrainConfig:
     # gradient); ``base``: the frozen base model (LoRA off; with weights: full, a frozen copy in memory).
     distill_weight: float = 0.0
     teacher: Literal["self", "base"] = "self"
-    # The sandwich rule (slimmable networks / US-Nets): every step trains the dense network, the price of
-    # ``sandwich_min_size`` (decoder-params fraction, solved from the current push) and
-    # ``sandwich_random`` prices ~ Exp(push.rate) (and ``sandwich_sizes``, below), gradients accumulated into one
-    # optimizer step.
+    # The sandwich rule (US-Nets): each step trains the dense network, the price of ``sandwich_min_size`` (solved
+    # from the current push), ``sandwich_sizes`` and ``sandwich_random`` prices ~ Exp(rate), into one optimizer step.
     sandwich: bool = False
     sandwich_min_size: float = 0.4
     sandwich_random: int = 2
     # further target sizes trained every step (each its own pass at the price solved from the current push),
     # between the dense network and the smallest: the sizes a user will export, e.g. [0.75, 0.5]
     sandwich_sizes: list[float] = field(default_factory=list)
+    # The last N joint steps train the sandwich sizes' exported keep-sets, guide and push frozen (training/settle.py)
+    settle_steps: int = 0
 
 
 @dataclass
@@ -352,6 +352,9 @@ def validate(recipe: Recipe) -> Recipe:
     need(all(t.sandwich_min_size < x < 1.0 for x in sizes) and len(set(sizes)) == len(sizes), "train.sandwich_sizes",
          f"must be distinct fractions in (sandwich_min_size {t.sandwich_min_size:g}, 1), got {short(sizes)}")
     need(t.sandwich or not sizes, "train.sandwich_sizes", "applies to the sandwich rule; set train.sandwich: true, or train.sandwich_sizes: []")
+    need(0 <= t.settle_steps < t.steps, "train.settle_steps", f"must be in [0, train.steps), got {t.settle_steps}")
+    need(not t.settle_steps or (t.sandwich and t.weights != "frozen" and not t.guide_steps), "train.settle_steps",
+         "trains the sandwich sizes' keep-sets: set train.sandwich: true, weights: lora|full, guide_steps: 0 (or this to 0)")
     c = recipe.calibration
     check_seed(c.seed, "calibration.seed")
     need(c.units >= 3, "calibration.units", f"must be >= 3 units to estimate their spread, got {c.units}")

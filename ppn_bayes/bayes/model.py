@@ -160,18 +160,27 @@ class PPNModel(PyroModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 lam: float | None = None, subsample: torch.Tensor | None = None,
-                teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+                teacher_logits: torch.Tensor | None = None,
+                keep_masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Run one step of the generative story; returns the minibatch's summed token loss.
 
         ``lam`` fixes the price (``None`` draws it as in training); ``subsample`` are the batch's
         indices into the training set (for the plate's scaling; defaults to ``arange(B)``).
         ``teacher_logits``: the teacher's logits for this batch (detached), when the caller has them
         already (the sandwich's dense pass); otherwise a distilled pruned step computes them.
+        ``keep_masks``: the hard masks of a fixed keep-set, with ``lam`` its price (the settle phase,
+        ``training/settle.py``): nothing is drawn and there is no compute term, the scores' sites are
+        still sampled (the guide must match the model) but no gate depends on them.
         """
         scores = self.prior()
         if lam is None:
             lam = draw_lambda(self.push.config, self._generator)
-        if lam > 0:
+        if keep_masks is not None:
+            if not lam > 0:
+                raise ValueError(f"keep_masks need the keep-set's price lambda* > 0, got lam={lam}")
+            masks = keep_masks
+            sampled = expected = self.push.expected_size(keep_masks).detach()
+        elif lam > 0:
             rho = self.push.inclusion(scores, lam)
             masks = self.push.sample_masks(rho, self._generator)
             rho_bar = self.push.expected_size(rho)

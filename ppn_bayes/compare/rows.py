@@ -104,7 +104,7 @@ def run_tokens(recipe: Any) -> int:
 
 def run_passes(recipe: Any) -> int:
     """Forward/backward passes per optimizer step: 1, or the sandwich's
-    ``2 + len(sandwich_sizes) + sandwich_random``."""
+    ``2 + len(sandwich_sizes) + sandwich_random`` (the settle phase's steps drop the random prices)."""
     t = recipe.train
     return 2 + len(getattr(t, "sandwich_sizes", [])) + t.sandwich_random if getattr(t, "sandwich", False) else 1
 

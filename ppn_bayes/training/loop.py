@@ -59,6 +59,7 @@ from ppn_bayes.training.distributed import (
 )
 from ppn_bayes.training.heldout import evaluate
 from ppn_bayes.training.sandwich import sandwich_prices
+from ppn_bayes.training.settle import in_settle, settle_keepsets
 from ppn_bayes.training.schedule import (
     batch_indices,
     group_multiplier,
@@ -134,12 +135,19 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
     With ``train.sandwich`` every micro-batch runs one pass per price of :func:`sandwich_prices` (dense
     first), each with its own noise seeded by ``(seed, step, pass)``, the losses averaged into the one
     optimizer step; with distillation from the dense network, the dense pass's logits (detached) are
-    the teacher's for the pruned passes (no extra forward pass)."""
+    the teacher's for the pruned passes (no extra forward pass). In the settle phase
+    (``training/settle.py``) the pruned passes train the sandwich sizes' exported keep-sets instead."""
     t = s.recipe.train
     seed = step_seed(t.seed, step)
     per_rank = t.batch_size // s.world
     sums = {"tokens": 0.0, "compute": 0.0, "kl": 0.0, "loss": 0.0, "token_loss": 0.0}
-    prices = sandwich_prices(s, step) if t.sandwich else [None]
+    settling = in_settle(t, step)
+    if settling and s.settle is None:
+        s.settle = settle_keepsets(s)  # once: the guide and the push are frozen from here on
+    if settling:  # the dense pass, then each size's fixed keep-set at its lambda*
+        prices = [0.0, *(lam for lam, _, _ in s.settle)]
+    else:
+        prices = sandwich_prices(s, step) if t.sandwich else [None]
     n = len(prices)
     passes: list[dict[str, float]] = [{} for _ in prices]
     kl_tok: list[float] = []
@@ -158,6 +166,8 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
             last = micro == t.grad_accum - 1 and k == n - 1
             sync = last or s.world == 1 or not hasattr(s.wrapped, "no_sync")
             fixed: dict[str, Any] = {} if lam is None else {"lam": lam}
+            if settling and k > 0:
+                fixed["keep_masks"] = s.settle[k - 1][1]
             if lam is not None and lam > 0 and t.distill_weight > 0:
                 fixed["teacher_logits"] = teacher if teacher is not None else s.ppn.dense_logits
             with _fork_rng(s.device), (contextlib.nullcontext() if sync else s.wrapped.no_sync()):
@@ -209,6 +219,8 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
               "grad_norms": norms, "seconds": s.seconds}
     if kl_tok:  # distilled pruned passes: their mean per-token KL to the teacher
         record["distill_kl"] = sum(kl_tok) / len(kl_tok)
+    if settling:
+        record["settle"] = True
     if t.sandwich:  # lambda/sizes above are the smallest size's pass; every pass's here
         record["prices"] = [p["lam"] for p in passes]
         record["sandwich"] = [{"lambda": p["lam"], "token_loss": p["token_loss"], "sampled_size": p["sampled_size"],

@@ -92,6 +92,7 @@ _TRAIN_RECORD = Obj(required={"step": Int(0)}, optional={
     **{k: _LOOSE for k in ("elbo", "token_loss", "kl", "compute", "lambda", "sampled_size", "expected_size",
                            "grad_norm", "seconds", "khat", "distill_kl")}, "lr": Map(_LOOSE), "grad_norms": Map(_LOOSE),
     "prices": List(_LOOSE),  # the sandwich's prices of the step (dense, smallest size, random)
+    "settle": Bool(),  # a settle step (training/settle.py): the sizes' keep-sets were trained
     "sandwich": List(Obj(optional={k: _LOOSE for k in ("lambda", "token_loss", "sampled_size", "expected_size",
                                                        "distill_kl")}))})
 _EVAL_RECORD = Obj(required={"step": Int(0)}, optional={

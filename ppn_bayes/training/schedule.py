@@ -59,8 +59,11 @@ def group_multiplier(t, step: int, group: str) -> float:
     ``guide_lr / lr_guide`` (default 1) and 0 for every other group (frozen exactly: AdamW's update
     and its decay are both proportional to lr), except the push in the phase's first
     ``min(guide_push_steps, guide_steps)`` steps, which goes on at ``lr_push`` on the phase's schedule
-    over them."""
+    over them. In the settle phase (the last ``settle_steps`` joint steps, ``training/settle.py``) the
+    guide and the push are frozen, the weights go on."""
     if step < t.steps:
+        if group in ("guide", "push") and t.settle_steps > 0 and step >= t.steps - t.settle_steps:
+            return 0.0
         return lr_multiplier(step, t.steps, t.warmup_steps, t.schedule)
     push_steps = min(t.guide_push_steps, t.guide_steps)  # a shortened phase (--set train.guide_steps=2) keeps it
     if group == "push" and step - t.steps < push_steps:

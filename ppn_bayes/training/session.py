@@ -113,6 +113,7 @@ class Session:
     callbacks: list = field(default_factory=list)
     guide_init: tuple = ()  # guides.guide_marginals right after the guide was built (before any restore)
     average: dict | None = None  # the guide-average window's running sums (training/averaging.py), None = off
+    settle: list | None = None  # the settle phase's keep-sets (training/settle.py), solved at its first step
 
     @property
     def main(self) -> bool:
