@@ -33,6 +33,29 @@ def tiny_recipe(model_dir, corpus, **train):
                              "data": {"corpus": str(corpus), "block_size": 32, "val_blocks": 2}, "train": t})
 
 
+def assert_resume_replays(r, tmp_path) -> None:
+    """Fit the 3-step recipe ``r`` whole, then cut after step 2's checkpoint and resume: the run's
+    guide, push and adapter files, its prices and its token losses must equal the whole run's."""
+    from ppn_bayes.training import checkpoint_files
+
+    whole = fit(r, out=tmp_path / "whole", progress=False)
+
+    def stop(s, step):  # after the checkpoint of step 2
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(r, out=tmp_path / "cut", progress=False, callbacks=[stop])
+    assert checkpoint_files.load_checkpoint(checkpoint_files.find_checkpoint(tmp_path / "cut"))["trainer"]["step"] == 2
+    resumed = fit(None, out=tmp_path / "cut", resume=True, progress=False)  # step 3 only, from the checkpoint
+    for name in ("guide.safetensors", "push.safetensors", "adapter.safetensors"):
+        a, b = load_file(str(whole.path / name)), load_file(str(resumed.path / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    wa, wb = whole.train_metrics(), resumed.train_metrics()
+    assert [x["prices"] for x in wa] == [x["prices"] for x in wb]
+    assert [x["token_loss"] for x in wa] == [x["token_loss"] for x in wb]
+
+
 # ------------------------------------------------------------------------------------------ the KL
 
 
@@ -237,24 +260,7 @@ def test_sandwich_sizes_add_a_pass_at_each_target_size(tiny_llama_dir, corpus, t
 def test_sandwich_with_distillation_resumes_like_an_uninterrupted_run(tiny_llama_dir, corpus, tmp_path):
     r = tiny_recipe(tiny_llama_dir, corpus, weights="lora", sandwich=True, sandwich_random=1,
                     distill_weight=0.5, steps=3)
-    whole = fit(r, out=tmp_path / "whole", progress=False)
-
-    def stop(s, step):  # after the checkpoint of step 2
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        fit(r, out=tmp_path / "cut", progress=False, callbacks=[stop])
-    from ppn_bayes.training import checkpoint_files
-
-    assert checkpoint_files.load_checkpoint(checkpoint_files.find_checkpoint(tmp_path / "cut"))["trainer"]["step"] == 2
-    resumed = fit(None, out=tmp_path / "cut", resume=True, progress=False)  # step 3 only, from the checkpoint
-    for name in ("guide.safetensors", "push.safetensors", "adapter.safetensors"):
-        a, b = load_file(str(whole.path / name)), load_file(str(resumed.path / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    wa, wb = whole.train_metrics(), resumed.train_metrics()
-    assert [x["prices"] for x in wa] == [x["prices"] for x in wb]
-    assert [x["token_loss"] for x in wa] == [x["token_loss"] for x in wb]
+    assert_resume_replays(r, tmp_path)
 
 
 # ----------------------------------------------------------------- peers' healing and ppn-healed

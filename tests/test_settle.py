@@ -13,12 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_distill import assert_resume_replays, tiny_recipe
 
 from ppn_bayes.bayes.keepsets import keepsets
 from ppn_bayes.errors import ConfigError
 from ppn_bayes.run import fit
-from ppn_bayes.training import checkpoint_files
-from test_distill import tiny_recipe
 
 SETTLE = {"weights": "lora", "sandwich": True, "sandwich_min_size": 0.4, "sandwich_sizes": [0.7],
           "sandwich_random": 1, "distill_weight": 1.0, "steps": 4, "settle_steps": 2}
@@ -99,22 +98,7 @@ def test_settle_passes_get_the_keepsets_masks(tiny_llama_dir, corpus, tmp_path):
 @pytest.mark.slow
 def test_a_resume_inside_the_settle_phase_replays_the_uninterrupted_run(tiny_llama_dir, corpus, tmp_path):
     r = tiny_recipe(tiny_llama_dir, corpus, **{**SETTLE, "steps": 3})
-    whole = fit(r, out=tmp_path / "whole", progress=False)
-
-    def stop(s, step):  # after the checkpoint of step 2, the phase's first step done
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        fit(r, out=tmp_path / "cut", progress=False, callbacks=[stop])
-    assert checkpoint_files.load_checkpoint(checkpoint_files.find_checkpoint(tmp_path / "cut"))["trainer"]["step"] == 2
-    resumed = fit(None, out=tmp_path / "cut", resume=True, progress=False)  # re-solves the keep-sets at step 3
-    for name in ("guide.safetensors", "push.safetensors", "adapter.safetensors"):
-        a, b = load_file(str(whole.path / name)), load_file(str(resumed.path / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    wa, wb = whole.train_metrics(), resumed.train_metrics()
-    assert [x["prices"] for x in wa] == [x["prices"] for x in wb]
-    assert [x["token_loss"] for x in wa] == [x["token_loss"] for x in wb]
+    assert_resume_replays(r, tmp_path)  # the phase starts at step 2: the resume re-solves its keep-sets
 
 
 @pytest.mark.parametrize("train, match", [

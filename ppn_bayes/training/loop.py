@@ -59,7 +59,6 @@ from ppn_bayes.training.distributed import (
 )
 from ppn_bayes.training.heldout import evaluate
 from ppn_bayes.training.sandwich import sandwich_prices
-from ppn_bayes.training.settle import in_settle, settle_keepsets
 from ppn_bayes.training.schedule import (
     batch_indices,
     group_multiplier,
@@ -68,6 +67,7 @@ from ppn_bayes.training.schedule import (
     total_steps,
 )
 from ppn_bayes.training.session import Session
+from ppn_bayes.training.settle import in_settle, settle_keepsets
 from ppn_bayes.version import __version__
 
 
