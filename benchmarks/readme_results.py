@@ -52,8 +52,8 @@ FIGHTS = (  # (tag, title) of the fair fights the README shows (benchmarks/fair_
     ("distill", "**The fair fight** (`python benchmarks/fair_fight.py`: one distilled PPN run against peers healed "
                 "*per size* on the same token budget; details in `benchmarks/RESULTS.md`):"),
     ("distill-full", "**The same fight with every weight trained** (`python benchmarks/fair_fight.py --recipe "
-                     "inference/smollm2-distill-full.yaml --tag distill-full --healed shortgpt --heal-lr 5e-4`: the "
-                     "PPN run trains full weights at 5e-4, and the peer is healed at that rate too):"),
+                     "inference/smollm2-distill-full.yaml --tag distill-full --heal-lr 5e-4`: the PPN run trains full "
+                     "weights at 5e-4, and every peer is healed at that rate too):"),
 )
 
 
