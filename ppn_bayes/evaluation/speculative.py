@@ -321,7 +321,8 @@ def format_result(result: SpecResult) -> str:
         lines.append(f"best: size {b['size']:.2f}, draft length {b['draft_length']}: {b['speedup']:.2f}x")
         if b["speedup"] < 1:
             lines.append("no draft beats dense decoding here: its acceptance is too low (decode densely, or "
-                         "draft with keep-sets from a longer or weight-trained run)")
+                         "draft with keep-sets of a run that trained its weights for longer: drafts must stay "
+                         "within a few percent of dense perplexity)")
     return "\n".join(lines)
 
 
