@@ -53,7 +53,11 @@ FIGHTS = (  # (tag, title) of the fair fights the README shows (benchmarks/fair_
                 "*per size* on the same token budget; details in `benchmarks/RESULTS.md`):"),
     ("distill-full", "**The same fight with every weight trained** (`python benchmarks/fair_fight.py --recipe "
                      "inference/smollm2-distill-full.yaml --tag distill-full --heal-lr 5e-4`: the PPN run trains full "
-                     "weights at 5e-4, and every peer is healed at that rate too):"),
+                     "weights at 5e-4, and every peer is healed at that rate too; measured with the recipe's earlier "
+                     "`distill_weight: 1`):"),
+    ("distill-full-w05", "**The full-weights recipe as committed** (`distill_weight: 0.5`, half distillation and half "
+                         "the data loss; its one run by the same command with `--tag distill-full-w05 --stages ppn`, on the "
+                         "same blocks):"),
 )
 
 
