@@ -98,7 +98,7 @@ def test_settle_passes_get_the_keepsets_masks(tiny_llama_dir, corpus, tmp_path):
 @pytest.mark.slow
 def test_a_resume_inside_the_settle_phase_replays_the_uninterrupted_run(tiny_llama_dir, corpus, tmp_path):
     r = tiny_recipe(tiny_llama_dir, corpus, **{**SETTLE, "steps": 3})
-    assert_resume_replays(r, tmp_path)  # the phase starts at step 2: the resume re-solves its keep-sets
+    assert_resume_replays(r, tmp_path)  # phase = steps 1-2 (0-based); resuming at 2 re-solves its keep-sets
 
 
 @pytest.mark.parametrize("train, match", [
