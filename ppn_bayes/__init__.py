@@ -8,9 +8,15 @@ a reader can find it by grepping this table.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from ppn_bayes.version import __version__
+
+# transformers 5.x loads "hub kernels" by default when the `kernels` package is installed (it now is, as
+# its dependency): layer code fetched from the Hub at run time, which breaks the offline promise and
+# fails outright on the meta device. Off unless the user asks for it (USE_HUB_KERNELS=YES).
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 _EXPORTS: dict[str, str] = {
     # errors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -104,6 +105,16 @@ def test_load_local_checkpoint(tiny_llama_dir, tiny_tokenizer):
     assert next(model.parameters()).dtype == torch.float32
     out = model(torch.tensor([[1, 2, 3]]))
     assert out.logits.shape == (1, 3, model.config.vocab_size)
+
+
+def test_loaded_models_use_no_hub_kernels(tiny_llama_dir, monkeypatch):
+    """transformers 5.x kernelizes by default (code from the Hub at run time); ppn_bayes turns it off
+    unless USE_HUB_KERNELS says otherwise, so a load stays offline and train() works on any device."""
+    assert os.environ.get("USE_HUB_KERNELS") == "NO"
+    model, _ = zoo.load_model(str(tiny_llama_dir))
+    assert getattr(model, "use_kernels", False) is False
+    model.train()  # the mode switch that kernelizes when kernels are on
+    assert getattr(model, "use_kernels", False) is False
 
 
 def test_empty_directory_is_one_line(tmp_path):
