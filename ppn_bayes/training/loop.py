@@ -63,11 +63,12 @@ from ppn_bayes.training.schedule import (
     batch_indices,
     group_multiplier,
     guide_lr_spent,
+    in_settle,
     step_seed,
     total_steps,
 )
 from ppn_bayes.training.session import Session
-from ppn_bayes.training.settle import in_settle, settle_keepsets
+from ppn_bayes.training.settle import settle_keepsets
 from ppn_bayes.version import __version__
 
 

@@ -52,6 +52,11 @@ def total_steps(t) -> int:
     return t.steps + t.guide_steps
 
 
+def in_settle(t, step: int) -> bool:
+    """Is optimizer step ``step`` (0-based) in the settle phase: the last ``settle_steps`` joint steps?"""
+    return t.settle_steps > 0 and t.steps - t.settle_steps <= step < t.steps
+
+
 def group_multiplier(t, step: int, group: str) -> float:
     """Learning-rate multiplier of parameter group ``group`` at optimizer step ``step``: the recipe's
     schedule over ``steps`` for every group; in the guide-only phase (``step >= steps``) the guide's
@@ -62,7 +67,7 @@ def group_multiplier(t, step: int, group: str) -> float:
     over them. In the settle phase (the last ``settle_steps`` joint steps, ``training/settle.py``) the
     guide and the push are frozen, the weights go on."""
     if step < t.steps:
-        if group in ("guide", "push") and t.settle_steps > 0 and step >= t.steps - t.settle_steps:
+        if group in ("guide", "push") and in_settle(t, step):
             return 0.0
         return lr_multiplier(step, t.steps, t.warmup_steps, t.schedule)
     push_steps = min(t.guide_push_steps, t.guide_steps)  # a shortened phase (--set train.guide_steps=2) keeps it

@@ -44,11 +44,6 @@ from ppn_bayes.training.session import Session
 DRAWS, SEED = 256, 0
 
 
-def in_settle(t, step: int) -> bool:
-    """Is optimizer step ``step`` (0-based) in the settle phase: the last ``settle_steps`` joint steps?"""
-    return t.settle_steps > 0 and t.steps - t.settle_steps <= step < t.steps
-
-
 def settle_sizes(t) -> list[float]:
     """The sizes the phase trains, in the sandwich's pass order: the smallest, then the others largest first."""
     return [t.sandwich_min_size, *sorted(t.sandwich_sizes, reverse=True)]
