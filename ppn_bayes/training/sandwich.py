@@ -17,6 +17,11 @@ from ppn_bayes.training.schedule import step_seed
 from ppn_bayes.training.session import Session
 
 
+def target_sizes(t) -> list[float]:
+    """The sizes a sandwich step trains, in its pass order: ``sandwich_min_size``, then ``sandwich_sizes`` largest first."""
+    return [t.sandwich_min_size, *sorted(t.sandwich_sizes, reverse=True)]
+
+
 def sandwich_prices(s: Session, step: int) -> list[float]:
     """The sandwich's prices for optimizer step ``step``: ``[0, lambda_min, lambda_s1 .. lambda_sK, r_1 .. r_N]``.
 
@@ -33,8 +38,8 @@ def sandwich_prices(s: Session, step: int) -> list[float]:
         scores = {k: v.detach().unsqueeze(0) for k, v in median_scores(ppn, s.guide).items()}
         view = SimpleNamespace(inventory=ppn.inventory,
                                inclusion=lambda sc, lam: {k: v.cpu() for k, v in ppn.push.inclusion(sc, lam).items()})
-        sizes = [t.sandwich_min_size, *sorted(t.sandwich_sizes, reverse=True)]
-        solved = [float(solve_lambda(view, None, scores, parse_target(ppn.inventory, size=x))[0]) for x in sizes]
+        solved = [float(solve_lambda(view, None, scores, parse_target(ppn.inventory, size=x))[0])
+                  for x in target_sizes(t)]
     g = torch.Generator().manual_seed(step_seed(t.seed, step, stream=2))
     rand = [float(torch.empty((), dtype=torch.float64).exponential_(1.0, generator=g)) / ppn.push.config.rate
             for _ in range(t.sandwich_random)]

@@ -38,19 +38,15 @@ import torch
 
 from ppn_bayes.bayes.keepsets import KeepsetSolver
 from ppn_bayes.bayes.posterior import Posterior
+from ppn_bayes.training.sandwich import target_sizes
 from ppn_bayes.training.session import Session
 
 #: the keep-set solver's settings: those of ``ppn keepset`` by default, so the export finds the same sets
 DRAWS, SEED = 256, 0
 
 
-def settle_sizes(t) -> list[float]:
-    """The sizes the phase trains, in the sandwich's pass order: the smallest, then the others largest first."""
-    return [t.sandwich_min_size, *sorted(t.sandwich_sizes, reverse=True)]
-
-
 def settle_keepsets(s: Session) -> list[tuple[float, dict[str, torch.Tensor], object]]:
-    """``(lambda*, hard masks on the run's device, KeepsetResult)`` of every :func:`settle_sizes` size,
+    """``(lambda*, hard masks on the run's device, KeepsetResult)`` of every :func:`~ppn_bayes.training.sandwich.target_sizes` size,
     solved from the live posterior as ``ppn keepset`` solves it from the run's files. The draws re-seed
     the global RNGs (Pyro's ``set_rng_seed``); their states are restored, so the run's noise is untouched."""
     t, ppn = s.recipe.train, s.ppn
@@ -61,7 +57,7 @@ def settle_keepsets(s: Session) -> list[tuple[float, dict[str, torch.Tensor], ob
     states = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[s.device.index or 0] if s.device.type == "cuda" else []):
         solver = KeepsetSolver(post, num_draws=DRAWS, seed=SEED)
-        results = [solver.solve(size=x) for x in settle_sizes(t)]
+        results = [solver.solve(size=x) for x in target_sizes(t)]
     random.setstate(states[0])
     np.random.set_state(states[1])
     out = []
