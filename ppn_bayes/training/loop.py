@@ -143,9 +143,9 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
     per_rank = t.batch_size // s.world
     sums = {"tokens": 0.0, "compute": 0.0, "kl": 0.0, "loss": 0.0, "token_loss": 0.0}
     settling = in_settle(t, step)
-    if settling and s.settle is None:
-        s.settle = settle_keepsets(s)  # once: the guide and the push are frozen from here on
     if settling:  # the dense pass, then each size's fixed keep-set at its lambda*
+        if s.settle is None:
+            s.settle = settle_keepsets(s)  # once: the guide and the push are frozen from here on
         prices = [0.0, *(lam for lam, _, _ in s.settle)]
     else:
         prices = sandwich_prices(s, step) if t.sandwich else [None]
