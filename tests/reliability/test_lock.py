@@ -134,7 +134,12 @@ def test_lock_for_an_output_in_missing_directories_leaves_nothing(tmp_path):
 @pytest.mark.slow
 def test_two_fits_into_one_directory_do_not_interleave(tiny_llama_dir, tmp_path):
     """The issue's example: two ``ppn fit --out X`` at once. The second one stops at once (exit 2,
-    one line naming the first one's PID) and the first one's run is exactly an ordinary run."""
+    one line naming the first one's PID) and the first one's run is exactly an ordinary run.
+
+    The first fit is paused (SIGSTOP) once it holds the lock and resumed (SIGCONT) after the second
+    one has been refused: "at once" is then true by construction, however slowly a loaded machine
+    starts the second interpreter (a free-running first fit of 60 frozen steps could finish before
+    it, which made the test flaky under load). A stopped process keeps its flock."""
     from ppn_bayes.data.corpus import load_corpus
 
     corpus = tmp_path / "tiny.txt"
@@ -148,15 +153,19 @@ def test_two_fits_into_one_directory_do_not_interleave(tiny_llama_dir, tmp_path)
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "ppn_bayes.cli", "fit", str(recipe), "--out", str(out), "--no-progress"]
     first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a hang guard only: a loaded machine imports torch slowly
     while lock_holder(out) is None:
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.05)
-    second = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=300, check=False)
-    still_running = first.poll() is None
-    _, err1 = first.communicate(timeout=600)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=600, check=False)
+        still_running = first.poll() is None
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err1 = first.communicate(timeout=900)
     assert first.returncode == 0, err1[-2000:]
-    assert still_running, "the first fit ended before the second one asked; raise steps"
+    assert still_running, "the first fit ended while paused: it was not stopped"
     assert second.returncode == 2 and second.stdout == ""
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and f"pid {first.pid}" in lines[0], second.stderr
