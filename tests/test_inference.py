@@ -7,6 +7,7 @@ so the norm anchor alone gets every pair wrong and the order must come from the 
 
 from __future__ import annotations
 
+import arviz as az
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ def test_svi_agrees_with_nuts():
     rank correlation of the means >= 0.8 (four layers: one adjacent swap allowed); |mean gap| <= 0.6
     on the logit scale (the NUTS means' own Monte-Carlo error is sd / sqrt(ESS) ~ 1.5 / sqrt(50) ~ 0.2,
     and mean-field moves the means of a correlated posterior a little); R-hat <= 1.1 and bulk ESS >= 20
-    per site; divergences <= 5 % of draws. Posterior sds: SVI/NUTS ratio per layer in [0.5, 1.5].
+    for each identified quantity (scores, global scale, contrasts of the offsets; see below); divergences <= 5 % of draws. Posterior sds: SVI/NUTS ratio per layer in [0.5, 1.5].
     Why that band: mean-field under-disperses a correlated posterior (tolerated down to half the
     NUTS width); on the wide side, the centred offsets (prior.centre) leave one direction of the
     e's that moves no score, which a factorized q cannot decouple from the contrasts: for a Gaussian
@@ -113,7 +114,17 @@ def test_svi_agrees_with_nuts():
     print({k: cmp[k] for k in ("nuts_mean", "nuts_sd", "svi_mean", "svi_sd", "sd_ratio", "spearman", "max_abs_diff")})
     assert cmp["spearman"] >= 0.8
     assert cmp["max_abs_diff"] <= 0.6
-    for site, s in res["sites"].items():
+    # Convergence on what the data identify: the scores, the global scale, and the contrasts of the
+    # raw offsets (e_l - mean e). The mean of e moves no score (prior.centre), so NUTS explores it on
+    # the prior alone and slowly; its R-hat (1.03-1.11 across machines at 100 draws: float reordering
+    # changes the trajectories) says nothing about the posterior compared here.
+    sites = {k: v for k, v in res["sites"].items() if k != "e_layers"}
+    post = res["idata"].posterior
+    contrasts = post["e_layers"] - post["e_layers"].mean("layer")
+    sites["e_layers contrasts"] = {"rhat": float(az.rhat(contrasts).to_array().max()),
+                                   "ess_bulk": float(az.ess(contrasts, method="bulk").to_array().min())}
+    assert set(sites) == {"global_scale", "score_layers", "e_layers contrasts"}, sites
+    for site, s in sites.items():
         assert s["rhat"] <= 1.1 and s["ess_bulk"] >= 20, (site, s)
     assert sum(res["divergences"]) <= 0.05 * 2 * 100
     assert all(0.5 <= r <= 1.5 for r in cmp["sd_ratio"]), cmp["sd_ratio"]
