@@ -186,7 +186,7 @@ def rederive_guide(model, guide, batch_fn, steps: int, lr: float, beta: float, s
     if not named:
         return [], None
     window = min(int(average_steps), steps) if average_steps >= 2 and steps >= 2 else 0
-    sums = zero_sums(named, guide, steps - window) if window else None
+    sums = zero_sums(named, guide, steps - window, window) if window else None
     opt = torch.optim.Adam(list(named.values()), lr=lr)
     elbo = pyro.infer.Trace_ELBO()
     losses = []

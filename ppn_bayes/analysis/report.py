@@ -235,7 +235,10 @@ def fit_verdict(run: Any) -> str:
     conv = _fit_convergence(run)
     if conv is None:
         return "not judged: too few guide records (fewer than three; a longer run logs more)"
-    if conv["flattened"]:
+    if conv["converged"] and "window" in conv:
+        return ("converged (the averaging window is stationary and its average precise; report.md, "
+                "\"Is the posterior fitted?\")")
+    if conv["converged"]:
         return "converged (the guide's fit flattened; report.md, \"Is the posterior fitted?\")"
     return not_converged_text(conv)
 
@@ -275,6 +278,18 @@ def _fit_lines(metrics: list[dict]) -> list[str]:
                        f"its sds widened by the spread of the means there ({a['widening']:.2f}x, geometric mean): the "
                        "inclusion probabilities cover where the optimizer's noise could have left the fit, not the data "
                        "alone (docs/training.md, \"Iterate averaging\").")]
+        win = conv.get("window") if conv else None
+        if win is not None:
+            verdict = ("**stationary**" if win["stationary"] else "**not stationary**") + " and " + (
+                "**precise**" if win["precise"] else "**not precise**")
+            lines += ["", (f"Is that window the optimizer's stationary noise, or the fit still travelling? Over its "
+                           f"{win['steps']} iterates the split R-hat of the guide's marginals is at most {win['rhat']:.2f} "
+                           f"({win['rhat_over']:.0%} above {win['rhat_tol']}); a mean moved up to {win['drift']:.2f} "
+                           f"posterior sds between the window's halves; the average's Monte-Carlo error is at most "
+                           f"{win['mcse_rel']:.2f} posterior sds (<= {win['mcse_tol']} wanted; {win['ess_min']:.0f} "
+                           f"effective iterates at the fewest): {verdict} (Dhaka et al. 2020; docs/training.md, "
+                           "\"Iterate averaging\"). This verdict, not the flattening above, says whether the "
+                           "exported posterior converged.")]
     return lines + [""]
 
 

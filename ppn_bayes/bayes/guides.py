@@ -210,20 +210,42 @@ def guide_convergence(records: Sequence[dict[str, Any]], tol: float = 0.25) -> d
         recent = abs(last[key] - prev[key]) / lr_last
         rates[key] = recent / total if total > 0 else 0.0
     worst = max(rates, key=rates.get)
-    return {"flattened": rates[worst] <= tol, "tol": tol, "relative_rate": rates, "worst": worst,
-            "steps": [first["step"], prev["step"], last["step"]], "scale_ratio": last["scale_ratio"],
-            "loc_move": last["loc_move"], "kl": last["kl"], "kl_first": first["kl"]}
+    out = {"flattened": rates[worst] <= tol, "tol": tol, "relative_rate": rates, "worst": worst,
+           "steps": [first["step"], prev["step"], last["step"]], "scale_ratio": last["scale_ratio"],
+           "loc_move": last["loc_move"], "kl": last["kl"], "kl_first": first["kl"]}
+    avg = [r for r in records if r.get("type") == "guide_average" and "window_rhat" in r]
+    if not avg:
+        return out | {"converged": out["flattened"]}
+    from ppn_bayes.bayes.diagnostics import WINDOW_MCSE_TOL, WINDOW_RHAT_TOL
+
+    window = {k.removeprefix("window_"): v for k, v in max(avg, key=lambda r: r["step"]).items() if k.startswith("window_")}
+    window |= {"steps": int(window["iterates"]), "rhat_tol": WINDOW_RHAT_TOL, "mcse_tol": WINDOW_MCSE_TOL,
+               "stationary": window["rhat"] <= WINDOW_RHAT_TOL, "precise": window["mcse_rel"] <= WINDOW_MCSE_TOL}
+    return out | {"window": window, "converged": window["stationary"] and window["precise"]}
 
 
 def convergence_warning(conv: dict[str, Any] | None) -> str | None:
     """The one-line warning ``ppn keepset`` and ``ppn report`` print, or ``None`` when all is well."""
-    if conv is None or conv["flattened"]:
+    if conv is None or conv["converged"]:
         return None
     return "warning: " + not_converged_text(conv)
 
 
 def not_converged_text(conv: dict[str, Any]) -> str:
-    """What has not converged and how far, for a ``guide_convergence`` result that did not flatten."""
+    """What has not converged and how far, for a ``guide_convergence`` result that did not converge: the
+    averaging window's check where the run exported a window average, else the flattening rates."""
+    win = conv.get("window")
+    if win is not None and not win["stationary"]:
+        return (f"the score posterior has not converged (its averaging window drifts: split R-hat up to "
+                f"{win['rhat']:.2f} over the last {win['steps']} iterates, above {win['rhat_tol']} for "
+                f"{win['rhat_over']:.0%} of the guide's marginals; a mean moved up to {win['drift']:.2f} posterior "
+                "sds between the window's halves), so its width is mostly the fit's travel, not evidence: train "
+                "longer, e.g. a longer guide-only phase (train.guide_steps)")
+    if win is not None:
+        return (f"the score posterior's averaging window is stationary (split R-hat <= {win['rhat_tol']}) but its "
+                f"average is imprecise (Monte-Carlo error up to {win['mcse_rel']:.2f} posterior sds, "
+                f"{win['ess_min']:.0f} effective iterates at the fewest), so its uncertainty is not yet evidence: "
+                "average more iterates (train.guide_steps and train.guide_average_steps)")
     w = conv["worst"]
     label = {"kl": "its KL to the prior", "scale_move": "its scales", "log_scale_mean": "its scales",
              "loc_move": "its means"}[w]

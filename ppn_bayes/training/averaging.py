@@ -28,8 +28,15 @@ steps of the run (off when that is under two), and exports the average. The math
 
 What it is not: a convergence certificate. A window of a few dozen steps on a run that is still
 travelling mixes drift into the spread (which then widens q by how far the fit moved, the honest
-direction to err), and the flattening verdict of :func:`ppn_bayes.bayes.guides.guide_convergence` is
-read from the iterates as before. The window should run at a constant rate (``train.guide_schedule:
+direction to err). So the window also keeps its trace, the guide's marginal means and log-sds after
+each of its steps (``average.loc_trace``, ``average.log_sd_trace``, ``[N, dim]`` float64, in the
+checkpoint), and the ``guide_average`` record carries the check of
+:func:`ppn_bayes.bayes.diagnostics.window_stationarity` (``window_*``: split R-hat over the window's
+iterates, the drift of the means between its halves, the average's Monte-Carlo error). For a run
+that averaged, that check is the convergence verdict of
+:func:`ppn_bayes.bayes.guides.guide_convergence`: at a constant rate the last-interval flattening rate
+measures the optimizer's jitter, which never falls, while the question is whether the iterates still
+drift. The window should run at a constant rate (``train.guide_schedule:
 constant``): under a decaying rate the late iterates freeze and their spread reads too small.
 The running sums are checkpointed (``average.*`` tensors), so a resumed run averages exactly what an
 uninterrupted one does.
@@ -42,12 +49,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ppn_bayes.bayes.diagnostics import window_stationarity
 from ppn_bayes.bayes.guides import guide_marginals, set_marginal_sds
 from ppn_bayes.errors import RunError
 from ppn_bayes.training.schedule import total_steps
 
 if TYPE_CHECKING:
     from ppn_bayes.training.session import Session
+
+
+#: the window's traces of the guide's marginals, ``[n, dim]`` (a resumed window of another length keeps its rows)
+TRACES = ("average.loc_trace", "average.log_sd_trace")
 
 
 def window_steps(t) -> int:
@@ -71,39 +83,50 @@ def averaged_parameters(s: Session) -> dict[str, nn.Parameter]:
     return out
 
 
-def sum_shapes(params: dict[str, nn.Parameter], guide) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the running sums of a window over ``params`` (by name) and ``guide``'s marginals."""
+def sum_shapes(params: dict[str, nn.Parameter], guide, n: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the running sums of an ``n``-iterate window over ``params`` (by name) and
+    ``guide``'s marginals, and of the window's trace of those marginals (``[n, dim]``: the stationarity
+    check, :func:`ppn_bayes.bayes.diagnostics.window_stationarity`)."""
     out = {f"average.sum.{k}": tuple(p.shape) for k, p in params.items()}
     dim = int(guide_marginals(guide)[0].numel())
     out.update({"average.loc_sum": (dim,), "average.loc_sq_sum": (dim,), "average.var_sum": (dim,),
-                "average.window_start": (1,)})
+                "average.window_start": (1,), "average.loc_trace": (n, dim), "average.log_sd_trace": (n, dim),
+                "average.count": (1,)})
     return out
 
 
-def zero_sums(params: dict[str, nn.Parameter], guide, first: int) -> dict[str, torch.Tensor]:
-    """Zeroed running sums (float64, on the parameters' device) of a window whose iterates are those after
-    step ``first``."""
+def zero_sums(params: dict[str, nn.Parameter], guide, first: int, n: int) -> dict[str, torch.Tensor]:
+    """Zeroed running sums (float64, on the parameters' device) of an ``n``-iterate window whose iterates
+    are those after step ``first``."""
     device = next(iter(params.values())).device
-    out = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k, shape in sum_shapes(params, guide).items()}
+    out = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k, shape in sum_shapes(params, guide, n).items()}
     out["average.window_start"].fill_(first)
     return out
 
 
 @torch.no_grad()
 def add_iterate(sums: dict[str, torch.Tensor], params: dict[str, nn.Parameter], guide) -> None:
-    """Add the current iterate of ``params`` and of ``guide``'s marginals to the window's sums."""
+    """Add the current iterate of ``params`` and of ``guide``'s marginals to the window's sums, and the
+    marginals to its trace."""
     for k, p in params.items():
         sums[f"average.sum.{k}"] += p.detach().double()
     loc, sd = guide_marginals(guide)
     sums["average.loc_sum"] += loc.double()
     sums["average.loc_sq_sum"] += loc.double().pow(2)
     sums["average.var_sum"] += sd.double().pow(2)
+    row = int(sums["average.count"][0])
+    if row < sums["average.loc_trace"].shape[0]:
+        sums["average.loc_trace"][row] = loc.double()
+        sums["average.log_sd_trace"][row] = sd.double().clamp_min(1e-30).log()
+    sums["average.count"] += 1
 
 
 @torch.no_grad()
 def load_average(sums: dict[str, torch.Tensor], params: dict[str, nn.Parameter], guide, n: int) -> dict[str, Any]:
     """Load the average of the ``n`` summed iterates into ``params`` and widen ``guide``'s marginal sds to
-    ``sqrt(mean s^2 + var mu)`` (module docstring); returns the ``guide_average`` record's numbers."""
+    ``sqrt(mean s^2 + var mu)`` (module docstring); returns the ``guide_average`` record's numbers, with
+    the window's stationarity check as ``window_*`` (:func:`~ppn_bayes.bayes.diagnostics.window_stationarity`;
+    absent under ``WINDOW_MIN_ITERATES`` traced iterates)."""
     _, sd_last = guide_marginals(guide)
     for k, p in params.items():
         p.copy_((sums[f"average.sum.{k}"] / n).to(p.dtype))
@@ -113,9 +136,12 @@ def load_average(sums: dict[str, torch.Tensor], params: dict[str, nn.Parameter],
     sd = (within + spread).sqrt()
     set_marginal_sds(guide, sd.float())
     ratio = (sd.float() / sd_last.clamp_min(1e-30)).log().mean().exp()
-    return {"steps": n, "loc_spread_rms": float(spread.mean().sqrt()), "sd_within_rms": float(within.mean().sqrt()),
-            "widening": float(((within + spread) / within.clamp_min(1e-300)).sqrt().log().mean().exp()),
-            "sd_ratio_to_last": float(ratio)}
+    out = {"steps": n, "loc_spread_rms": float(spread.mean().sqrt()), "sd_within_rms": float(within.mean().sqrt()),
+           "widening": float(((within + spread) / within.clamp_min(1e-300)).sqrt().log().mean().exp()),
+           "sd_ratio_to_last": float(ratio)}
+    rows = min(int(sums["average.count"][0]), sums["average.loc_trace"].shape[0])
+    check = window_stationarity(sums["average.loc_trace"][:rows], sums["average.log_sd_trace"][:rows], sd)
+    return out | {f"window_{k}": v for k, v in (check or {}).items()}
 
 
 def average_shapes(s: Session) -> dict[str, tuple[int, ...]]:
@@ -123,14 +149,15 @@ def average_shapes(s: Session) -> dict[str, tuple[int, ...]]:
     when averaging is off or the guide has no latents."""
     if window_steps(s.recipe.train) == 0 or not hasattr(s.guide, "auto"):
         return {}
-    return sum_shapes(averaged_parameters(s), s.guide)
+    return sum_shapes(averaged_parameters(s), s.guide, window_steps(s.recipe.train))
 
 
 def start(s: Session) -> dict[str, torch.Tensor] | None:
     """Zeroed running sums and the window's first step, or ``None`` when averaging is off."""
     if not average_shapes(s):
         return None
-    return zero_sums(averaged_parameters(s), s.guide, window_start(s.recipe.train))
+    t = s.recipe.train
+    return zero_sums(averaged_parameters(s), s.guide, window_start(t), window_steps(t))
 
 
 @torch.no_grad()
@@ -145,7 +172,10 @@ def restore(s: Session, tensors: dict[str, torch.Tensor], step: int) -> None:
     saved = tensors.get("average.window_start")
     if saved is not None and int(saved.reshape(-1)[0]) == fresh:
         for name, value in tensors.items():
-            if name.startswith("average."):
+            if name in TRACES and name in s.average and value.shape[1:] == s.average[name].shape[1:]:
+                rows = min(value.shape[0], s.average[name].shape[0])  # same start, longer or shorter window
+                s.average[name][:rows].copy_(value[:rows])
+            elif name.startswith("average."):
                 if name not in s.average or tuple(value.shape) != tuple(s.average[name].shape):
                     raise RunError(f"the checkpoint's {name} does not fit this run's guide and push; start a new run")
                 s.average[name].copy_(value)

@@ -105,7 +105,9 @@ _GUIDE_RECORD = Obj(required={"step": Int(0), "lr_sum": _LOOSE}, optional={
     "phase": Str(("joint", "guide")),
     **{k: _LOOSE for k in _SUMMARY_KEYS}})
 _AVERAGE_RECORD = Obj(required={"step": Int(0), "steps": Int(2)}, optional={  # training/averaging.py: the export
-    **{k: _LOOSE for k in ("loc_spread_rms", "sd_within_rms", "widening", "sd_ratio_to_last", *_SUMMARY_KEYS)}})
+    **{k: _LOOSE for k in ("loc_spread_rms", "sd_within_rms", "widening", "sd_ratio_to_last", *_SUMMARY_KEYS)},
+    **{f"window_{k}": _LOOSE for k in ("rhat", "rhat_loc", "rhat_log_sd", "rhat_over", "ess_min", "mcse_rel", "drift",
+                                       "iterates")}})  # bayes/diagnostics.window_stationarity
 _RECORDS = {"train": _TRAIN_RECORD, "eval": _EVAL_RECORD, "guide": _GUIDE_RECORD, "guide_average": _AVERAGE_RECORD}
 
 
