@@ -32,6 +32,12 @@ inform, others grow toward the prior) cancel in a mean, whose net change is then
 any residual jitter read as many times its "average rate" (measured on the demo: sds 0.009-0.40
 from 0.05 with the mean log-sd ratio at 1.09, read as 171 %; the means, 9 %).
 
+A run that exports the average of its last iterates (``train.guide_average_steps``,
+:mod:`ppn_bayes.training.averaging`) is judged by its window instead: converged when the window's
+iterates are stationary (split R-hat <= 1.1 for every marginal) and their average precise (MCSE at
+most 0.1 posterior sds), :func:`ppn_bayes.bayes.diagnostics.window_stationarity`. At the constant
+rate such a window needs, the flattening rates measure the optimizer's jitter, which never falls.
+
 The guides run in float32 whatever autocast says (:func:`ppn_bayes.device.fp32`): the low-rank
 guide's ``LowRankMultivariateNormal`` forms its capacitance matrix by a matmul that bf16 autocast
 would run in bf16 and then calls ``cholesky``, which has no bf16 CUDA kernel.
