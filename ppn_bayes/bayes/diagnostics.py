@@ -173,7 +173,9 @@ def window_stationarity(loc: torch.Tensor, log_sd: torch.Tensor, sd: torch.Tenso
     What a short window can say: R-hat needs effective draws. A stationary AR(1) sequence with
     lag-1 correlation 0.5 over 45 iterates (about 15 effective draws, four per quarter) reads a
     worst R-hat of 1.3-1.6 over 30 marginals (tests/test_guide_average.py), so such a window is "not
-    shown stationary": the check errs toward not certifying, never toward a false "converged".
+    shown stationary": on short windows the check errs toward not certifying. The other way round, a
+    drift slow against the jitter can hide in the noise of any finite window; the drift and MCSE
+    numbers say how large a shift could pass.
     """
     loc, log_sd, sd = loc.double().cpu(), log_sd.double().cpu(), sd.double().cpu()
     n = loc.shape[0]
