@@ -56,8 +56,10 @@ FIGHTS = (  # (tag, title) of the fair fights the README shows (benchmarks/fair_
                      "weights at 5e-4, and every peer is healed at that rate too; measured with the recipe's earlier "
                      "`distill_weight: 1`):"),
     ("distill-full-w05", "**The full-weights recipe as committed** (`distill_weight: 0.5`, half distillation and half "
-                         "the data loss; its one run by the same command with `--tag distill-full-w05 --stages ppn`, on the "
-                         "same blocks):"),
+                         "the data loss; its one run and its own sub-networks healed per size at 5e-4, by the same command "
+                         "with `--recipe benchmarks/fair_fight/distill-full-w05/recipe.yaml --tag distill-full-w05 --stages "
+                         "ppn,healed-data,healed-distill --healed ppn-healed --heal-lr 5e-4`, on the same blocks; the peers' "
+                         "rows are those of the table above):"),
 )
 
 
