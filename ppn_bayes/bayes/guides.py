@@ -53,6 +53,7 @@ import torch
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal, init_to_median
 from pyro.nn import PyroModule
 
+from ppn_bayes.bayes.diagnostics import WINDOW_MCSE_TOL, WINDOW_RHAT_TOL
 from ppn_bayes.bayes.prior import ScorePrior
 from ppn_bayes.config import GuideConfig
 from ppn_bayes.device import fp32
@@ -222,8 +223,6 @@ def guide_convergence(records: Sequence[dict[str, Any]], tol: float = 0.25) -> d
     avg = [r for r in records if r.get("type") == "guide_average" and "window_rhat" in r]
     if not avg:
         return out | {"converged": out["flattened"]}
-    from ppn_bayes.bayes.diagnostics import WINDOW_MCSE_TOL, WINDOW_RHAT_TOL
-
     window = {k.removeprefix("window_"): v for k, v in max(avg, key=lambda r: r["step"]).items() if k.startswith("window_")}
     window |= {"steps": int(window["iterates"]), "rhat_tol": WINDOW_RHAT_TOL, "mcse_tol": WINDOW_MCSE_TOL,
                "stationary": window["rhat"] <= WINDOW_RHAT_TOL, "precise": window["mcse_rel"] <= WINDOW_MCSE_TOL}
