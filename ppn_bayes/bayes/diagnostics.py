@@ -116,6 +116,15 @@ def summary(idata: az.InferenceData, var_names: list[str] | None = None):
         return az.summary(idata, var_names=var_names)
 
 
+def _halves_as_chains(post: xr.Dataset) -> xr.Dataset:
+    """One chain's first and last halves as two chains (split R-hat); an odd count leaves out the middle draw."""
+    n = post.sizes["draw"]
+    half = n // 2
+    first = post.isel(chain=[0], draw=slice(0, half))
+    second = post.isel(chain=[0], draw=slice(n - half, n)).assign_coords(draw=first.draw, chain=[1])
+    return xr.concat([first, second], dim="chain")
+
+
 def convergence(idata: az.InferenceData) -> dict[str, dict[str, float]]:
     """Worst rank-normalized split R-hat and smallest bulk ESS per variable (Vehtari et al. 2021).
 
@@ -123,13 +132,7 @@ def convergence(idata: az.InferenceData) -> dict[str, dict[str, float]]:
     each again, which only makes the check stricter.
     """
     post = idata.posterior
-    if post.sizes["chain"] == 1:
-        half = post.sizes["draw"] // 2
-        first = post.isel(chain=[0], draw=slice(0, half))
-        second = post.isel(chain=[0], draw=slice(half, 2 * half)).assign_coords(draw=first.draw, chain=[1])
-        rhat = az.rhat(xr.concat([first, second], dim="chain"))
-    else:
-        rhat = az.rhat(post)
+    rhat = az.rhat(_halves_as_chains(post) if post.sizes["chain"] == 1 else post)
     ess = az.ess(post, method="bulk")
     return {name: {"rhat": float(rhat[name].max()), "ess_bulk": float(ess[name].min())} for name in post.data_vars}
 
@@ -182,24 +185,20 @@ def window_stationarity(loc: torch.Tensor, log_sd: torch.Tensor, sd: torch.Tenso
     if n < WINDOW_MIN_ITERATES or loc.shape[1] == 0:
         return None
     half = n // 2
-
-    def rhat(x: torch.Tensor) -> torch.Tensor:
-        chains = torch.stack([x[:half], x[n - half:]]).numpy()  # [2, half, D]; the middle iterate of an odd window is left out
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            r = torch.as_tensor(az.rhat(xr.DataArray(chains, dims=("chain", "draw", "dim")).to_dataset(name="x"))["x"].values)
-        moved = (x.max(0).values - x.min(0).values) > 0
-        return torch.where(moved & r.isfinite(), r, torch.ones_like(r))
-
-    r_loc, r_sd = rhat(loc), rhat(log_sd)
+    dims = ("chain", "draw", "dim")
+    ds = xr.Dataset({"loc": (dims, loc.numpy()[None]), "log_sd": (dims, log_sd.numpy()[None])},
+                    coords={"chain": [0], "draw": range(n)})
+    # a marginal that never moved is a constant sequence: R-hat, ESS and MCSE are undefined there
+    moved = {name: (x.max(0).values - x.min(0).values) > 0 for name, x in (("loc", loc), ("log_sd", log_sd))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        ds = xr.DataArray(loc.numpy()[None], dims=("chain", "draw", "dim")).to_dataset(name="x")
-        ess = torch.as_tensor(az.ess(ds, method="bulk")["x"].values)
-        mcse = torch.as_tensor(az.mcse(ds, method="mean")["x"].values)
-    moved = (loc.max(0).values - loc.min(0).values) > 0
-    ess = torch.where(moved & ess.isfinite(), ess, torch.full_like(ess, float(n)))
-    mcse = torch.where(moved & mcse.isfinite(), mcse, torch.zeros_like(mcse))
+        r = az.rhat(_halves_as_chains(ds))
+        ess = torch.as_tensor(az.ess(ds[["loc"]], method="bulk")["loc"].values)
+        mcse = torch.as_tensor(az.mcse(ds[["loc"]], method="mean")["loc"].values)
+    r_loc, r_sd = (torch.where(moved[name] & torch.as_tensor(r[name].values).isfinite(), torch.as_tensor(r[name].values), 1.0)
+                   for name in ("loc", "log_sd"))
+    ess = torch.where(moved["loc"] & ess.isfinite(), ess, torch.full_like(ess, float(n)))
+    mcse = torch.where(moved["loc"] & mcse.isfinite(), mcse, torch.zeros_like(mcse))
     drift = (loc[n - half:].mean(0) - loc[:half].mean(0)).abs() / sd.clamp_min(1e-30)
     worst = torch.maximum(r_loc, r_sd)
     return {"rhat": float(worst.max()), "rhat_loc": float(r_loc.max()), "rhat_log_sd": float(r_sd.max()),
