@@ -319,3 +319,33 @@ def test_ppn_calibrate_rederives_as_the_run_was_trained(tiny_llama_dir, chapter_
     assert details["schedule"] == "constant" and details["average"]["steps"] == 3
     assert details["average"]["widening"] >= 1.0
     assert load_run(run).manifest["calibration"]["details"]["average"] == details["average"]
+
+
+def test_after_calibrate_the_run_is_judged_on_the_rederived_window(tiny_llama_dir, chapter_corpus, tmp_path, capsys):
+    """End to end: a run whose window is checked (8 iterates) and is then re-derived by ``ppn calibrate``
+    with a window of its own is judged on calibrate's window, the one it now exports (the verdict's
+    window numbers are manifest.calibration.details.average's, not the training's guide_average
+    record's; their drifts and MCSEs differ, so reading the wrong one fails)."""
+    from ppn_bayes.analysis.report import _fit_convergence
+    from ppn_bayes.config import recipe_from_dict
+    from ppn_bayes.run import fit
+    from ppn_bayes.training.rundir import read_metrics
+
+    recipe = recipe_from_dict({"name": "tiny", "model": {"name": str(tiny_llama_dir)}, "units": {"kinds": ["layers"]},
+                               "data": {"corpus": str(chapter_corpus), "block_size": 32, "val_blocks": 2},
+                               "train": {"steps": 2, "guide_steps": 9, "guide_schedule": "constant",
+                                         "guide_average_steps": 8, "batch_size": 2, "checkpoint_every": 20,
+                                         "eval_lambdas": [0.5]}})
+    run = fit(recipe, out=tmp_path / "avg", progress=False).path
+    (trained,) = [m for m in read_metrics(run) if m["type"] == "guide_average"]
+    before = _fit_convergence(run)["window"]
+    assert before["rhat"] == trained["window_rhat"]
+    assert main(["calibrate", str(run), "--beta", "0.5", "--steps", "12", "--json"]) == 0
+    avg = json.loads(capsys.readouterr().out)["details"]["average"]
+    assert avg["steps"] == 8 and "window_rhat" in avg
+    after = _fit_convergence(run)["window"]
+    assert after["rhat"] == avg["window_rhat"] and after["drift"] == avg["window_drift"]
+    # the R-hats agree here (Adam's first constant-rate steps are near-linear in both windows, and the
+    # R-hat of a linear trend depends on its length only), so the drift and MCSE tell them apart
+    assert after["drift"] != pytest.approx(trained["window_drift"], rel=0.05)
+    assert after["mcse_rel"] != pytest.approx(trained["window_mcse_rel"], rel=0.05)

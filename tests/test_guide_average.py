@@ -267,6 +267,38 @@ def test_the_verdict_of_an_averaged_run_is_its_windows(tmp_path):
     assert "**stationary** and **precise**" in "\n".join(_fit_lines([*travelling, still]))
 
 
+def test_after_calibrate_the_verdict_reads_the_rederived_window():
+    """A posterior re-derived by ``ppn calibrate`` with a checked window is what the run exports, so the
+    verdict reads that window (``_exported_records``), and the report says it is calibrate's. Power: the
+    training's window drifts, so a verdict that still read it would say not converged; a calibration
+    that did not re-derive (or re-derived without a checked window) leaves the training's verdict."""
+    from ppn_bayes.analysis.report import _exported_records, _fit_lines
+    from ppn_bayes.bayes.guides import guide_convergence
+
+    guide = [{"type": "guide", "step": 5 * i, "lr_sum": 0.5 * i, "kl": 10.0 - i, "scale_move": 0.1 * i,
+              "loc_move": 0.1 * i, "log_scale_mean": -3.0, "scale_ratio": 1.0, "scale_min": 0.04,
+              "scale_mean": 0.05, "scale_max": 0.06} for i in range(4)]
+    window = {"window_rhat": 3.1, "window_rhat_loc": 3.1, "window_rhat_log_sd": 1.2, "window_rhat_over": 1.0,
+              "window_ess_min": 4.0, "window_mcse_rel": 0.9, "window_drift": 1.8, "window_iterates": 45.0}
+    trained = [*guide, {"type": "guide_average", "step": 15, "steps": 45, "widening": 2.5, **window}]
+    still = {"steps": 40, "widening": 1.3, "window_rhat": 1.03, "window_rhat_loc": 1.03, "window_rhat_log_sd": 1.0,
+             "window_rhat_over": 0.0, "window_ess_min": 200.0, "window_mcse_rel": 0.05, "window_drift": 0.04,
+             "window_iterates": 40.0}
+    cal = {"method": "given", "beta": 0.5, "posterior": "rederived", "details": {"steps": 60, "average": still}}
+    records = _exported_records({"calibration": cal}, trained)
+    assert records[:-1] == trained and records[-1]["step"] == 15 + 60 and records[-1]["source"] == "ppn calibrate"
+    conv = guide_convergence(records)
+    assert conv["converged"] and conv["window"]["rhat"] == 1.03 and conv["window"]["steps"] == 40
+    lines = "\n".join(_fit_lines(records))
+    assert "`ppn calibrate`'s re-derivation" in lines and "**stationary** and **precise**" in lines
+    assert not guide_convergence(trained)["converged"]
+    for other in ({**cal, "posterior": "not rederived"}, {**cal, "details": {"steps": 60, "average": None}},
+                  {**cal, "details": {"steps": 60, "average": {"steps": 3, "widening": 1.1}}}, "damaged", None):
+        assert _exported_records({"calibration": other}, trained) == trained
+        assert not guide_convergence(_exported_records({"calibration": other}, trained))["converged"]
+    assert "(train.guide_average_steps)" in "\n".join(_fit_lines(trained))
+
+
 def test_the_window_check_reads_the_runs_own_iterates_and_survives_a_resume(tiny_llama_dir, corpus, tmp_path):
     """A window of 8 iterates (2 joint + 9 guide-only steps): the guide_average record's window_* numbers
     are window_stationarity of the iterates a callback records on the same run with averaging off
