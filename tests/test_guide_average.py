@@ -346,3 +346,31 @@ def test_the_window_check_reads_the_runs_own_iterates_and_survives_a_resume(tiny
         fit(r, out=tmp_path / "cut", progress=False, callbacks=[stop])
     fit(None, out=tmp_path / "cut", resume=True, progress=False)
     assert numbers(tmp_path / "cut") == got
+
+
+def test_the_score_space_window_check_reads_the_runs_trace(tiny_llama_dir, corpus, tmp_path):
+    """benchmarks/window_scores.py: its raw check is the run's own guide_average record (the trace read
+    in guide_marginals' flat order, against the exported sds), its score check runs on every iterate,
+    and its exported score sds are those of the run's posterior as loaded. Power: a trace read from
+    the wrong rows or out of order would change the raw numbers (a shuffled trace reads another R-hat:
+    test_the_window_check_reads_the_runs_own_iterates_and_survives_a_resume)."""
+    import importlib.util
+    from pathlib import Path
+
+    from ppn_bayes.bayes.posterior import Posterior
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("window_scores", root / "benchmarks" / "window_scores.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    phase = PHASE | {"guide_steps": 9, "guide_push_steps": 9}
+    run = fit(tiny_recipe(tiny_llama_dir, corpus, **phase, guide_average_steps=8), out=tmp_path / "run", progress=False)
+    (rec,) = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines() if '"guide_average"' in x]
+    out = bench.window_in_scores(run.path, draws=64)
+    assert out["iterates"] == 8
+    for k in ("rhat", "drift", "mcse_rel", "ess_min"):
+        assert out["raw"][k] == pytest.approx(rec[f"window_{k}"], rel=1e-3, abs=1e-5), k
+    assert set(out["scores"]) == set(out["raw"]) and all(v == v for v in out["scores"].values())
+    assert "e_layers" in out["per_site"]
+    sd = bench._layer_scores(Posterior.from_dir(run.path), 64, 0)[1]
+    assert out["score_sd_exported_mean"] == pytest.approx(float(sd.mean()), rel=1e-6)
