@@ -301,18 +301,25 @@ def test_ppn_calibrate_with_a_given_beta(chapter_run, tmp_path, capsys):
     assert "--beta must be a finite number > 0" in capsys.readouterr().err
 
 
+def _averaged_recipe(model_dir: Path, corpus: Path, guide_steps: int, window: int):
+    """A tiny layer-gated recipe whose guide-only phase runs at a constant rate and averages its last
+    ``window`` iterates."""
+    from ppn_bayes.config import recipe_from_dict
+
+    return recipe_from_dict({"name": "tiny", "model": {"name": str(model_dir)}, "units": {"kinds": ["layers"]},
+                             "data": {"corpus": str(corpus), "block_size": 32, "val_blocks": 2},
+                             "train": {"steps": 2, "guide_steps": guide_steps, "guide_schedule": "constant",
+                                       "guide_average_steps": window, "batch_size": 2, "checkpoint_every": 20,
+                                       "eval_lambdas": [0.5]}})
+
+
 def test_ppn_calibrate_rederives_as_the_run_was_trained(tiny_llama_dir, chapter_corpus, tmp_path, capsys):
     """A run that averaged its guide-only phase (constant rate, ``guide_average_steps``) is re-derived the
     same way: at a constant rate, the last ``min(N, calibration.steps)`` iterates averaged and widened;
     one without averaging at the cosine decay it had (test_ppn_calibrate_with_a_given_beta)."""
-    from ppn_bayes.config import recipe_from_dict
     from ppn_bayes.run import fit, load_run
 
-    recipe = recipe_from_dict({"name": "tiny", "model": {"name": str(tiny_llama_dir)}, "units": {"kinds": ["layers"]},
-                               "data": {"corpus": str(chapter_corpus), "block_size": 32, "val_blocks": 2},
-                               "train": {"steps": 2, "guide_steps": 3, "guide_schedule": "constant",
-                                         "guide_average_steps": 3, "batch_size": 2, "checkpoint_every": 5,
-                                         "eval_lambdas": [0.5]}})
+    recipe = _averaged_recipe(tiny_llama_dir, chapter_corpus, guide_steps=3, window=3)
     run = fit(recipe, out=tmp_path / "avg", progress=False).path
     assert main(["calibrate", str(run), "--beta", "0.5", "--steps", "5", "--json"]) == 0
     details = json.loads(capsys.readouterr().out)["details"]
@@ -327,15 +334,10 @@ def test_after_calibrate_the_run_is_judged_on_the_rederived_window(tiny_llama_di
     window numbers are manifest.calibration.details.average's, not the training's guide_average
     record's; their drifts and MCSEs differ, so reading the wrong one fails)."""
     from ppn_bayes.analysis.report import _fit_convergence
-    from ppn_bayes.config import recipe_from_dict
     from ppn_bayes.run import fit
     from ppn_bayes.training.rundir import read_metrics
 
-    recipe = recipe_from_dict({"name": "tiny", "model": {"name": str(tiny_llama_dir)}, "units": {"kinds": ["layers"]},
-                               "data": {"corpus": str(chapter_corpus), "block_size": 32, "val_blocks": 2},
-                               "train": {"steps": 2, "guide_steps": 9, "guide_schedule": "constant",
-                                         "guide_average_steps": 8, "batch_size": 2, "checkpoint_every": 20,
-                                         "eval_lambdas": [0.5]}})
+    recipe = _averaged_recipe(tiny_llama_dir, chapter_corpus, guide_steps=9, window=8)
     run = fit(recipe, out=tmp_path / "avg", progress=False).path
     (trained,) = [m for m in read_metrics(run) if m["type"] == "guide_average"]
     before = _fit_convergence(run)["window"]
