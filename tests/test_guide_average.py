@@ -225,6 +225,31 @@ def test_window_stationarity_passes_stationary_noise_and_fails_drift():
     assert max(worst_short) > WINDOW_RHAT_TOL  # a short window cannot certify (conservative, by design)
 
 
+def test_the_drift_is_bounded_when_the_width_is_the_windows_own():
+    """With the window's own widened sds (sqrt(mean s^2 + var_t mu), what load_average exports) the
+    drift is at most 2 on an even window and 2 sqrt(N/(N-1)) on an odd one (the diagnostics
+    docstring's bound), for any sequence: checked on AR(1) noise plus trends of every steepness.
+    Power (the bound is tight where the docstring says): two plateaus with a negligible within-sd
+    read 2 on 44 iterates and, with the middle iterate half-way, 2 sqrt(45/44) on 45; a linear trend
+    reads sqrt(3) within 3 %."""
+    from ppn_bayes.bayes.diagnostics import window_stationarity
+
+    def drift(loc, within=1e-6):
+        sd = (within ** 2 + loc.var(0, unbiased=False)).sqrt()
+        return window_stationarity(loc, torch.zeros_like(loc), sd)["drift"]
+
+    for n in (44, 45):
+        bound = 2.0 if n % 2 == 0 else 2 * (n / (n - 1)) ** 0.5
+        for seed, slope in enumerate((0.0, 0.5, 3.0, 30.0, 300.0)):
+            loc = _ar1(n, 20, 0.7, seed) + slope * torch.linspace(0, 1, n, dtype=torch.float64)[:, None]
+            assert drift(loc, 0.01) <= bound + 1e-9, (n, slope)
+        plateaus = torch.cat([torch.zeros(n // 2), torch.full((n % 2,), 0.5), torch.ones(n // 2)]).double()[:, None]
+        plateaus = plateaus + 1e-9 * _ar1(n, 1, 0.0, 9)  # R-hat needs a marginal that moves within its halves
+        assert drift(plateaus) == pytest.approx(bound, rel=1e-4), n
+    line = torch.linspace(0, 1, 400, dtype=torch.float64)[:, None]
+    assert drift(line) == pytest.approx(3 ** 0.5, rel=3e-2)
+
+
 def test_window_stationarity_edge_cases():
     """Too short to judge (< WINDOW_MIN_ITERATES) is None; a marginal that never moved counts as
     stationary (its R-hat is undefined, NaN in arviz) and adds no Monte-Carlo error; no latents: None."""

@@ -170,7 +170,13 @@ def window_stationarity(loc: torch.Tensor, log_sd: torch.Tensor, sd: torch.Tenso
     over the tolerance (``rhat_over``), the smallest bulk ESS of the means (``ess_min``) and the
     largest MCSE of the average in units of the exported sd (``mcse_rel``), and ``drift``, the largest
     shift of a mean between the window's halves in units of its exported sd (what a drifting window
-    folds into the width). A marginal that did not move at all (a constant sequence, where R-hat is
+    folds into the width). With the run's own widened sds (``sd^2 = mean s^2 + var_t(mu)``, the
+    window's) the drift is bounded: the iterates' variance is at least that of their two halves'
+    means, ``(shift/2)^2`` on an even window (``(N-1)/N`` of it on an odd one, whose middle iterate
+    is in neither half), so ``drift <= 2`` (``2 sqrt(N/(N-1))`` for odd ``N``: 2.02 on 45 iterates),
+    reached when the width is all travel and the halves are two points; a linear trend reads
+    ``sqrt(3)``. A drift near the bound says the exported width is the fit's travel, not the
+    posterior's. A marginal that did not move at all (a constant sequence, where R-hat is
     undefined) counts as stationary.
 
     What a short window can say: R-hat needs effective draws. A stationary AR(1) sequence with
