@@ -155,10 +155,18 @@ def test_grad_accumulation_equals_a_larger_batch(tiny_llama_dir, corpus, tmp_pat
     for bs, acc in ((4, 1), (2, 2)):
         runs.append(fit(tiny_recipe(tiny_llama_dir, corpus, weights="lora", batch_size=bs, grad_accum=acc, steps=3),
                         out=tmp_path / f"b{bs}a{acc}", progress=False))
-    for name in ("guide.safetensors", "push.safetensors", "adapter.safetensors"):
+    for name in ("guide.safetensors", "push.safetensors"):
         a, b = (load_file(str(r.path / name)) for r in runs)
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=f"{name}:{k}")
+    # the adapters: two half-batch backward passes sum LoRA A's nearly cancelling first gradients in
+    # another order, which AdamW amplifies up to a whole step (measured: 1.09e-5 on one machine against
+    # the fixed 1e-5 this had); the float32-reordering bound of the distributed tests (bulk and tail as
+    # fractions of steps * lr, derived and power-checked in tests/test_distributed.py)
+    from tests.test_distributed import assert_same_params
+
+    a, b = (load_file(str(r.path / "adapter.safetensors")) for r in runs)
+    assert_same_params(a, b, lr=runs[0].recipe.train.lr_weights, steps=3, what="adapter.safetensors")
     la = [r["elbo"] for r in runs[0].train_metrics()]
     lb = [r["elbo"] for r in runs[1].train_metrics()]
     assert la == pytest.approx(lb, abs=1e-5)

@@ -244,21 +244,17 @@ def fit_verdict(run: Any) -> str:
 
 
 def _fit_convergence(run: Any) -> dict[str, Any] | None:
-    """``guides.guide_convergence`` of a run (a run object or its directory) from its guide records and
-    the averaging window of the posterior it exports now (:func:`_exported_records`)."""
+    """``guides.guide_convergence`` of a run (object or directory) on :func:`_exported_records`."""
     manifest, metrics = _run_facts(Path(getattr(run, "path", run)))
     return guide_convergence(_exported_records(manifest, metrics))
 
 
 def _exported_records(manifest: dict, metrics: list[dict]) -> list[dict]:
-    """The run's metrics records, with the ``guide_average`` record of ``ppn calibrate``'s re-derivation
-    appended when it re-derived the posterior with a checked averaging window
-    (``manifest.calibration.details.average``). That record is what the run exports after calibration,
-    so the verdict reads its window, not the training's (``source: "ppn calibrate"``; its ``step``
-    follows the training's last, so ``guide_convergence`` takes it as the newest)."""
+    """The run's metrics, plus ``ppn calibrate``'s checked window (``calibration.details.average``) as
+    the newest ``guide_average`` record (``source: "ppn calibrate"``) when it re-derived the posterior:
+    that average is what the run exports, so the verdict reads its window, not the training's."""
     cal = manifest.get("calibration") if isinstance(manifest.get("calibration"), dict) else {}
-    d = cal.get("details") if isinstance(cal.get("details"), dict) else {}
-    avg = d.get("average")
+    d, avg = (cal["details"], cal["details"].get("average")) if isinstance(cal.get("details"), dict) else ({}, None)
     if cal.get("posterior") != "rederived" or not isinstance(avg, dict) or "window_rhat" not in avg:
         return metrics
     last = max((m["step"] for m in metrics if isinstance(m.get("step"), int)), default=0)
@@ -290,8 +286,7 @@ def _fit_lines(metrics: list[dict]) -> list[str]:
     avg = [m for m in metrics if m.get("type") == "guide_average"]
     if avg:
         a = avg[-1]
-        where = ("of `ppn calibrate`'s re-derivation at the calibrated beta" if a.get("source") == "ppn calibrate"
-                 else "(train.guide_average_steps)")
+        where = "of `ppn calibrate`'s re-derivation" if a.get("source") == "ppn calibrate" else "(train.guide_average_steps)"
         lines += ["", (f"The exported posterior is the average of the last {a['steps']} iterates {where}, "
                        f"its sds widened by the spread of the means there ({a['widening']:.2f}x, geometric mean): the "
                        "inclusion probabilities cover where the optimizer's noise could have left the fit, not the data "
