@@ -318,7 +318,8 @@ def test_after_calibrate_the_verdict_reads_the_rederived_window():
     assert "`ppn calibrate`'s re-derivation" in lines and "**stationary** and **precise**" in lines
     assert not guide_convergence(trained)["converged"]
     for other in ({**cal, "posterior": "not rederived"}, {**cal, "details": {"steps": 60, "average": None}},
-                  {**cal, "details": {"steps": 60, "average": {"steps": 3, "widening": 1.1}}}, "damaged", None):
+                  {**cal, "details": {"steps": 60, "average": {"steps": 3, "widening": 1.1}}}, "damaged", None,
+                  {**cal, "details": {"steps": "60", "average": still | {"window_rhat": "1.0"}}}):
         assert _exported_records({"calibration": other}, trained) == trained
         assert not guide_convergence(_exported_records({"calibration": other}, trained))["converged"]
     assert "(train.guide_average_steps)" in "\n".join(_fit_lines(trained))

@@ -250,15 +250,15 @@ def _fit_convergence(run: Any) -> dict[str, Any] | None:
 
 
 def _exported_records(manifest: dict, metrics: list[dict]) -> list[dict]:
-    """The run's metrics, plus ``ppn calibrate``'s checked window (``calibration.details.average``) as
-    the newest ``guide_average`` record (``source: "ppn calibrate"``) when it re-derived the posterior:
-    that average is what the run exports, so the verdict reads its window, not the training's."""
+    """The run's metrics, plus ``ppn calibrate``'s checked window (``calibration.details.average``) as the
+    newest ``guide_average`` record when it re-derived the posterior (what the run exports now)."""
     cal = manifest.get("calibration") if isinstance(manifest.get("calibration"), dict) else {}
     d, avg = (cal["details"], cal["details"].get("average")) if isinstance(cal.get("details"), dict) else ({}, None)
-    if cal.get("posterior") != "rederived" or not isinstance(avg, dict) or "window_rhat" not in avg:
-        return metrics
-    last = max((m["step"] for m in metrics if isinstance(m.get("step"), int)), default=0)
-    return [*metrics, avg | {"type": "guide_average", "step": last + int(d.get("steps", 1)), "source": "ppn calibrate"}]
+    if cal.get("posterior") != "rederived" or not isinstance(avg, dict) or not isinstance(avg.get("window_rhat"), float):
+        return metrics  # not re-derived, no checked window, or a damaged record: the training's verdict
+    last = max((m["step"] for m in metrics if isinstance(m.get("step"), int)), default=0) + (
+        d["steps"] if isinstance(d.get("steps"), int) else 1)
+    return [*metrics, avg | {"type": "guide_average", "step": last, "source": "ppn calibrate"}]
 
 
 def _fit_lines(metrics: list[dict]) -> list[str]:
