@@ -15,6 +15,17 @@ import pytest
 
 os.environ.setdefault("PPN_HOME", str(Path.home() / ".cache" / "ppn-bayes"))
 
+# Under pytest-xdist (the README's test command runs ``-n auto``) the workers share the cores: each
+# torch, and each subprocess a test starts (CLI runs, torchrun ranks), gets its share of the threads,
+# not all of them, so that two workers on two cores do not fight over four threads. A user's own
+# OMP_NUM_THREADS wins.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    import torch
+
+    torch.set_num_threads(_share)
+
 # Without a GPU, PrunePath's Triton kernel tests run in Triton's CPU interpreter (when the optional
 # triton is installed). The switch is read when triton is first imported, and other test modules may
 # import it indirectly at collection, so it is set here, before any of them.
